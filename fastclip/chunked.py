@@ -1,0 +1,103 @@
+"""PyTorch path of the contrastive loss: the kernels' algorithm in row chunks.
+
+Same statistics and gradients as ``fastclip.kernels.contrastive`` (its docstring has the math),
+for CPUs and machines without Triton. Scores are built ``chunk_rows`` rows at a time, so memory is
+O(chunk_rows * n_y) beyond the features; forward and backward together make 4 matmul passes
+(forward: S; backward: S again, G y and G^T x). fp16/bf16 inputs are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# About 16 MB of fp32 scores per chunk: small enough for the cache-friendly sizes of a CPU,
+# large enough that each matmul stays efficient.
+CHUNK_ELEMENTS = 2**22
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(n_x: int, n_y: int, chunk_rows: int | None):
+    step = chunk_rows or max(1, CHUNK_ELEMENTS // max(n_y, 1))
+    for start in range(0, n_x, step):
+        yield start, min(start + step, n_x)
+
+
+def _scores(x_chunk, y, scale, bias):
+    """S = scale * x_chunk @ y.T + bias, built in place in the product's buffer."""
+    s = torch.mm(x_chunk, y.T).mul_(scale)
+    return s.add_(bias) if bias is not None else s
+
+
+def contrastive_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    offset: int,
+    both_directions: bool,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Row logsumexps, column logsumexps (or None) and positive logits of S, in fp32 (fp64)."""
+    cdt = _compute_dtype(x.dtype)
+    yc, scale_c = y.to(cdt), scale.to(cdt).reshape(())
+    bias_c = bias.to(cdt).reshape(()) if bias is not None else None
+    n_x, n_y = x.shape[0], y.shape[0]
+    row_lse = torch.empty(n_x, dtype=cdt, device=x.device)
+    positives = torch.empty(n_x, dtype=cdt, device=x.device)
+    col_lse = torch.full((n_y,), float("-inf"), dtype=cdt, device=x.device)
+    for start, stop in _chunks(n_x, n_y, chunk_rows):
+        s = _scores(x[start:stop].to(cdt), yc, scale_c, bias_c)
+        row_lse[start:stop] = torch.logsumexp(s, dim=1)
+        idx = torch.arange(stop - start, device=x.device)
+        positives[start:stop] = s[idx, idx + start + offset]
+        if both_directions:
+            torch.logaddexp(col_lse, torch.logsumexp(s, dim=0), out=col_lse)
+    return row_lse, (col_lse if both_directions else None), positives
+
+
+def contrastive_backward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor | None,
+    w_x: torch.Tensor,
+    w_y: torch.Tensor | None,
+    offset: int,
+    need_dx: bool,
+    need_dy: bool,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """dL/dx and dL/dy (each or None) and dL/dscale, recomputing S chunk by chunk."""
+    cdt = _compute_dtype(x.dtype)
+    yc, scale_c = y.to(cdt), scale.to(cdt).reshape(())
+    bias_c = bias.to(cdt).reshape(()) if bias is not None else None
+    n_x, n_y = x.shape[0], y.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
+    dy = torch.zeros(y.shape, dtype=cdt, device=x.device) if need_dy else None
+    dscale = torch.zeros((), dtype=cdt, device=x.device)
+    for start, stop in _chunks(n_x, n_y, chunk_rows):
+        xc = x[start:stop].to(cdt)
+        s = _scores(xc, yc, scale_c, bias_c)
+        g = torch.sub(s, row_lse[start:stop, None]).exp_().mul_(w_x[start:stop, None])
+        if col_lse is not None:
+            g.add_(s.sub_(col_lse[None, :]).exp_().mul_(w_y[None, :]))
+        idx = torch.arange(stop - start, device=x.device)
+        pos = idx + start + offset
+        g[idx, pos] -= w_x[start:stop] + (w_y[pos] if col_lse is not None else 0)
+        if need_dx or not need_dy:
+            gy = g @ yc  # (rows, D); dL/ds = sum_ij G_ij <x_i, y_j> = sum_i <(G y)_i, x_i>
+            dscale += torch.linalg.vecdot(gy, xc).sum()
+            if need_dx:
+                dx[start:stop] = gy.mul_(scale_c)
+        if need_dy:
+            dy.addmm_(g.T, xc)
+    if need_dy:
+        if not need_dx:
+            dscale = torch.linalg.vecdot(dy, yc).sum()
+        dy = dy.mul_(scale_c).to(y.dtype)
+    return dx, dy, dscale

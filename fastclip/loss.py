@@ -1,0 +1,267 @@
+"""The CLIP contrastive (InfoNCE) loss: public function, autograd wiring and open_clip drop-in."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from fastclip import chunked
+from fastclip.distributed import gather_features
+
+try:
+    from fastclip.kernels import contrastive as triton_contrastive
+except ImportError:  # no Triton on this platform: the PyTorch path serves everything
+    triton_contrastive = None
+
+BACKENDS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_features(image_features: object, text_features: object) -> None:
+    for name, t in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch: shape {tuple(t.shape)}")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} has zero feature width: shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if image_features.shape[1] != text_features.shape[1]:
+        raise ValueError(
+            "image_features and text_features must have the same feature width, got "
+            f"{image_features.shape[1]} and {text_features.shape[1]}"
+        )
+    if image_features.device != text_features.device:
+        raise ValueError(
+            f"image_features is on {image_features.device} but text_features is on "
+            f"{text_features.device}"
+        )
+    if image_features.dtype != text_features.dtype:
+        raise TypeError(
+            f"image_features is {image_features.dtype} but text_features is "
+            f"{text_features.dtype}; cast one of them"
+        )
+
+
+def _as_scalar(name: str, value: object, device: torch.device) -> torch.Tensor:
+    """A one-element tensor on the features' device; python numbers become fp32 constants."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
+    if not isinstance(value, torch.Tensor):
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    return value
+
+
+def _select_backend(backend: str, features: torch.Tensor) -> ModuleType:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        fused = triton_contrastive is not None and features.is_cuda
+        return triton_contrastive if fused and features.dtype != torch.float64 else chunked
+    if backend == "torch":
+        return chunked
+    if triton_contrastive is None:
+        raise ValueError("backend='triton' needs the triton package, which is not installed")
+    if not (features.is_cuda or triton_contrastive.interpreting()):
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+            f"imported, to run Triton's interpreter on the CPU); the features are on "
+            f"{features.device}"
+        )
+    if features.dtype == torch.float64:
+        raise TypeError("backend='triton' supports float32, float16 and bfloat16 features")
+    return triton_contrastive
+
+
+class _ContrastiveLoss(torch.autograd.Function):
+    """L = sum_i wx_i (r_i - S_i,i+off) + sum_j wy_j (c_j - S_j-off,j), by either backend."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, offset: int, both_directions: bool, ops: ModuleType):
+        row_lse, col_lse, positives = ops.contrastive_forward(
+            x, y, scale, bias, offset, both_directions
+        )
+        loss = (row_lse - positives).mean()
+        if both_directions:
+            loss = 0.5 * (loss + (col_lse[offset : offset + x.shape[0]] - positives).mean())
+        ctx.save_for_backward(x, y, scale, bias, row_lse, col_lse)
+        ctx.offset, ctx.both_directions, ctx.ops = offset, both_directions, ops
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, y, scale, bias, row_lse, col_lse = ctx.saved_tensors
+        need_dx, need_dy, need_ds, need_db = ctx.needs_input_grad[:4]
+        n_x, off = x.shape[0], ctx.offset
+        weight = grad_loss.to(row_lse.dtype) * ((0.5 if ctx.both_directions else 1.0) / n_x)
+        w_x = weight.expand(n_x).contiguous()
+        w_y = None
+        if ctx.both_directions:
+            w_y = torch.zeros(y.shape[0], dtype=row_lse.dtype, device=y.device)
+            w_y[off : off + n_x] = weight
+        dx, dy, dscale = ctx.ops.contrastive_backward(
+            x, y, scale, bias, row_lse, col_lse, w_x, w_y, off, need_dx, need_dy
+        )
+        dscale = dscale.to(scale.dtype).reshape(scale.shape) if need_ds else None
+        # The bias shifts every logit of a softmax alike: the loss does not depend on it.
+        dbias = torch.zeros_like(bias) if need_db else None
+        return dx, dy, dscale, dbias, None, None, None
+
+
+def infonce(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float | None = None,
+    *,
+    offset: int = 0,
+    both_directions: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The general fused InfoNCE: ``clip_loss`` with a one-directional option.
+
+    ``both_directions=False`` returns only the image->text cross-entropy, mean over the n_img
+    rows; that is the form each rank computes in open_clip's distributed local loss (called once
+    with the images as rows and once with the texts as rows). Other arguments: see ``clip_loss``.
+    """
+    _check_features(image_features, text_features)
+    device = image_features.device
+    scale = _as_scalar("logit_scale", logit_scale, device)
+    bias = None if logit_bias is None else _as_scalar("logit_bias", logit_bias, device)
+    if not bool(torch.isfinite(scale.detach()).all()):
+        raise ValueError(f"logit_scale must be finite, got {scale.detach().reshape(()).item()}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    n_img, n_txt = image_features.shape[0], text_features.shape[0]
+    if n_img + offset > n_txt:
+        raise ValueError(
+            f"image i is paired with text i + offset, so n_img + offset must be <= n_txt; got "
+            f"n_img={n_img}, offset={offset}, n_txt={n_txt} (swap the arguments if there are "
+            "more images than texts)"
+        )
+    ops = _select_backend(backend, image_features)
+    return _ContrastiveLoss.apply(
+        image_features, text_features, scale, bias, offset, both_directions, ops
+    )
+
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float | None = None,
+    *,
+    offset: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE loss, fused: the N x N score matrix is never stored.
+
+    S = logit_scale * image_features @ text_features.T (+ logit_bias); image i's positive is text
+    i + offset. The loss is the mean of the image->text cross-entropy over the n_img rows and the
+    text->image cross-entropy over the n_img columns that hold a positive (texts beyond those act
+    as extra negatives for the images). For a square batch and offset 0 this is exactly
+    ``(F.cross_entropy(S, arange(N)) + F.cross_entropy(S.T, arange(N))) / 2``.
+
+    Args:
+        image_features: (n_img, D) float32, float16 or bfloat16 (float64 on the torch backend).
+            Need not be normalized; any strides.
+        text_features: (n_txt, D), same dtype and device, n_img + offset <= n_txt.
+        logit_scale: the already-exponentiated scale, a one-element tensor (may require grad) or
+            a number. Must be finite.
+        logit_bias: optional one-element tensor or number added to every logit. Its gradient is
+            exactly zero: a constant shift cancels in every softmax.
+        offset: column of image 0's positive text.
+        backend: "triton" (fused kernels; CUDA), "torch" (chunked PyTorch, any device) or "auto"
+            (Triton on CUDA, PyTorch otherwise).
+
+    Returns:
+        0-dim loss, float32 (float64 for float64 features). Gradients flow to both feature
+        tensors (in their dtype) and to logit_scale.
+    """
+    return infonce(
+        image_features, text_features, logit_scale, logit_bias, offset=offset, backend=backend
+    )
+
+
+class ClipLoss(nn.Module):
+    """Drop-in for open_clip's ``ClipLoss``: same constructor, call and values, fused.
+
+    Args:
+        local_loss: each rank scores only its own rows against all gathered columns (labels
+            offset by rank * local batch) instead of the full global matrix.
+        gather_with_grad: all-gather with autograd, so gradients reach the other ranks' features.
+        cache_labels: accepted for compatibility; the fused loss builds no label tensor.
+        rank, world_size: this process's place in the torch.distributed group.
+        backend: see ``clip_loss``.
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world={world_size}")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.backend = backend
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float | None = None,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """(n, D) local features of this rank -> the contrastive loss (0-dim)."""
+        kw = {"backend": self.backend}
+        if self.world_size == 1:
+            loss = infonce(image_features, text_features, logit_scale, logit_bias, **kw)
+        else:
+            _check_features(image_features, text_features)
+            all_images, all_texts = gather_features(
+                image_features,
+                text_features,
+                self.local_loss,
+                self.gather_with_grad,
+                self.rank,
+                self.world_size,
+            )
+            if self.local_loss:
+                kw.update(offset=self.rank * image_features.shape[0], both_directions=False)
+                loss = 0.5 * (
+                    infonce(image_features, all_texts, logit_scale, logit_bias, **kw)
+                    + infonce(text_features, all_images, logit_scale, logit_bias, **kw)
+                )
+            else:
+                loss = infonce(all_images, all_texts, logit_scale, logit_bias, **kw)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
+            f"rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}"
+        )

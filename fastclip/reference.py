@@ -1,0 +1,39 @@
+"""Eager PyTorch references: the loss exactly as written, full score matrix and all.
+
+Tests call these on float64 copies of their inputs; benchmarks and the demo call them in the input
+dtype as the "eager PyTorch" baseline. They are deliberately naive.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def clip_loss_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float | None = None,
+    offset: int = 0,
+    both_directions: bool = True,
+) -> torch.Tensor:
+    """InfoNCE over S = logit_scale * I T^T + logit_bias, image i paired with text i + offset.
+
+    Args:
+        image_features: (n_img, D). text_features: (n_txt, D) with n_img + offset <= n_txt.
+        both_directions: average the image->text cross-entropy with the text->image one, taken
+            over the n_img columns that hold a positive; False gives image->text only.
+
+    Returns:
+        The 0-dim loss in the features' dtype.
+    """
+    n = image_features.shape[0]
+    logits = logit_scale * image_features @ text_features.T  # (n_img, n_txt)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    labels = torch.arange(n, device=logits.device)
+    loss = F.cross_entropy(logits, labels + offset)
+    if not both_directions:
+        return loss
+    return 0.5 * (loss + F.cross_entropy(logits[:, offset : offset + n].T, labels))

@@ -1,0 +1,1 @@
+"""fastclip's Triton layer. Each module imports only torch and triton; import it directly."""

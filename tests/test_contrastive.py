@@ -1,0 +1,256 @@
+"""The fused InfoNCE loss against the float64 eager reference: values and all four gradients."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import CUDA, DEVICE, assert_close, needs_cuda
+
+import fastclip.kernels.contrastive as kc
+from fastclip import chunked, clip_loss, infonce
+from fastclip.loss import _select_backend
+from fastclip.reference import clip_loss_reference
+
+BACKENDS = ["torch", "triton"]
+SMALL = kc.TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_stages=1)
+
+
+@pytest.fixture
+def tiles(monkeypatch):
+    """Force a kernel config (tile shapes and splits) on every call the loss makes."""
+
+    def force(config: kc.TileConfig) -> None:
+        for name in ("contrastive_forward", "contrastive_backward"):
+            fn = getattr(kc, name)
+            monkeypatch.setattr(kc, name, functools.partial(fn, config=config))
+
+    return force
+
+
+def make_inputs(n_img, n_txt, dim, dtype=torch.float32, scale=10.0, bias=0.5, norm=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_img, dim, generator=gen, dtype=torch.float64)
+    y = torch.randn(n_txt, dim, generator=gen, dtype=torch.float64)
+    if norm:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    leaves = [x, y, torch.tensor(scale, dtype=torch.float64)]
+    leaves.append(None if bias is None else torch.tensor(bias, dtype=torch.float64))
+    ours = [
+        None if t is None else t.to(DEVICE, dtype if t.dim() else torch.float32) for t in leaves
+    ]
+    return [None if t is None else t.requires_grad_() for t in ours], [
+        None if t is None else t.clone().requires_grad_() for t in leaves
+    ]
+
+
+def check(ours, ref, backend, dtype, offset=0, both=True):
+    """Run fused and reference, backward through both, compare loss and every gradient."""
+    loss = infonce(*ours, offset=offset, both_directions=both, backend=backend)
+    expected = clip_loss_reference(*ref, offset=offset, both_directions=both)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    # fp32 logits carry a rounding error proportional to their size: widen beyond |S| ~ 100.
+    max_logit = (ref[2] * ref[0].norm(dim=1).max() * ref[1].norm(dim=1).max()).item()
+    slack = max(1.0, max_logit / 100)
+    assert_close(loss, expected, dtype, "loss", slack)
+    loss.backward()
+    expected.backward()
+    for name, a, b in zip(("d_image", "d_text", "d_scale", "d_bias"), ours, ref, strict=True):
+        if a is not None and a.requires_grad:
+            assert a.grad is not None and a.grad.dtype == a.dtype, name
+            assert_close(a.grad, b.grad, dtype, name, slack)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "n_img, n_txt, offset, both",
+    [
+        (1, 1, 0, True),
+        (37, 37, 0, True),  # not a multiple of the tile
+        (64, 64, 0, True),  # exactly four tiles
+        (20, 45, 7, True),  # rectangular, positives shifted
+        (20, 45, 25, True),  # positives in the last columns
+        (20, 45, 7, False),  # one direction (the distributed local loss)
+        (45, 45, 0, False),
+    ],
+)
+def test_shapes(backend, tiles, n_img, n_txt, offset, both):
+    tiles(SMALL)
+    ours, ref = make_inputs(n_img, n_txt, 24, seed=n_img + n_txt)
+    check(ours, ref, backend, torch.float32, offset, both)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [1, 17, 64, 500, 512, 768, 1000, 1024])
+def test_feature_widths(backend, tiles, dim):
+    # Wider chunks keep the interpreter fast; D = 500, 1000 still end in a masked chunk.
+    tiles(kc.TileConfig(block_m=16, block_n=16, block_k=64, block_d=128, num_stages=1))
+    ours, ref = make_inputs(19, 23, dim, seed=dim)
+    check(ours, ref, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [0.01, 1.0, 100.0, 1000.0])
+def test_scales_and_unnormalized_features(backend, tiles, scale):
+    tiles(SMALL)
+    # Unnormalized features at scale 1000 put logits in the thousands: an exact logsumexp
+    # with a running max is required; a fixed maximum would overflow or underflow.
+    ours, ref = make_inputs(29, 29, 20, scale=scale, norm=False, seed=3)
+    check(ours, ref, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_bias_and_python_scale(backend, tiles):
+    tiles(SMALL)
+    ours, ref = make_inputs(21, 21, 16, bias=None)
+    x, y = ours[0], ours[1]
+    loss = clip_loss(x, y, 7.5, backend=backend)
+    expected = clip_loss_reference(ref[0], ref[1], 7.5)
+    assert_close(loss, expected, torch.float32, "loss")
+    loss.backward()
+    expected.backward()
+    assert_close(x.grad, ref[0].grad, torch.float32, "d_image")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend, tiles):
+    tiles(SMALL)
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(33, 48, generator=gen, dtype=torch.float64)
+    stored_transposed = torch.randn(24, 40, generator=gen, dtype=torch.float64)
+    x = wide.float().to(DEVICE)[:, ::2].detach()  # column stride 2
+    y = stored_transposed.float().to(DEVICE).T.detach()  # (40, 24), row stride 1
+    assert not x.is_contiguous() and not y.is_contiguous()
+    ours = [x.requires_grad_(), y.requires_grad_(), torch.tensor(5.0, device=DEVICE), None]
+    ref = [wide[:, ::2].clone().requires_grad_(), stored_transposed.T.clone().requires_grad_()]
+    ref += [torch.tensor(5.0, dtype=torch.float64), None]
+    check(ours, ref, backend, torch.float32, offset=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_some_inputs_require_grad(backend, tiles):
+    """Locked towers: a frozen side gets no gradient, the rest stays exact."""
+    tiles(SMALL)
+    for frozen in range(3):
+        ours, ref = make_inputs(18, 26, 16, seed=frozen)
+        ours[frozen].requires_grad_(False)
+        ref[frozen].requires_grad_(False)
+        check(ours, ref, backend, torch.float32, offset=4)
+        assert ours[frozen].grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_features_give_non_finite_loss(backend, tiles):
+    tiles(SMALL)
+    for bad in (float("nan"), float("inf")):
+        ours, _ = make_inputs(17, 17, 16)
+        x = ours[0].detach().clone()
+        x[3, 5] = bad
+        assert not torch.isfinite(infonce(x, *ours[1:], backend=backend))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SMALL,
+        kc.TileConfig(16, 16, 16, 16, num_stages=1, row_split=2, col_split=3),
+        kc.TileConfig(16, 32, 16, 32, num_stages=1, row_split=1, col_split=1),
+        # More programs than blocks: idle programs and empty column chunks.
+        kc.TileConfig(16, 16, 16, 16, num_stages=1, row_split=9, col_split=7),
+    ],
+    ids=["auto-split", "split-2x3", "one-program", "oversplit"],
+)
+def test_kernel_statistics(config):
+    """Row/column logsumexps and positive logits straight from the forward kernel."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 40, generator=gen, dtype=torch.float64)
+    y = torch.randn(70, 40, generator=gen, dtype=torch.float64)
+    scale, bias, offset = torch.tensor(3.0), torch.tensor(-1.0), 11
+    s = 3.0 * x @ y.T - 1.0
+    row, col, pos = kc.contrastive_forward(
+        x.float().to(DEVICE),
+        y.float().to(DEVICE),
+        scale.to(DEVICE),
+        bias.to(DEVICE),
+        offset,
+        True,
+        config,
+    )
+    assert_close(row, torch.logsumexp(s, 1), torch.float32, "row logsumexp")
+    assert_close(col, torch.logsumexp(s, 0), torch.float32, "column logsumexp")
+    assert_close(pos, s[torch.arange(50), torch.arange(50) + offset], torch.float32, "positives")
+
+
+def test_backward_in_workspace_slices(monkeypatch, tiles):
+    """A workspace budget smaller than the problem: the backward runs in several row slices."""
+    tiles(kc.TileConfig(16, 16, 16, 16, num_stages=1, col_split=2))
+    monkeypatch.setattr(kc, "WORKSPACE_BYTES", 2 * 64 * 24 * 4)  # 64 rows per slice
+    ours, ref = make_inputs(150, 160, 24, seed=9)
+    check(ours, ref, "triton", torch.float32, offset=6)
+
+
+def test_dot_precision_follows_torch(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert kc._dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert kc._dot_precision(torch.float32) == "tf32"
+    assert kc._dot_precision(torch.bfloat16) == "ieee"
+
+
+def test_auto_backend_picks_the_kernel_on_cuda_only():
+    x = torch.zeros(4, 8, device=DEVICE)
+    assert _select_backend("auto", x) is (kc if CUDA else chunked)
+    assert _select_backend("auto", x.double()) is chunked
+    assert _select_backend("torch", x) is chunked
+    assert _select_backend("triton", x) is kc  # the interpreter stands in for CUDA here
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only: low precision, autotuned configs, large shapes, memory
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, dim", [(1000, 512), (4096, 768), (3001, 1000)])
+def test_low_precision_no_worse_than_eager(dtype, n, dim):
+    ours, ref = make_inputs(n, n, dim, dtype=dtype, scale=100.0, seed=n)
+    loss = clip_loss(*ours, backend="triton")
+    loss.backward()
+    expected = clip_loss_reference(*ref)
+    expected.backward()
+    eager_in = [t.detach().clone().requires_grad_() for t in ours[:2]] + ours[2:]
+    eager = clip_loss_reference(*eager_in)
+    eager.backward()
+    for name, a, b, e in [
+        ("loss", loss, expected, eager),
+        ("d_image", ours[0].grad, ref[0].grad, eager_in[0].grad),
+        ("d_text", ours[1].grad, ref[1].grad, eager_in[1].grad),
+    ]:
+        err = (a.double().cpu() - b.double().cpu()).abs().max().item()
+        eager_err = (e.double().cpu() - b.double().cpu()).abs().max().item()
+        bound = 2 * eager_err + 1e-3 * b.abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3g} > 2 x eager's {eager_err:.3g} (+slack)"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autotuned_matches_reference(dtype):
+    ours, ref = make_inputs(2500, 2600, 512, dtype=dtype, seed=2)
+    check(ours, ref, "triton", dtype, offset=50)
+
+
+@needs_cuda
+def test_memory_grows_linearly_not_quadratically():
+    n, dim = 16384, 256
+    ours, _ = make_inputs(n, n, dim, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    clip_loss(*ours, backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    square = n * n * 2  # one bf16 N x N matrix: 512 MiB
+    assert extra < square / 4, f"fwd+bwd added {extra / 2**20:.0f} MiB; N x N is 512 MiB"
