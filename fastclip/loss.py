@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from types import ModuleType
 
 import torch
@@ -50,7 +51,7 @@ def _check_features(image_features: object, text_features: object) -> None:
 
 def _as_scalar(name: str, value: object, device: torch.device) -> torch.Tensor:
     """A one-element tensor on the features' device; python numbers become fp32 constants."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
     if not isinstance(value, torch.Tensor):
         return torch.tensor(float(value), dtype=torch.float32, device=device)
@@ -219,6 +220,9 @@ class ClipLoss(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for name, value in (("rank", rank), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world={world_size}")
         self.local_loss = local_loss

@@ -21,23 +21,26 @@ S so that the numbers are those of the definition).
 
 Design and cost, in matmul passes of n_x * n_y * D multiply-adds (the floor is 4):
 
-- forward, 1 pass. A 2-D grid: program (a, b) walks row blocks a, a + row_split, ... against the
-  column blocks of chunk b. It keeps each row block's running max and sum of exponentials in
-  registers (the online logsumexp) and writes one partial r per column chunk; for the other
-  direction it merges each tile's column logsumexp into a partial c owned by its row chunk. Partials
-  (O((row_split + col_split) * N) floats) are combined on the host side with a logsumexp.
-- backward, 2 + 2 passes. One launch per operand: each program owns a block of rows of that operand,
-  recomputes the similarity tiles against a chunk of the other operand (1 pass), turns them into G
-  with the saved logsumexps and accumulates G times the other operand in an fp32 workspace (1 pass).
-  The workspace is private to its program, so the result is deterministic and needs no atomics. A
-  single backward launch producing both gradients from one recomputation would need 3 passes, but
-  either a register accumulator of D floats per row (not available for D >= 512) or atomic
-  additions into both gradients on every tile, which cost more than the pass they save.
+- forward, 1 pass (``_forward_kernel``). A 2-D grid: program (a, b) walks row blocks a,
+  a + row_split, ... against the column blocks of chunk b. It keeps each row block's running max
+  and sum of exponentials in registers (the online logsumexp) and writes one partial r per column
+  chunk; for the other direction it merges each tile's column logsumexp into a partial c owned by
+  its row chunk. The partials, O((row_split + col_split) * N) floats, are combined with a
+  logsumexp afterwards. The positive logits are n_x row dot products (``_row_dot_kernel``, O(N D)).
+- backward, 2 + 2 passes (``_backward_kernel``). One launch per operand: each program owns a block
+  of rows of that operand, recomputes their similarity tiles against a chunk of the other operand
+  (1 pass), turns them into the softmax part of G with the saved logsumexps and accumulates it
+  times the other operand in an fp32 workspace (1 pass). The workspace is private to its program:
+  deterministic, no atomics. ``_finalize_kernel`` then sums the chunks' partials, subtracts the
+  positive pairs' -d_ij terms (one row of the other operand per row, O(N D)) and writes the
+  gradient and the terms of dL/ds. One launch producing both gradients from one recomputation
+  would need only 3 passes, but either a register accumulator of D floats per row (too large for
+  D >= 512) or atomic additions into both gradients on every tile, costlier than the pass saved.
 
 Total: 5 passes. Extra memory: the O(N) statistics above and an fp32 workspace of at most
 ``WORKSPACE_BYTES`` (the backward processes the rows in slices that fit it). Inputs in fp32, fp16
 or bf16; all arithmetic in fp32; fp32 inputs use TF32 products only when torch allows TF32 matmuls.
-Exponentials are taken in base 2 with log2(e) folded into the scale.
+Exponentials are taken in base 2 with log2(e) folded into the scale. Row offsets are 64-bit.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * LOG2E)
 LN2 = math.log(2.0)
@@ -87,38 +91,19 @@ INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, 
 
 
 @triton.jit
-def _similarity_tile(
-    a_ptr,
-    b_ptr,
-    rows,
-    cols,
-    n_a,
-    n_b,
-    D,
-    stride_a,
-    stride_ad,
-    stride_b,
-    stride_bd,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """<a_i, b_j> for a (BM, BN) tile in fp32; rows and cols are int64 index vectors."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+def _similarity_tile(a_rows, b_rows, a_ok, b_ok, D, stride_ad, stride_bd, BK: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """<a_i, b_j> for a tile in fp32, from row pointers a_rows (BM,) and b_rows (BN,)."""
+    ks = tl.arange(0, BK)
+    a_ptrs = a_rows[:, None] + ks[None, :] * stride_ad
+    b_ptrs = b_rows[:, None] + ks[None, :] * stride_bd
+    acc = tl.zeros((a_rows.shape[0], b_rows.shape[0]), dtype=tl.float32)
     for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        a = tl.load(
-            a_ptr + rows[:, None] * stride_a + ks[None, :] * stride_ad,
-            mask=(rows[:, None] < n_a) & (ks[None, :] < D),
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + cols[:, None] * stride_b + ks[None, :] * stride_bd,
-            mask=(cols[:, None] < n_b) & (ks[None, :] < D),
-            other=0.0,
-        )
+        a = tl.load(a_ptrs, mask=a_ok[:, None] & (ks[None, :] < D - k0), other=0.0)
+        b = tl.load(b_ptrs, mask=b_ok[:, None] & (ks[None, :] < D - k0), other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BK * stride_ad
+        b_ptrs += BK * stride_bd
     return acc
 
 
@@ -137,12 +122,10 @@ def _forward_kernel(
     bias_ptr,
     row_lse_ptr,  # (col_split, n_x) partial row logsumexps, written
     col_lse_ptr,  # (row_split, n_y) partial column logsumexps, read-modify-written
-    pos_ptr,  # (n_x,) positive logits S_i,i+off, written
     # sizes
     n_x,
     n_y,
     D,
-    offset,
     n_bucket,
     # strides
     stride_x,
@@ -179,30 +162,20 @@ def _forward_kernel(
     for rb in range(pid_r, tl.cdiv(n_x, BM), row_split):
         rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
         row_ok = rows < n_x
+        x_rows = x_ptr + rows * stride_x
+        # The bias, and -inf on padding rows so that they drop out of the column statistics.
+        row_shift = tl.where(row_ok, bias2, float("-inf"))
         row_max = tl.full((BM,), float("-inf"), tl.float32)  # running max of each row
         row_sum = tl.zeros((BM,), tl.float32)  # running sum of 2^(S - row_max)
         for cb in range(cb_start, cb_end):
             cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
             col_ok = cols < n_y
             s = _similarity_tile(
-                x_ptr,
-                y_ptr,
-                rows,
-                cols,
-                n_x,
-                n_y,
-                D,
-                stride_x,
-                stride_xd,
-                stride_y,
-                stride_yd,
-                BM,
-                BN,
-                BK,
+                x_rows, y_ptr + cols * stride_y, row_ok, col_ok, D, stride_xd, stride_yd, BK,
                 DOT_PRECISION,
-            )
-            s = s * scale2 + bias2
-            s = tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
+            )  # fmt: skip
+            col_pad = tl.where(col_ok, 0.0, float("-inf"))
+            s = s * scale2 + row_shift[:, None] + col_pad[None, :]  # (BM, BN), base 2
 
             new_max = tl.maximum(row_max, tl.max(s, axis=1))
             row_sum = row_sum * tl.exp2(row_max - new_max)
@@ -219,13 +192,6 @@ def _forward_kernel(
                     old = tl.load(c_ptrs, mask=col_ok, other=float("-inf"))
                 tl.store(c_ptrs, _logaddexp2(old, c_lse), mask=col_ok)
                 tl.debug_barrier()
-
-            first_pos = rb * BM + offset
-            if (cb * BN < first_pos + BM) & (cb * BN + BN > first_pos):
-                is_pos = cols[None, :] == rows[:, None] + offset
-                pos = tl.sum(tl.where(is_pos, s, 0.0), axis=1)
-                has_pos = row_ok & (rows + offset >= cb * BN) & (rows + offset < cb * BN + BN)
-                tl.store(pos_ptr + rows, pos, mask=has_pos)
 
         row_lse = row_max + tl.log2(row_sum)
         tl.store(row_lse_ptr + pid_c.to(tl.int64) * n_x + rows, row_lse, mask=row_ok)
@@ -247,7 +213,6 @@ def _backward_kernel(
     n_a,
     n_b,
     D,
-    offset,
     n_bucket,
     # strides
     stride_a,
@@ -264,11 +229,13 @@ def _backward_kernel(
     BK: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """Accumulate (G b) for a block of rows of a over one chunk of b's rows: 2 passes.
+    """Accumulate (P b) for a block of rows of a over one chunk of b's rows: 2 passes.
 
-    S_ij = s <a_i, b_j> + b is recomputed tile by tile, G_ij is the module docstring's gradient
-    (rows of a positive with b-row i + offset), and the program's private slice of the workspace
-    collects G_ij b_j over its chunk. Called with (x, y) for dL/dx and (y, x, -offset) for dL/dy.
+    S_ij = s <a_i, b_j> + b is recomputed tile by tile and turned into the softmax part of the
+    module docstring's G, P_ij = wa_i exp(S_ij - ra_i) + wb_j exp(S_ij - cb_j) (ROW_TERM and
+    COL_TERM select the terms); the program's private workspace slice collects P_ij b_j over its
+    chunk. The positive pairs' -d_ij terms touch one row of b per row of a, so they are left to
+    ``_finalize_kernel``. Called with (x, y) for dL/dx and with (y, x) for dL/dy.
     """
     rb = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -280,11 +247,14 @@ def _backward_kernel(
 
     rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
     row_ok = rows < n_a
+    a_rows = a_ptr + rows * stride_a
     w_a = tl.zeros((BM,), tl.float32)
     if ROW_TERM:
         lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
         w_a = tl.load(w_a_ptr + rows, mask=row_ok, other=0.0)
-    acc_rows = acc_ptr + (pid_c.to(tl.int64) * n_a + rows[:, None]) * D
+    # The program's workspace block as a scalar 64-bit base plus small int32 offsets.
+    acc_blk = acc_ptr + (pid_c.to(tl.int64) * n_a + rb * BM) * D
+    acc_offs = tl.arange(0, BM)[:, None] * D + tl.arange(0, BD)[None, :]
 
     n_cb = tl.cdiv(n_b, BN)
     per_chunk = tl.cdiv(n_cb, col_split)
@@ -293,54 +263,36 @@ def _backward_kernel(
     for cb in range(cb_start, cb_end):
         cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
         col_ok = cols < n_b
-        s = _similarity_tile(
-            a_ptr,
-            b_ptr,
-            rows,
-            cols,
-            n_a,
-            n_b,
-            D,
-            stride_a,
-            stride_ad,
-            stride_b,
-            stride_bd,
-            BM,
-            BN,
-            BK,
-            DOT_PRECISION,
-        )
+        b_rows = b_ptr + cols * stride_b
+        s = _similarity_tile(a_rows, b_rows, row_ok, col_ok, D, stride_ad, stride_bd, BK,
+                             DOT_PRECISION)  # fmt: skip
         s = s * scale2 + bias2
 
+        # Padding rows and columns (features loaded as 0) get finite s and zero weights, and
+        # padding rows of b are zero: they add nothing below.
         g = tl.zeros((BM, BN), tl.float32)
         w_b = tl.zeros((BN,), tl.float32)
         if ROW_TERM:
             g += w_a[:, None] * tl.exp2(s - lse_a[:, None])
         if COL_TERM:
-            lse_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=float("inf"))
+            lse_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=float("inf")) * LOG2E
             w_b = tl.load(w_b_ptr + cols, mask=col_ok, other=0.0)
-            g += w_b[None, :] * tl.exp2(s - lse_b[None, :] * LOG2E)
-        first_pos = rb * BM + offset
-        if (cb * BN < first_pos + BM) & (cb * BN + BN > first_pos):
-            is_pos = cols[None, :] == rows[:, None] + offset
-            g -= tl.where(is_pos, w_a[:, None] + w_b[None, :], 0.0)
-        g = tl.where(col_ok[None, :], g, 0.0)
+            g += w_b[None, :] * tl.exp2(s - lse_b[None, :])
+        g = g.to(b_ptr.dtype.element_ty)
 
+        b_blk = b_ptr + tl.cast(cb, tl.int64) * BN * stride_b
+        b_offs = tl.arange(0, BN)[:, None] * stride_b + tl.arange(0, BD)[None, :] * stride_bd
         for d0 in range(0, D, BD):
-            ds = d0 + tl.arange(0, BD)
-            d_ok = ds < D
-            b = tl.load(
-                b_ptr + cols[:, None] * stride_b + ds[None, :] * stride_bd,
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            acc_ptrs = acc_rows + ds[None, :]
+            d_ok = (d0 + tl.arange(0, BD)) < D
+            b = tl.load(b_blk + d0 * stride_bd + b_offs, mask=col_ok[:, None] & d_ok[None, :],
+                        other=0.0)  # fmt: skip
+            acc_ptrs = acc_blk + d0 + acc_offs
             acc_ok = row_ok[:, None] & d_ok[None, :]
             if cb == cb_start:  # the chunk's first tile starts the accumulator afresh
                 acc = tl.zeros((BM, BD), tl.float32)
             else:
                 acc = tl.load(acc_ptrs, mask=acc_ok, other=0.0)
-            acc = tl.dot(g.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(g, b, acc, input_precision=DOT_PRECISION)
             tl.store(acc_ptrs, acc, mask=acc_ok)
         tl.debug_barrier()
 
@@ -348,39 +300,80 @@ def _backward_kernel(
 @triton.jit
 def _finalize_kernel(
     # pointers
-    acc_ptr,  # (col_split, n_a, D) fp32 partials of G b
+    acc_ptr,  # (col_split, n_a, D) fp32 partials of P b
     a_ptr,
+    b_ptr,
     scale_ptr,
-    grad_ptr,  # (n_a, D) contiguous gradient, written as s * sum of the partials
-    dscale_ptr,  # (n_a,) per-row contribution to dL/ds, written
+    w_a_ptr,
+    w_b_ptr,  # loss weights, as in _backward_kernel
+    grad_ptr,  # (n_a, D) contiguous gradient, written
+    dscale_ptr,  # (n_a,) per-row terms of dL/ds, written
     # sizes
     n_a,
+    n_b,
     D,
+    offset,
     col_split,
     # strides
     stride_a,
     stride_ad,
+    stride_b,
+    stride_bd,
     # meta-parameters
+    ROW_TERM: tl.constexpr,
+    COL_TERM: tl.constexpr,
     BM: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """Sum the workspace partials, scale them into the gradient, and emit <(G b)_i, a_i>."""
+    """(G b)_i = sum of the partials - (wa_i + wb_k) b_k for a_i's partner k = i + offset.
+
+    Writes the gradient s (G b)_i and <(G b)_i, a_i>, whose sum over i is dL/ds.
+    """
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < n_a
+    partner = rows + offset
+    paired = row_ok & (partner >= 0) & (partner < n_b)
+    weight = tl.zeros((BM,), tl.float32)  # d_ij's weight wa_i + wb_k
+    if ROW_TERM:
+        weight += tl.load(w_a_ptr + rows, mask=paired, other=0.0)
+    if COL_TERM:
+        weight += tl.load(w_b_ptr + partner, mask=paired, other=0.0)
     scale = tl.load(scale_ptr).to(tl.float32)
     dscale = tl.zeros((BM,), tl.float32)
     for d0 in range(0, D, BD):
         ds = d0 + tl.arange(0, BD)
-        ok = row_ok[:, None] & (ds[None, :] < D)
+        d_ok = ds[None, :] < D
         acc = tl.zeros((BM, BD), tl.float32)
         for c in range(0, col_split):
             partial = acc_ptr + (c * n_a + rows[:, None]) * D + ds[None, :]  # c * n_a < 2**31
-            acc += tl.load(partial, mask=ok, other=0.0)
-        a = tl.load(a_ptr + rows[:, None] * stride_a + ds[None, :] * stride_ad, mask=ok, other=0.0)
+            acc += tl.load(partial, mask=row_ok[:, None] & d_ok, other=0.0)
+        b = tl.load(b_ptr + partner[:, None] * stride_b + ds[None, :] * stride_bd,
+                    mask=paired[:, None] & d_ok, other=0.0)  # fmt: skip
+        acc -= weight[:, None] * b.to(tl.float32)
+        a = tl.load(a_ptr + rows[:, None] * stride_a + ds[None, :] * stride_ad,
+                    mask=row_ok[:, None] & d_ok, other=0.0)  # fmt: skip
         dscale += tl.sum(acc * a.to(tl.float32), axis=1)
-        grad_ptrs = grad_ptr + rows[:, None] * D + ds[None, :]
-        tl.store(grad_ptrs, (acc * scale).to(grad_ptr.dtype.element_ty), mask=ok)
+        grad = (acc * scale).to(grad_ptr.dtype.element_ty)
+        tl.store(grad_ptr + rows[:, None] * D + ds[None, :], grad, mask=row_ok[:, None] & d_ok)
     tl.store(dscale_ptr + rows, dscale, mask=row_ok)
+
+
+@triton.jit
+def _row_dot_kernel(
+    x_ptr, y_ptr, out_ptr, n, D, stride_x, stride_xd, stride_y, stride_yd,
+    BM: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    """out_i = <x_i, y_i> in fp32, for the positive pairs' logits (y already offset)."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < n
+    dot = tl.zeros((BM,), tl.float32)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        ok = row_ok[:, None] & (ds[None, :] < D)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + ds[None, :] * stride_xd, mask=ok, other=0.0)
+        y = tl.load(y_ptr + rows[:, None] * stride_y + ds[None, :] * stride_yd, mask=ok, other=0.0)
+        dot += tl.sum(x.to(tl.float32) * y.to(tl.float32), axis=1)
+    tl.store(out_ptr + rows, dot, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,17 +386,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _smem_ok(config: triton.Config, elem_bytes: int = 2) -> bool:
-    """Keep configs whose pipelined operand tiles fit in Hopper's 228 KB of shared memory."""
-    kw = config.kwargs
-    tile = (kw["BM"] + kw["BN"]) * kw["BK"] * elem_bytes * config.num_stages
-    return tile <= 160 * 1024
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose pipelined operand tiles would not fit the GPU's shared memory.
 
-
-def _prune(configs, named_args, **kwargs):
-    elem_bytes = named_args["a_ptr" if "a_ptr" in named_args else "x_ptr"].element_size()
-    kept = [c for c in configs if _smem_ok(c, elem_bytes)]
-    return kept or configs[:1]
+    The compiler rejects the rest anyway ("out of resources"); pruning saves the attempt. The
+    smallest config is kept as a fallback for GPUs with little shared memory.
+    """
+    x = named_args.get("x_ptr", named_args.get("a_ptr"))
+    budget = driver.active.utils.get_device_properties(x.device.index)["max_shared_mem"]
+    kept = []
+    for c in configs:
+        kw = c.kwargs
+        operands = (kw["BM"] + kw["BN"]) * kw["BK"] * c.num_stages + kw.get("BD", 0) * kw["BN"]
+        if operands * x.element_size() <= 0.75 * budget:
+            kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])]
 
 
 _FORWARD_CONFIGS = [
@@ -415,6 +412,7 @@ _FORWARD_CONFIGS = [
         (64, 128, 64, 4, 3),
         (64, 64, 64, 4, 4),
         (128, 256, 32, 8, 3),
+        (64, 64, 32, 4, 2),
     ]
 ]
 _BACKWARD_CONFIGS = [
@@ -423,9 +421,11 @@ _BACKWARD_CONFIGS = [
         (64, 128, 64, 128, 8, 3),
         (128, 64, 64, 128, 8, 3),
         (128, 128, 64, 64, 8, 3),
-        (64, 128, 64, 64, 4, 3),
-        (64, 64, 64, 128, 4, 3),
-        (128, 256, 32, 64, 8, 3),
+        (128, 128, 32, 64, 8, 3),
+        (64, 128, 64, 64, 8, 3),
+        (128, 64, 64, 64, 8, 3),
+        (64, 64, 64, 64, 4, 3),
+        (64, 64, 32, 64, 4, 2),
     ]
 ]
 _KEY = ["D", "n_bucket", "HAS_BIAS", "DOT_PRECISION"]
@@ -440,10 +440,16 @@ _backward_tuned = triton.autotune(
 
 
 def _launch(kernel, tuned, grid, config: TileConfig | None, args: tuple, meta: dict, blocks):
-    """Launch the autotuned kernel, or the plain one with a fixed config (tests, interpreter)."""
+    """Launch the autotuned kernel, or the plain one with a fixed config.
+
+    Fixed configs: the one given; the interpreter's small tiles; ``TileConfig()`` when the
+    environment sets FASTCLIP_AUTOTUNE=0 (no tuning runs, e.g. for short jobs).
+    """
     if config is None and not interpreting():
-        tuned[grid](*args, **meta)
-        return
+        if os.environ.get("FASTCLIP_AUTOTUNE", "1") != "0":
+            tuned[grid](*args, **meta)
+            return
+        config = TileConfig()
     config = config or INTERPRETER_CONFIG
     sizes = {name: getattr(config, field) for name, field in blocks.items()}
     kernel[grid(sizes)](
@@ -465,9 +471,18 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+# Row-wise kernels (positive logits, finalize): rows per program and feature chunk.
+_ROWS = 32
+
+
+def _row_block_d(D: int) -> int:
+    return min(128, max(16, triton.next_power_of_2(D)))
+
+
 def _bucket(n: int) -> int:
-    """Autotune key: powers of two, so a new batch size does not trigger a new search."""
-    return triton.next_power_of_2(max(n, 1024))
+    """Autotune key: powers of two from 1K to 64K rows, so a new batch size does not trigger a new
+    search; past 64K rows every config fills the GPU many times over and the best one is settled."""
+    return min(triton.next_power_of_2(max(n, 1024)), 65536)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,10 +515,7 @@ def contrastive_forward(
     n_y = y.shape[0]
     target = _target_programs(x.device)
     row_blocks, col_blocks = triton.cdiv(n_x, MIN_BLOCK), triton.cdiv(n_y, MIN_BLOCK)
-    if both_directions:
-        row_split = min(row_blocks, MAX_ROW_SPLIT)
-    else:
-        row_split = row_blocks
+    row_split = min(row_blocks, MAX_ROW_SPLIT) if both_directions else row_blocks
     col_split = min(col_blocks, max(1, triton.cdiv(target, row_split)))
     if config is not None:
         row_split = config.row_split or row_split
@@ -512,44 +524,37 @@ def contrastive_forward(
     kw = {"device": x.device, "dtype": torch.float32}
     row_part = torch.full((col_split, n_x), float("-inf"), **kw)
     col_part = torch.full((row_split, n_y), float("-inf"), **kw) if both_directions else None
-    positives = torch.empty(n_x, **kw)
+    # fmt: off
     args = (
-        x,
-        y,
-        scale,
-        scale if bias is None else bias,
-        row_part,
+        x, y, scale, scale if bias is None else bias, row_part,
         row_part if col_part is None else col_part,
-        positives,
-        n_x,
-        n_y,
-        D,
-        offset,
-        _bucket(max(n_x, n_y)),
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
+        n_x, n_y, D, _bucket(max(n_x, n_y)),
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
     )
+    # fmt: on
     meta = {
         "HAS_BIAS": bias is not None,
         "COL_STATS": both_directions,
         "DOT_PRECISION": _dot_precision(x.dtype),
     }
     blocks = {"BM": "block_m", "BN": "block_n", "BK": "block_k"}
-    _launch(
-        _forward_kernel,
-        _forward_tuned,
-        lambda _: (row_split, col_split),
-        config,
-        args,
-        meta,
-        blocks,
-    )
+    grid = lambda meta: (row_split, col_split)  # noqa: E731
+    _launch(_forward_kernel, _forward_tuned, grid, config, args, meta, blocks)
 
+    partners = y[offset : offset + n_x]
+    dots = torch.empty(n_x, **kw)
+    # fmt: off
+    _row_dot_kernel[(triton.cdiv(n_x, _ROWS),)](
+        x, partners, dots, n_x, D, x.stride(0), x.stride(1), partners.stride(0),
+        partners.stride(1), BM=_ROWS, BD=_row_block_d(D),
+    )
+    # fmt: on
+    positives = dots * scale.reshape(()).float()
+    if bias is not None:
+        positives += bias.reshape(()).float()
     row_lse = torch.logsumexp(row_part * LN2, dim=0)
     col_lse = torch.logsumexp(col_part * LN2, dim=0) if col_part is not None else None
-    return row_lse, col_lse, positives * LN2
+    return row_lse, col_lse, positives
 
 
 def _grad_rows(
@@ -564,7 +569,11 @@ def _grad_rows(
     offset: int,
     config: TileConfig | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """s * G b for every row of a (the gradient of a) and the per-row terms of dL/ds."""
+    """The gradient s G b of every row of a and the per-row terms of dL/ds.
+
+    a's row i is paired with b's row i + offset; (lse_a, w_a) is the softmax over a's rows
+    (None: not in the loss), (lse_b, w_b) the one over b's rows.
+    """
     n_a, D = a.shape
     n_b = b.shape[0]
     grad = torch.empty((n_a, D), dtype=a.dtype, device=a.device)
@@ -579,62 +588,36 @@ def _grad_rows(
     slice_rows = min(n_a, max(MIN_BLOCK, WORKSPACE_BYTES // (4 * D * col_split)))
     workspace = torch.zeros((col_split, slice_rows, D), dtype=torch.float32, device=a.device)
 
+    row_term, col_term = lse_a is not None, lse_b is not None
+    lse_a, w_a = (lse_a, w_a) if row_term else (a, a)  # unused placeholders
+    lse_b, w_b = (lse_b, w_b) if col_term else (a, a)
     meta = {
         "HAS_BIAS": bias is not None,
-        "ROW_TERM": lse_a is not None,
-        "COL_TERM": lse_b is not None,
+        "ROW_TERM": row_term,
+        "COL_TERM": col_term,
         "DOT_PRECISION": _dot_precision(a.dtype),
     }
     blocks = {"BM": "block_m", "BN": "block_n", "BK": "block_k", "BD": "block_d"}
-    finalize_rows = 32
     for start in range(0, n_a, slice_rows):
-        stop = min(start + slice_rows, n_a)
-        rows = stop - start
-        a_rows = a[start:stop]
-        dummy = a_rows
+        rows = min(slice_rows, n_a - start)
+        a_rows, lse_rows, w_rows = (t[start : start + rows] for t in (a, lse_a, w_a))
+        # fmt: off
         args = (
-            a_rows,
-            b,
-            scale,
-            scale if bias is None else bias,
-            dummy if lse_a is None else lse_a[start:stop],
-            dummy if w_a is None else w_a[start:stop],
-            dummy if lse_b is None else lse_b,
-            dummy if w_b is None else w_b,
-            workspace,
-            rows,
-            n_b,
-            D,
-            offset + start,
-            _bucket(max(n_a, n_b)),
-            a.stride(0),
-            a.stride(1),
-            b.stride(0),
-            b.stride(1),
+            a_rows, b, scale, scale if bias is None else bias, lse_rows, w_rows, lse_b, w_b,
+            workspace, rows, n_b, D, _bucket(max(n_a, n_b)),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         )
-        _launch(
-            _backward_kernel,
-            _backward_tuned,
-            lambda meta, rows=rows: (triton.cdiv(rows, meta["BM"]), col_split),
-            config,
-            args,
-            meta,
-            blocks,
+        # fmt: on
+        grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BM"]), col_split)  # noqa: E731
+        _launch(_backward_kernel, _backward_tuned, grid, config, args, meta, blocks)
+        # fmt: off
+        _finalize_kernel[(triton.cdiv(rows, _ROWS),)](
+            workspace, a_rows, b, scale, w_rows, w_b, grad[start : start + rows],
+            dscale[start : start + rows], rows, n_b, D, offset + start, col_split,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            ROW_TERM=row_term, COL_TERM=col_term, BM=_ROWS, BD=_row_block_d(D),
         )
-        _finalize_kernel[(triton.cdiv(rows, finalize_rows),)](
-            workspace,
-            a_rows,
-            scale,
-            grad[start:stop],
-            dscale[start:stop],
-            rows,
-            D,
-            col_split,
-            a.stride(0),
-            a.stride(1),
-            BM=finalize_rows,
-            BD=min(128, max(16, triton.next_power_of_2(D))),
-        )
+        # fmt: on
     return grad, dscale
 
 

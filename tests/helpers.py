@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
+
+from fastclip import infonce
+from fastclip.reference import clip_loss_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -20,18 +26,25 @@ TOLERANCES = {
 
 
 def assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, slack: float = 1
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    what: str,
+    slack: float = 1,
+    floor: float = 1e-6,
 ):
     """actual ~ expected within slack * TOLERANCES[dtype]; the message locates the worst element.
 
     ``slack`` widens the tolerance where rounding grows with the data, e.g. logits in the
-    thousands, whose fp32 rounding error alone is ~1e-4.
+    thousands, whose fp32 rounding error alone is ~1e-4. atol is relative to the reference's
+    largest magnitude, but to no less than ``floor``: pass the quantity's natural size where the
+    reference can vanish while the rounding error does not.
     """
     rtol, atol = (slack * t for t in TOLERANCES[dtype])
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    bound = atol * max(scale, 1e-6) + rtol * expected.abs()
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, floor)
+    bound = atol * scale + rtol * expected.abs()
     err = (actual - expected).abs()
     bad = ~(err <= bound)
     if bad.any():
@@ -43,3 +56,71 @@ def assert_close(
             f"{index}: got {actual.flatten()[worst].item():.8g}, expected "
             f"{expected.flatten()[worst].item():.8g} (rtol={rtol}, atol={atol}*{scale:.3g})"
         )
+
+
+def make_inputs(
+    n_img,
+    n_txt,
+    dim,
+    dtype=torch.float32,
+    scale=10.0,
+    bias=0.5,
+    norm=True,
+    seed=0,
+    row_norms=None,
+):
+    """Random (ours, ref) argument lists [image, text, scale, bias]: ours on DEVICE in ``dtype``
+    (scale and bias fp32), ref the float64 originals; every tensor a leaf that requires grad.
+
+    ``row_norms=(lo, hi)`` rescales each (normalized) row to a norm drawn log-uniformly in
+    [lo, hi], as unnormalized embeddings have.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_img, dim, generator=gen, dtype=torch.float64)
+    y = torch.randn(n_txt, dim, generator=gen, dtype=torch.float64)
+    if norm:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    if row_norms is not None:
+        lo, hi = (math.log(r) for r in row_norms)
+        norms = torch.empty(n_img + n_txt, 1, dtype=torch.float64)
+        norms = norms.uniform_(lo, hi, generator=gen).exp()
+        x, y = x * norms[:n_img], y * norms[n_img:]
+    leaves = [x, y, torch.tensor(scale, dtype=torch.float64)]
+    leaves.append(None if bias is None else torch.tensor(bias, dtype=torch.float64))
+    ours = [
+        None if t is None else t.to(DEVICE, dtype if t.dim() else torch.float32, copy=True)
+        for t in leaves
+    ]
+    return [None if t is None else t.requires_grad_() for t in ours], [
+        None if t is None else t.clone().requires_grad_() for t in leaves
+    ]
+
+
+def check(ours, ref, backend, dtype, offset=0, both=True, vanishing=False):
+    """Run fused and reference, backward through both, compare loss and every gradient.
+
+    ``vanishing``: the references may be ~0 where their rounding error is not (a softmax made
+    one-hot by huge logits: loss and gradients underflow in float64 but round to O(eps |S|) in
+    fp32); measure atol against each quantity's natural size then, not the reference's.
+    """
+    loss = infonce(*ours, offset=offset, both_directions=both, backend=backend)
+    expected = clip_loss_reference(*ref, offset=offset, both_directions=both)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    # fp32 logits carry a rounding error proportional to their size: widen beyond |S| ~ 100.
+    norm_x, norm_y = (t.norm(dim=1).max().item() for t in ref[:2])
+    scale = ref[2].item()
+    max_logit = scale * norm_x * norm_y
+    slack = max(1.0, max_logit / 100)
+    # Natural sizes: a loss of O(1); a row of dL/dx of O(s max|y| / n_img), of dL/dy of
+    # O(s max|x| / n_img); |dL/ds| <= 2 max|x| max|y|; dL/dbias ~ 0 (exactly 0 in ours).
+    n_img = ref[0].shape[0]
+    natural = [1.0, scale * norm_y / n_img, scale * norm_x / n_img, norm_x * norm_y, 1e-6]
+    floors = natural if vanishing else [1e-6] * 5
+    assert_close(loss, expected, dtype, "loss", slack, floors[0])
+    loss.backward()
+    expected.backward()
+    names = ("d_image", "d_text", "d_scale", "d_bias")
+    for name, a, b, floor in zip(names, ours, ref, floors[1:], strict=True):
+        if a is not None and a.requires_grad:
+            assert a.grad is not None and a.grad.dtype == a.dtype, name
+            assert_close(a.grad, b.grad, dtype, name, slack, floor)

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The test suite and the benchmarks on a CUDA machine without network, from the repository root:
+#
+#     bash benchmarks/gpu_check.sh        # results in $OUT (default benchmarks/results/latest)
+#
+# Writes env.txt (GPU, driver, versions, install log), tests.log, bench.log, bench.json
+# (fastclip and eager), bench_compile.json, bench_large.json, summary.md and bench.png.
+#
+# Budget, 8 minutes on an H100: each step runs under a time limit (seconds, overridable by the
+# variables below) and the limits sum to 440 s, plus ~30 s for the install and the rendering:
+#   tests 160 (Triton compiles for many shapes and dtypes, two-process distributed runs);
+#   fastclip + eager grid 80 (autotuning 8 (N, D) buckets ~30 s, then 32 cases of 7 runs);
+#   torch.compile grid 130 (8 shapes, each compiled forward and backward);
+#   N = 2^20 70 (tunes at N = 65536 first, whose bucket it shares; then 2 runs of seconds).
+# The benchmarks run in three parts because pytest-benchmark writes its JSON only when a run
+# ends: a part stopped at its limit loses only its own results. A failing step is recorded in
+# summary.md, not fatal.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/results/latest}
+TESTS_LIMIT_S=${TESTS_LIMIT_S:-160}
+GRID_LIMIT_S=${GRID_LIMIT_S:-80}
+COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-130}
+LARGE_LIMIT_S=${LARGE_LIMIT_S:-70}
+mkdir -p "$OUT"
+rm -f "$OUT"/bench*.json "$OUT/bench.log"
+
+{
+    date -u
+    nvidia-smi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    python -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, \
+'CUDA', torch.version.cuda, 'triton', triton.__version__, '|', torch.cuda.get_device_name())"
+    python -m pip list 2>/dev/null | grep -i -E '^(torch|triton|pytest|matplotlib|numpy) '
+    echo "--- pip install --no-deps --no-build-isolation -e ."
+    python -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -e .
+    echo "install exit: $?"
+} > "$OUT/env.txt" 2>&1
+
+notes=()
+# step NAME LIMIT_S LOG COMMAND...: run COMMAND under a time limit, its output appended to LOG.
+# SIGINT first, so that pytest still prints its summary. Adds "NAME: exit, seconds" to notes.
+step() {
+    local name=$1 limit=$2 log=$3 start=$SECONDS rc
+    shift 3
+    echo "=== $name (limit $limit s): $*" | tee -a "$log"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] && rc="124, stopped at its $limit s limit"
+    notes+=("$name: exit $rc, $((SECONDS - start)) s")
+}
+
+: > "$OUT/tests.log"
+step tests "$TESTS_LIMIT_S" "$OUT/tests.log" python -m pytest tests -q
+notes[-1]+=" — $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -n 1 | tr -d '=')"
+
+bench() {  # bench NAME LIMIT_S LABEL PYTEST_ARGS...: one part of the benchmarks, into NAME.json
+    local name=$1 limit=$2 label=$3
+    shift 3
+    step "benchmarks, $label" "$limit" "$OUT/bench.log" python -m pytest benchmarks/ \
+        --benchmark-only -q --benchmark-json="$OUT/$name.json" "$@"
+}
+bench bench "$GRID_LIMIT_S" "fastclip and eager" -k "test_gpu and not large and not compile"
+bench bench_compile "$COMPILE_LIMIT_S" "torch.compile" -k "test_gpu and not large and compile"
+bench bench_large "$LARGE_LIMIT_S" "N = 2^20" -k large_batch
+
+results=()
+for f in "$OUT"/bench.json "$OUT"/bench_compile.json "$OUT"/bench_large.json; do
+    if [ -s "$f" ]; then results+=("$f"); else rm -f "$f"; fi  # empty: the run saved nothing
+done
+args=()
+for note in "${notes[@]}"; do args+=(--note "$note"); done
+if [ "${#results[@]}" -gt 0 ]; then
+    python benchmarks/render.py "${results[@]}" --out "$OUT" "${args[@]}"
+else
+    printf '# fastclip benchmarks: no results\n\n' > "$OUT/summary.md"
+    printf -- '- %s\n' "${notes[@]}" >> "$OUT/summary.md"
+fi
+cat "$OUT/summary.md"

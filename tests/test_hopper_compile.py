@@ -1,0 +1,143 @@
+"""Every autotune config compiles for Hopper (sm_90), fits shared memory and does not spill.
+
+Triton compiles ahead of time without a GPU, so this runs on any machine: it catches what the
+interpreter cannot (tl.dot shape limits, shared memory, register spills) before a GPU does.
+Arguments are specialized as the JIT would for contiguous, 16-byte aligned inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+
+import fastclip.kernels.contrastive as kc
+
+H100_SHARED_MEMORY = 232448  # bytes per block, opt-in maximum
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:  # older Triton: the ahead-of-time API differs
+    ASTSource = None
+
+pytestmark = [
+    pytest.mark.skipif(
+        ASTSource is None or not os.path.exists(CUOBJDUMP),
+        reason="needs Triton's ahead-of-time compiler (triton >= 3.3) and its bundled cuobjdump",
+    ),
+    pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a CUDA machine compiles and runs every config itself"
+    ),
+]
+
+
+def compile_for_hopper(fn, pointers: dict[str, str], constants: dict, config: triton.Config):
+    """Compile ``fn`` for sm_90 and return (shared memory bytes, registers, spill stack bytes)."""
+    constants = {**constants, **config.kwargs}
+    # The JIT treats a unit stride as a constant and 16-divisible ints and pointers as aligned.
+    constants.update({n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")})
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = "*" + pointers[name] if name in pointers else "i32"
+        if name in pointers or name.startswith("stride") or name == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    kernel = triton.compile(
+        source,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+    cubin = kernel.asm["cubin"]
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fastclip-{os.getpid()}.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    try:
+        usage = subprocess.run(
+            [CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        os.remove(path)
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    return kernel.metadata.shared, int(regs), int(stack)
+
+
+FEATURES = {"x_ptr": "bf16", "y_ptr": "bf16", "a_ptr": "bf16", "b_ptr": "bf16"}
+FP32 = ("scale_ptr", "bias_ptr", "row_lse_ptr", "col_lse_ptr", "acc_ptr", "lse_a_ptr", "w_a_ptr",
+        "lse_b_ptr", "w_b_ptr", "dscale_ptr", "out_ptr")  # fmt: skip
+
+
+def cases() -> dict[str, tuple]:
+    """name -> (kernel, pointer dtypes, constants, config) for every config the launchers use."""
+    bf16 = {**FEATURES, **dict.fromkeys(FP32, "fp32"), "grad_ptr": "bf16"}
+    fp32 = dict.fromkeys(bf16, "fp32")
+    smallest = lambda configs: min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])  # noqa: E731
+    out = {}
+    for c in kc._FORWARD_CONFIGS:
+        for col in (True, False):
+            const = {"HAS_BIAS": True, "COL_STATS": col, "DOT_PRECISION": "ieee"}
+            out[f"forward-{c}-col{col}"] = (kc._forward_kernel, bf16, const, c)
+    for c in kc._BACKWARD_CONFIGS:
+        const = {"HAS_BIAS": True, "ROW_TERM": True, "COL_TERM": True, "DOT_PRECISION": "ieee"}
+        out[f"backward-{c}"] = (kc._backward_kernel, bf16, const, c)
+    for precision in ("ieee", "tf32"):  # fp32 features: the configs pruning keeps as fallback
+        const = {"HAS_BIAS": False, "COL_STATS": True, "DOT_PRECISION": precision}
+        out[f"forward-fp32-{precision}"] = (kc._forward_kernel, fp32, const, smallest(
+            kc._FORWARD_CONFIGS))  # fmt: skip
+        const = {"HAS_BIAS": False, "ROW_TERM": True, "COL_TERM": True, "DOT_PRECISION": precision}
+        out[f"backward-fp32-{precision}"] = (kc._backward_kernel, fp32, const, smallest(
+            kc._BACKWARD_CONFIGS))  # fmt: skip
+    rows = triton.Config({"BM": kc._ROWS, "BD": 128}, num_warps=4, num_stages=1)
+    out["finalize"] = (kc._finalize_kernel, bf16, {"ROW_TERM": True, "COL_TERM": True}, rows)
+    out["row-dot"] = (kc._row_dot_kernel, bf16, {}, rows)
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """Compile everything in a child process: under TRITON_INTERPRET=1 (set by conftest.py on
+    CPU machines) kernels are interpreted functions, which cannot be compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=1200
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(cases()))
+def test_compiles_without_spills(compiled, name):
+    result = compiled[name]
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    assert "error" not in result, f"{name}: {result['error']}"
+    assert result["shared"] <= H100_SHARED_MEMORY, f"{name}: {result['shared']} B shared memory"
+    if "fp32" not in name:  # fp32 features (products on FMA units or TF32) are the slow path
+        assert result["stack"] == 0, f"{name}: {result['regs']} regs, {result['stack']} B spilled"
+
+
+def main() -> None:
+    results = {}
+    for name, (fn, pointers, constants, config) in cases().items():
+        try:
+            shared, regs, stack = compile_for_hopper(fn, pointers, constants, config)
+            results[name] = {"shared": shared, "regs": regs, "stack": stack}
+        except TypeError as e:  # the ahead-of-time API of this Triton version differs
+            results[name] = {"skip": f"Triton's ahead-of-time API differs here: {e}"}
+        except Exception as e:  # a compile error is a finding: report it per case
+            results[name] = {"error": f"{type(e).__name__}: {str(e)[-1500:]}"}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
