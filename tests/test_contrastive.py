@@ -157,12 +157,17 @@ def test_backward_in_workspace_slices(monkeypatch, tiles):
     check(ours, ref, "triton", torch.float32, offset=6)
 
 
-def test_dot_precision_follows_torch(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert kc._dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert kc._dot_precision(torch.float32) == "tf32"
-    assert kc._dot_precision(torch.bfloat16) == "ieee"
+def test_dot_precision_follows_torch():
+    matmul = torch.backends.cuda.matmul  # a settings object: monkeypatch cannot undo on it
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert kc._dot_precision(torch.float32) == "ieee"
+        matmul.allow_tf32 = True
+        assert kc._dot_precision(torch.float32) == "tf32"
+        assert kc._dot_precision(torch.bfloat16) == "ieee"
+    finally:
+        matmul.allow_tf32 = before
 
 
 def test_auto_backend_picks_the_kernel_on_cuda_only():
