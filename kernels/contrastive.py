@@ -108,6 +108,25 @@ def _similarity_tile(a_rows, b_rows, a_ok, b_ok, D, stride_ad, stride_bd, BK: tl
 
 
 @triton.jit
+def _base2_affine(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """(s, b) times log2(e): the base-2 logits are <a_i, b_j> * scale2 + bias2."""
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    bias2 = 0.0
+    if HAS_BIAS:
+        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
+    return scale2, bias2
+
+
+@triton.jit
+def _column_chunk(n_cols, BN: tl.constexpr):
+    """[start, end): the column blocks of this program's chunk (chunks along grid axis 1)."""
+    n_blocks = tl.cdiv(n_cols, BN)
+    per_chunk = tl.cdiv(n_blocks, tl.num_programs(1))
+    start = tl.program_id(1) * per_chunk
+    return start, tl.minimum(start + per_chunk, n_blocks)
+
+
+@triton.jit
 def _logaddexp2(a, b):
     hi = tl.maximum(a, b)
     return hi + tl.log2(1.0 + tl.exp2(tl.minimum(a, b) - hi))
@@ -148,16 +167,9 @@ def _forward_kernel(
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     row_split = tl.num_programs(0)
-    col_split = tl.num_programs(1)
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    bias2 = 0.0
-    if HAS_BIAS:
-        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
+    scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
 
-    n_cb = tl.cdiv(n_y, BN)
-    per_chunk = tl.cdiv(n_cb, col_split)
-    cb_start = pid_c * per_chunk
-    cb_end = tl.minimum(cb_start + per_chunk, n_cb)
+    cb_start, cb_end = _column_chunk(n_y, BN)
 
     for rb in range(pid_r, tl.cdiv(n_x, BM), row_split):
         rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
@@ -239,11 +251,7 @@ def _backward_kernel(
     """
     rb = tl.program_id(0)
     pid_c = tl.program_id(1)
-    col_split = tl.num_programs(1)
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    bias2 = 0.0
-    if HAS_BIAS:
-        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
+    scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
 
     rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
     row_ok = rows < n_a
@@ -256,10 +264,7 @@ def _backward_kernel(
     acc_blk = acc_ptr + (pid_c.to(tl.int64) * n_a + rb * BM) * D
     acc_offs = tl.arange(0, BM)[:, None] * D + tl.arange(0, BD)[None, :]
 
-    n_cb = tl.cdiv(n_b, BN)
-    per_chunk = tl.cdiv(n_cb, col_split)
-    cb_start = pid_c * per_chunk
-    cb_end = tl.minimum(cb_start + per_chunk, n_cb)
+    cb_start, cb_end = _column_chunk(n_b, BN)
     for cb in range(cb_start, cb_end):
         cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
         col_ok = cols < n_b
