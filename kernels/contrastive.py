@@ -66,7 +66,7 @@ MIN_BLOCK = 64
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Fixed launch parameters (tests, the interpreter, GPUs without tuned configs).
+    """Fixed launch parameters: for tests, the interpreter and FASTCLIP_AUTOTUNE=0.
 
     Every block is >= 16, the smallest shape ``tl.dot`` compiles. ``row_split`` and ``col_split``
     set how many programs share the rows and the columns; None sizes them to the device.
@@ -145,7 +145,7 @@ def _forward_kernel(
     n_x,
     n_y,
     D,
-    n_bucket,
+    n_bucket,  # autotune key only
     # strides
     stride_x,
     stride_xd,
@@ -159,10 +159,13 @@ def _forward_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """Forward statistics: one pass over S = s x y^T + b, see the module docstring.
+    """Row and column logsumexps of S = s x y^T + b: 1 matmul pass of n_x n_y D.
 
-    Program (a, b) handles row blocks a, a + row_split, ... and the b-th contiguous chunk of
-    column blocks. All outputs are in base 2: log2-sum-exp2 of S * log2(e), and S * log2(e).
+    Inputs: x (n_x, D) and y (n_y, D) features, s and b as one-element tensors. Program (a, b)
+    handles row blocks a, a + row_split, ... against the b-th contiguous chunk of column blocks:
+    an online (running-max) logsumexp per row over its chunk, written as partial (b, i); for each
+    tile, the column logsumexp merged into partial (a, j). Outputs are base-2 logsumexps of
+    S * log2(e); the caller combines the partials.
     """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -225,7 +228,7 @@ def _backward_kernel(
     n_a,
     n_b,
     D,
-    n_bucket,
+    n_bucket,  # autotune key only
     # strides
     stride_a,
     stride_ad,
@@ -241,7 +244,7 @@ def _backward_kernel(
     BK: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """Accumulate (P b) for a block of rows of a over one chunk of b's rows: 2 passes.
+    """Accumulate (P b) for a block of rows of a over a chunk of b: 2 matmul passes of n_a n_b D.
 
     S_ij = s <a_i, b_j> + b is recomputed tile by tile and turned into the softmax part of the
     module docstring's G, P_ij = wa_i exp(S_ij - ra_i) + wb_j exp(S_ij - cb_j) (ROW_TERM and
@@ -332,7 +335,8 @@ def _finalize_kernel(
 ):
     """(G b)_i = sum of the partials - (wa_i + wb_k) b_k for a_i's partner k = i + offset.
 
-    Writes the gradient s (G b)_i and <(G b)_i, a_i>, whose sum over i is dL/ds.
+    Writes the gradient s (G b)_i and <(G b)_i, a_i>, whose sum over i is dL/ds. O(n_a D) work,
+    no N^2 D pass.
     """
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < n_a
@@ -368,7 +372,8 @@ def _row_dot_kernel(
     x_ptr, y_ptr, out_ptr, n, D, stride_x, stride_xd, stride_y, stride_yd,
     BM: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
-    """out_i = <x_i, y_i> in fp32, for the positive pairs' logits (y already offset)."""
+    """out_i = <x_i, y_i> in fp32, for the positive pairs' logits (y already offset by the
+    caller). O(n D) work, no N^2 D pass."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < n
     dot = tl.zeros((BM,), tl.float32)
