@@ -13,6 +13,7 @@ from fastclip.distributed import gather_features
 
 try:
     from fastclip.kernels import contrastive as triton_contrastive
+    from fastclip.kernels.tiles import interpreting
 except ImportError:  # no Triton on this platform: the PyTorch path serves everything
     triton_contrastive = None
 
@@ -74,7 +75,7 @@ def _select_backend(backend: str, features: torch.Tensor) -> ModuleType:
         return chunked
     if triton_contrastive is None:
         raise ValueError("backend='triton' needs the triton package, which is not installed")
-    if not (features.is_cuda or triton_contrastive.interpreting()):
+    if not (features.is_cuda or interpreting()):
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
             f"imported, to run Triton's interpreter on the CPU); the features are on "

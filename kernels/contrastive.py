@@ -45,85 +45,34 @@ Exponentials are taken in base 2 with log2(e) folded into the scale. Row offsets
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import driver
 
-LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * LOG2E)
-LN2 = math.log(2.0)
-# The backward's fp32 accumulator never exceeds this; larger problems run in row slices.
-WORKSPACE_BYTES = 256 * 2**20
+from .tiles import (
+    LN2,
+    LOG2E,
+    MIN_BLOCK,
+    TileConfig,
+    base2_affine,
+    bucket,
+    column_chunk,
+    dot_precision,
+    finalize,
+    launch,
+    plan_workspace,
+    positive_logits,
+    prune_configs,
+    similarity_tile,
+    target_programs,
+)
+
 # Forward programs along rows; each owns a partial column logsumexp of length n_y.
 MAX_ROW_SPLIT = 16
-# Smallest block in any config: the splits below are sized with it.
-MIN_BLOCK = 64
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Fixed launch parameters: for tests, the interpreter and FASTCLIP_AUTOTUNE=0.
-
-    Every block is >= 16, the smallest shape ``tl.dot`` compiles. ``row_split`` and ``col_split``
-    set how many programs share the rows and the columns; None sizes them to the device.
-    """
-
-    block_m: int = 64  # rows of x (or of the owned operand in the backward) per tile
-    block_n: int = 64  # columns per tile
-    block_k: int = 64  # feature chunk of the similarity product
-    block_d: int = 64  # feature chunk of the gradient product and its accumulator
-    num_warps: int = 4
-    num_stages: int = 2
-    row_split: int | None = None
-    col_split: int | None = None
-
-
-INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_stages=1)
-
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _similarity_tile(a_rows, b_rows, a_ok, b_ok, D, stride_ad, stride_bd, BK: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """<a_i, b_j> for a tile in fp32, from row pointers a_rows (BM,) and b_rows (BN,)."""
-    ks = tl.arange(0, BK)
-    a_ptrs = a_rows[:, None] + ks[None, :] * stride_ad
-    b_ptrs = b_rows[:, None] + ks[None, :] * stride_bd
-    acc = tl.zeros((a_rows.shape[0], b_rows.shape[0]), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        a = tl.load(a_ptrs, mask=a_ok[:, None] & (ks[None, :] < D - k0), other=0.0)
-        b = tl.load(b_ptrs, mask=b_ok[:, None] & (ks[None, :] < D - k0), other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-        a_ptrs += BK * stride_ad
-        b_ptrs += BK * stride_bd
-    return acc
-
-
-@triton.jit
-def _base2_affine(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
-    """(s, b) times log2(e): the base-2 logits are <a_i, b_j> * scale2 + bias2."""
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    bias2 = 0.0
-    if HAS_BIAS:
-        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
-    return scale2, bias2
-
-
-@triton.jit
-def _column_chunk(n_cols, BN: tl.constexpr):
-    """[start, end): the column blocks of this program's chunk (chunks along grid axis 1)."""
-    n_blocks = tl.cdiv(n_cols, BN)
-    per_chunk = tl.cdiv(n_blocks, tl.num_programs(1))
-    start = tl.program_id(1) * per_chunk
-    return start, tl.minimum(start + per_chunk, n_blocks)
 
 
 @triton.jit
@@ -170,9 +119,9 @@ def _forward_kernel(
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     row_split = tl.num_programs(0)
-    scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
+    scale2, bias2 = base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
 
-    cb_start, cb_end = _column_chunk(n_y, BN)
+    cb_start, cb_end = column_chunk(n_y, BN)
 
     for rb in range(pid_r, tl.cdiv(n_x, BM), row_split):
         rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
@@ -185,7 +134,7 @@ def _forward_kernel(
         for cb in range(cb_start, cb_end):
             cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
             col_ok = cols < n_y
-            s = _similarity_tile(
+            s = similarity_tile(
                 x_rows, y_ptr + cols * stride_y, row_ok, col_ok, D, stride_xd, stride_yd, BK,
                 DOT_PRECISION,
             )  # fmt: skip
@@ -254,7 +203,7 @@ def _backward_kernel(
     """
     rb = tl.program_id(0)
     pid_c = tl.program_id(1)
-    scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
+    scale2, bias2 = base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
 
     rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
     row_ok = rows < n_a
@@ -267,17 +216,16 @@ def _backward_kernel(
     acc_blk = acc_ptr + (pid_c.to(tl.int64) * n_a + rb * BM) * D
     acc_offs = tl.arange(0, BM)[:, None] * D + tl.arange(0, BD)[None, :]
 
-    cb_start, cb_end = _column_chunk(n_b, BN)
+    cb_start, cb_end = column_chunk(n_b, BN)
     for cb in range(cb_start, cb_end):
         cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
         col_ok = cols < n_b
         b_rows = b_ptr + cols * stride_b
-        s = _similarity_tile(a_rows, b_rows, row_ok, col_ok, D, stride_ad, stride_bd, BK,
+        s = similarity_tile(a_rows, b_rows, row_ok, col_ok, D, stride_ad, stride_bd, BK,
                              DOT_PRECISION)  # fmt: skip
-        s = s * scale2 + bias2
-
-        # Padding rows and columns (features loaded as 0) get finite s and zero weights, and
-        # padding rows of b are zero: they add nothing below.
+        # -inf on padding columns: their weights must be exactly 0 (a finite S there could
+        # still overflow exp). Padding rows have zero weights or are never stored.
+        s = s * scale2 + tl.where(col_ok, bias2, float("-inf"))[None, :]
         g = tl.zeros((BM, BN), tl.float32)
         w_b = tl.zeros((BN,), tl.float32)
         if ROW_TERM:
@@ -305,112 +253,9 @@ def _backward_kernel(
         tl.debug_barrier()
 
 
-@triton.jit
-def _finalize_kernel(
-    # pointers
-    acc_ptr,  # (col_split, n_a, D) fp32 partials of P b
-    a_ptr,
-    b_ptr,
-    scale_ptr,
-    w_a_ptr,
-    w_b_ptr,  # loss weights, as in _backward_kernel
-    grad_ptr,  # (n_a, D) contiguous gradient, written
-    dscale_ptr,  # (n_a,) per-row terms of dL/ds, written
-    # sizes
-    n_a,
-    n_b,
-    D,
-    offset,
-    col_split,
-    # strides
-    stride_a,
-    stride_ad,
-    stride_b,
-    stride_bd,
-    # meta-parameters
-    ROW_TERM: tl.constexpr,
-    COL_TERM: tl.constexpr,
-    BM: tl.constexpr,
-    BD: tl.constexpr,
-):
-    """(G b)_i = sum of the partials - (wa_i + wb_k) b_k for a_i's partner k = i + offset.
-
-    Writes the gradient s (G b)_i and <(G b)_i, a_i>, whose sum over i is dL/ds. O(n_a D) work,
-    no N^2 D pass.
-    """
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    row_ok = rows < n_a
-    partner = rows + offset
-    paired = row_ok & (partner >= 0) & (partner < n_b)
-    weight = tl.zeros((BM,), tl.float32)  # d_ij's weight wa_i + wb_k
-    if ROW_TERM:
-        weight += tl.load(w_a_ptr + rows, mask=paired, other=0.0)
-    if COL_TERM:
-        weight += tl.load(w_b_ptr + partner, mask=paired, other=0.0)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    dscale = tl.zeros((BM,), tl.float32)
-    for d0 in range(0, D, BD):
-        ds = d0 + tl.arange(0, BD)
-        d_ok = ds[None, :] < D
-        acc = tl.zeros((BM, BD), tl.float32)
-        for c in range(0, col_split):
-            partial = acc_ptr + (c * n_a + rows[:, None]) * D + ds[None, :]  # c * n_a < 2**31
-            acc += tl.load(partial, mask=row_ok[:, None] & d_ok, other=0.0)
-        b = tl.load(b_ptr + partner[:, None] * stride_b + ds[None, :] * stride_bd,
-                    mask=paired[:, None] & d_ok, other=0.0)  # fmt: skip
-        acc -= weight[:, None] * b.to(tl.float32)
-        a = tl.load(a_ptr + rows[:, None] * stride_a + ds[None, :] * stride_ad,
-                    mask=row_ok[:, None] & d_ok, other=0.0)  # fmt: skip
-        dscale += tl.sum(acc * a.to(tl.float32), axis=1)
-        grad = (acc * scale).to(grad_ptr.dtype.element_ty)
-        tl.store(grad_ptr + rows[:, None] * D + ds[None, :], grad, mask=row_ok[:, None] & d_ok)
-    tl.store(dscale_ptr + rows, dscale, mask=row_ok)
-
-
-@triton.jit
-def _row_dot_kernel(
-    x_ptr, y_ptr, out_ptr, n, D, stride_x, stride_xd, stride_y, stride_yd,
-    BM: tl.constexpr, BD: tl.constexpr,
-):  # fmt: skip
-    """out_i = <x_i, y_i> in fp32, for the positive pairs' logits (y already offset by the
-    caller). O(n D) work, no N^2 D pass."""
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    row_ok = rows < n
-    dot = tl.zeros((BM,), tl.float32)
-    for d0 in range(0, D, BD):
-        ds = d0 + tl.arange(0, BD)
-        ok = row_ok[:, None] & (ds[None, :] < D)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + ds[None, :] * stride_xd, mask=ok, other=0.0)
-        y = tl.load(y_ptr + rows[:, None] * stride_y + ds[None, :] * stride_yd, mask=ok, other=0.0)
-        dot += tl.sum(x.to(tl.float32) * y.to(tl.float32), axis=1)
-    tl.store(out_ptr + rows, dot, mask=row_ok)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs whose pipelined operand tiles would not fit the GPU's shared memory.
-
-    The compiler rejects the rest anyway ("out of resources"); pruning saves the attempt. The
-    smallest config is kept as a fallback for GPUs with little shared memory.
-    """
-    x = named_args.get("x_ptr", named_args.get("a_ptr"))
-    budget = driver.active.utils.get_device_properties(x.device.index)["max_shared_mem"]
-    kept = []
-    for c in configs:
-        kw = c.kwargs
-        operands = (kw["BM"] + kw["BN"]) * kw["BK"] * c.num_stages + kw.get("BD", 0) * kw["BN"]
-        if operands * x.element_size() <= 0.75 * budget:
-            kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])]
 
 
 _FORWARD_CONFIGS = [
@@ -440,59 +285,15 @@ _BACKWARD_CONFIGS = [
 ]
 _KEY = ["D", "n_bucket", "HAS_BIAS", "DOT_PRECISION"]
 _forward_tuned = triton.autotune(
-    _FORWARD_CONFIGS, key=_KEY + ["COL_STATS"], prune_configs_by={"early_config_prune": _prune}
+    _FORWARD_CONFIGS,
+    key=_KEY + ["COL_STATS"],
+    prune_configs_by={"early_config_prune": prune_configs},
 )(_forward_kernel)
 _backward_tuned = triton.autotune(
     _BACKWARD_CONFIGS,
     key=_KEY + ["ROW_TERM", "COL_TERM"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": prune_configs},
 )(_backward_kernel)
-
-
-def _launch(kernel, tuned, grid, config: TileConfig | None, args: tuple, meta: dict, blocks):
-    """Launch the autotuned kernel, or the plain one with a fixed config.
-
-    Fixed configs: the one given; the interpreter's small tiles; ``TileConfig()`` when the
-    environment sets FASTCLIP_AUTOTUNE=0 (no tuning runs, e.g. for short jobs).
-    """
-    if config is None and not interpreting():
-        if os.environ.get("FASTCLIP_AUTOTUNE", "1") != "0":
-            tuned[grid](*args, **meta)
-            return
-        config = TileConfig()
-    config = config or INTERPRETER_CONFIG
-    sizes = {name: getattr(config, field) for name, field in blocks.items()}
-    kernel[grid(sizes)](
-        *args, **meta, **sizes, num_warps=config.num_warps, num_stages=config.num_stages
-    )
-
-
-def _target_programs(device: torch.device) -> int:
-    """Enough programs to keep every SM busy for a few waves (a handful under the interpreter)."""
-    if device.type != "cuda":
-        return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 products follow torch's own matmul setting; 16-bit inputs are exact products anyway."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-# Row-wise kernels (positive logits, finalize): rows per program and feature chunk.
-_ROWS = 32
-
-
-def _row_block_d(D: int) -> int:
-    return min(128, max(16, triton.next_power_of_2(D)))
-
-
-def _bucket(n: int) -> int:
-    """Autotune key: powers of two from 1K to 64K rows, so a new batch size does not trigger a new
-    search; past 64K rows every config fills the GPU many times over and the best one is settled."""
-    return min(triton.next_power_of_2(max(n, 1024)), 65536)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,7 +324,7 @@ def contrastive_forward(
     """
     n_x, D = x.shape
     n_y = y.shape[0]
-    target = _target_programs(x.device)
+    target = target_programs(x.device)
     row_blocks, col_blocks = triton.cdiv(n_x, MIN_BLOCK), triton.cdiv(n_y, MIN_BLOCK)
     row_split = min(row_blocks, MAX_ROW_SPLIT) if both_directions else row_blocks
     col_split = min(col_blocks, max(1, triton.cdiv(target, row_split)))
@@ -538,30 +339,20 @@ def contrastive_forward(
     args = (
         x, y, scale, scale if bias is None else bias, row_part,
         row_part if col_part is None else col_part,
-        n_x, n_y, D, _bucket(max(n_x, n_y)),
+        n_x, n_y, D, bucket(max(n_x, n_y)),
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
     )
     # fmt: on
     meta = {
         "HAS_BIAS": bias is not None,
         "COL_STATS": both_directions,
-        "DOT_PRECISION": _dot_precision(x.dtype),
+        "DOT_PRECISION": dot_precision(x.dtype),
     }
     blocks = {"BM": "block_m", "BN": "block_n", "BK": "block_k"}
     grid = lambda meta: (row_split, col_split)  # noqa: E731
-    _launch(_forward_kernel, _forward_tuned, grid, config, args, meta, blocks)
+    launch(_forward_kernel, _forward_tuned, grid, config, args, meta, blocks)
 
-    partners = y[offset : offset + n_x]
-    dots = torch.empty(n_x, **kw)
-    # fmt: off
-    _row_dot_kernel[(triton.cdiv(n_x, _ROWS),)](
-        x, partners, dots, n_x, D, x.stride(0), x.stride(1), partners.stride(0),
-        partners.stride(1), BM=_ROWS, BD=_row_block_d(D),
-    )
-    # fmt: on
-    positives = dots * scale.reshape(()).float()
-    if bias is not None:
-        positives += bias.reshape(()).float()
+    positives = positive_logits(x, y, offset, scale, bias)
     row_lse = torch.logsumexp(row_part * LN2, dim=0)
     col_lse = torch.logsumexp(col_part * LN2, dim=0) if col_part is not None else None
     return row_lse, col_lse, positives
@@ -582,52 +373,37 @@ def _grad_rows(
     """The gradient s G b of every row of a and the per-row terms of dL/ds.
 
     a's row i is paired with b's row i + offset; (lse_a, w_a) is the softmax over a's rows
-    (None: not in the loss), (lse_b, w_b) the one over b's rows.
+    (both None: not in the loss), (lse_b, w_b) the one over b's rows.
     """
     n_a, D = a.shape
     n_b = b.shape[0]
     grad = torch.empty((n_a, D), dtype=a.dtype, device=a.device)
     dscale = torch.empty(n_a, dtype=torch.float32, device=a.device)
-
-    target = _target_programs(a.device)
-    col_blocks = triton.cdiv(n_b, MIN_BLOCK)
-    col_split = min(col_blocks, max(1, triton.cdiv(target, triton.cdiv(n_a, MIN_BLOCK))))
-    if config is not None and config.col_split:
-        col_split = config.col_split
-    # Rows per launch, so that the workspace stays within its budget.
-    slice_rows = min(n_a, max(MIN_BLOCK, WORKSPACE_BYTES // (4 * D * col_split)))
-    workspace = torch.zeros((col_split, slice_rows, D), dtype=torch.float32, device=a.device)
-
-    row_term, col_term = lse_a is not None, lse_b is not None
-    lse_a, w_a = (lse_a, w_a) if row_term else (a, a)  # unused placeholders
-    lse_b, w_b = (lse_b, w_b) if col_term else (a, a)
+    col_split, slice_rows, workspace = plan_workspace(n_a, n_b, D, a.device, config)
     meta = {
         "HAS_BIAS": bias is not None,
-        "ROW_TERM": row_term,
-        "COL_TERM": col_term,
-        "DOT_PRECISION": _dot_precision(a.dtype),
+        "ROW_TERM": lse_a is not None,
+        "COL_TERM": lse_b is not None,
+        "DOT_PRECISION": dot_precision(a.dtype),
     }
     blocks = {"BM": "block_m", "BN": "block_n", "BK": "block_k", "BD": "block_d"}
     for start in range(0, n_a, slice_rows):
-        rows = min(slice_rows, n_a - start)
-        a_rows, lse_rows, w_rows = (t[start : start + rows] for t in (a, lse_a, w_a))
+        rows = slice(start, min(start + slice_rows, n_a))
+        n_rows = rows.stop - start
+        lse_rows = lse_a[rows] if lse_a is not None else a  # a: placeholder, never read
+        w_rows = w_a[rows] if w_a is not None else None
         # fmt: off
         args = (
-            a_rows, b, scale, scale if bias is None else bias, lse_rows, w_rows, lse_b, w_b,
-            workspace, rows, n_b, D, _bucket(max(n_a, n_b)),
+            a[rows], b, scale, scale if bias is None else bias,
+            lse_rows, a if w_rows is None else w_rows, a if lse_b is None else lse_b,
+            a if w_b is None else w_b, workspace, n_rows, n_b, D, bucket(max(n_a, n_b)),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         )
         # fmt: on
-        grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BM"]), col_split)  # noqa: E731
-        _launch(_backward_kernel, _backward_tuned, grid, config, args, meta, blocks)
-        # fmt: off
-        _finalize_kernel[(triton.cdiv(rows, _ROWS),)](
-            workspace, a_rows, b, scale, w_rows, w_b, grad[start : start + rows],
-            dscale[start : start + rows], rows, n_b, D, offset + start, col_split,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            ROW_TERM=row_term, COL_TERM=col_term, BM=_ROWS, BD=_row_block_d(D),
-        )
-        # fmt: on
+        grid = lambda meta, n=n_rows: (triton.cdiv(n, meta["BM"]), col_split)  # noqa: E731
+        launch(_backward_kernel, _backward_tuned, grid, config, args, meta, blocks)
+        finalize(workspace, col_split, a[rows], b, scale, w_rows, w_b, offset + start,
+                 grad[rows], dscale[rows])  # fmt: skip
     return grad, dscale
 
 

@@ -9,6 +9,7 @@ import torch
 from helpers import CUDA, DEVICE, assert_close, check, make_inputs, needs_cuda
 
 import fastclip.kernels.contrastive as kc
+import fastclip.kernels.tiles as kt
 from fastclip import chunked, clip_loss, infonce
 from fastclip.loss import _select_backend
 from fastclip.reference import clip_loss_reference
@@ -152,7 +153,7 @@ def test_kernel_statistics(config):
 def test_backward_in_workspace_slices(monkeypatch, tiles):
     """A workspace budget smaller than the problem: the backward runs in several row slices."""
     tiles(kc.TileConfig(16, 16, 16, 16, num_stages=1, col_split=2))
-    monkeypatch.setattr(kc, "WORKSPACE_BYTES", 2 * 64 * 24 * 4)  # 64 rows per slice
+    monkeypatch.setattr(kt, "WORKSPACE_BYTES", 2 * 64 * 24 * 4)  # 64 rows per slice
     ours, ref = make_inputs(150, 160, 24, seed=9)
     check(ours, ref, "triton", torch.float32, offset=6)
 
@@ -162,10 +163,10 @@ def test_dot_precision_follows_torch():
     before = matmul.allow_tf32
     try:
         matmul.allow_tf32 = False
-        assert kc._dot_precision(torch.float32) == "ieee"
+        assert kt.dot_precision(torch.float32) == "ieee"
         matmul.allow_tf32 = True
-        assert kc._dot_precision(torch.float32) == "tf32"
-        assert kc._dot_precision(torch.bfloat16) == "ieee"
+        assert kt.dot_precision(torch.float32) == "tf32"
+        assert kt.dot_precision(torch.bfloat16) == "ieee"
     finally:
         matmul.allow_tf32 = before
 

@@ -18,6 +18,7 @@ import torch
 import triton
 
 import fastclip.kernels.contrastive as kc
+import fastclip.kernels.tiles as tiles
 
 H100_SHARED_MEMORY = 232448  # bytes per block, opt-in maximum
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -97,9 +98,9 @@ def cases() -> dict[str, tuple]:
         const = {"HAS_BIAS": False, "ROW_TERM": True, "COL_TERM": True, "DOT_PRECISION": precision}
         out[f"backward-fp32-{precision}"] = (kc._backward_kernel, fp32, const, smallest(
             kc._BACKWARD_CONFIGS))  # fmt: skip
-    rows = triton.Config({"BM": kc._ROWS, "BD": 128}, num_warps=4, num_stages=1)
-    out["finalize"] = (kc._finalize_kernel, bf16, {"ROW_TERM": True, "COL_TERM": True}, rows)
-    out["row-dot"] = (kc._row_dot_kernel, bf16, {}, rows)
+    rows = triton.Config({"BM": tiles.ROWS, "BD": 128}, num_warps=4, num_stages=1)
+    out["finalize"] = (tiles.finalize_kernel, bf16, {"ROW_TERM": True, "COL_TERM": True}, rows)
+    out["row-dot"] = (tiles.row_dot_kernel, bf16, {}, rows)
     return out
 
 

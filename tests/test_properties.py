@@ -14,6 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fastclip.kernels.contrastive as kc
+from fastclip.kernels.tiles import INTERPRETER_CONFIG
 
 # Derandomized: every run (and CI) tries the same examples; no example database to carry over.
 PROPERTY = settings(deadline=None, derandomize=True, database=None, print_blob=True)
@@ -86,5 +87,5 @@ def test_torch_backend_matches_reference(case):
 @example(case=DOMINANT_POSITIVE)
 def test_triton_backend_matches_reference(case):
     # The smallest tiles: even n ~ 40 spans several row and column tiles with masked edges.
-    with forced_tiles(kc.INTERPRETER_CONFIG):
+    with forced_tiles(INTERPRETER_CONFIG):
         check_case(case, "triton")
