@@ -54,6 +54,7 @@ from .tiles import (
     LOG2E,
     MIN_BLOCK,
     TileConfig,
+    accumulate_tile,
     base2_affine,
     bucket,
     column_chunk,
@@ -155,7 +156,7 @@ def _forward_kernel(
                 else:
                     old = tl.load(c_ptrs, mask=col_ok, other=float("-inf"))
                 tl.store(c_ptrs, _logaddexp2(old, c_lse), mask=col_ok)
-                tl.debug_barrier()
+                tl.debug_barrier()  # the next row block re-reads these partials
 
         row_lse = row_max + tl.log2(row_sum)
         tl.store(row_lse_ptr + pid_c.to(tl.int64) * n_x + rows, row_lse, mask=row_ok)
@@ -212,9 +213,7 @@ def _backward_kernel(
     if ROW_TERM:
         lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
         w_a = tl.load(w_a_ptr + rows, mask=row_ok, other=0.0)
-    # The program's workspace block as a scalar 64-bit base plus small int32 offsets.
-    acc_blk = acc_ptr + (pid_c.to(tl.int64) * n_a + rb * BM) * D
-    acc_offs = tl.arange(0, BM)[:, None] * D + tl.arange(0, BD)[None, :]
+    acc_blk = acc_ptr + (pid_c.to(tl.int64) * n_a + rb * BM) * D  # this program's workspace
 
     cb_start, cb_end = column_chunk(n_b, BN)
     for cb in range(cb_start, cb_end):
@@ -234,23 +233,8 @@ def _backward_kernel(
             lse_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=float("inf")) * LOG2E
             w_b = tl.load(w_b_ptr + cols, mask=col_ok, other=0.0)
             g += w_b[None, :] * tl.exp2(s - lse_b[None, :])
-        g = g.to(b_ptr.dtype.element_ty)
-
-        b_blk = b_ptr + tl.cast(cb, tl.int64) * BN * stride_b
-        b_offs = tl.arange(0, BN)[:, None] * stride_b + tl.arange(0, BD)[None, :] * stride_bd
-        for d0 in range(0, D, BD):
-            d_ok = (d0 + tl.arange(0, BD)) < D
-            b = tl.load(b_blk + d0 * stride_bd + b_offs, mask=col_ok[:, None] & d_ok[None, :],
-                        other=0.0)  # fmt: skip
-            acc_ptrs = acc_blk + d0 + acc_offs
-            acc_ok = row_ok[:, None] & d_ok[None, :]
-            if cb == cb_start:  # the chunk's first tile starts the accumulator afresh
-                acc = tl.zeros((BM, BD), tl.float32)
-            else:
-                acc = tl.load(acc_ptrs, mask=acc_ok, other=0.0)
-            acc = tl.dot(g, b, acc, input_precision=DOT_PRECISION)
-            tl.store(acc_ptrs, acc, mask=acc_ok)
-        tl.debug_barrier()
+        accumulate_tile(g, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b, stride_bd,
+                        cb == cb_start, BM, BN, BD, DOT_PRECISION)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -92,6 +92,35 @@ def column_chunk(n_cols, BN: tl.constexpr):
 
 
 @triton.jit
+def accumulate_tile(g, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b, stride_bd, fresh,
+                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """acc (BM, D) += g (BM, BN) @ b's rows of column block cb (BN, D), BD features at a time.
+
+    acc_blk points at the block's first row in an fp32 workspace of row stride D (a scalar 64-bit
+    base plus small int32 offsets keeps the addressing cheap); ``fresh`` overwrites instead.
+    """
+    g = g.to(b_ptr.dtype.element_ty)
+    b_blk = b_ptr + tl.cast(cb, tl.int64) * BN * stride_b
+    b_offs = tl.arange(0, BN)[:, None] * stride_b + tl.arange(0, BD)[None, :] * stride_bd
+    acc_offs = tl.arange(0, BM)[:, None] * D + tl.arange(0, BD)[None, :]
+    for d0 in range(0, D, BD):
+        d_ok = (d0 + tl.arange(0, BD)) < D
+        b = tl.load(b_blk + d0 * stride_bd + b_offs, mask=col_ok[:, None] & d_ok[None, :],
+                    other=0.0)  # fmt: skip
+        acc_ptrs = acc_blk + d0 + acc_offs
+        acc_ok = row_ok[:, None] & d_ok[None, :]
+        if fresh:
+            acc = tl.zeros((BM, BD), tl.float32)
+        else:
+            acc = tl.load(acc_ptrs, mask=acc_ok, other=0.0)
+        acc = tl.dot(g, b, acc, input_precision=DOT_PRECISION)
+        tl.store(acc_ptrs, acc, mask=acc_ok)
+    # Other threads re-read these accumulators on the next tile: make the stores visible.
+    tl.debug_barrier()
+
+
+@triton.jit
 def finalize_kernel(
     # pointers
     acc_ptr,  # (col_split, n_a, D) fp32 partials of P b
