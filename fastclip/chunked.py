@@ -101,3 +101,54 @@ def contrastive_backward(
             dscale = torch.linalg.vecdot(dy, yc).sum()
         dy = dy.mul_(scale_c).to(y.dtype)
     return dx, dy, dscale
+
+
+def siglip_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    offset: int | None,
+    need_dx: bool,
+    need_dy: bool,
+    need_dparams: bool,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+           torch.Tensor | None]:  # fmt: skip
+    """SigLIP loss and requested gradients in one chunked sweep (``kernels/siglip.py`` has the
+    math): loss, dx, dy, dscale, dbias, each None when not requested. offset None: no pairs."""
+    cdt = _compute_dtype(x.dtype)
+    yc, scale_c = y.to(cdt), scale.to(cdt).reshape(())
+    bias_c = bias.to(cdt).reshape(()) if bias is not None else None
+    n_x, n_y = x.shape[0], y.shape[0]
+    zero = torch.zeros((), dtype=cdt, device=x.device)
+    loss, dscale, dbias = zero.clone(), zero.clone(), zero.clone()
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
+    dy = torch.zeros(y.shape, dtype=cdt, device=x.device) if need_dy else None
+    for start, stop in _chunks(n_x, n_y, chunk_rows):
+        xc = x[start:stop].to(cdt)
+        s = _scores(xc, yc, scale_c, bias_c)
+        loss += torch.logaddexp(s, zero).sum()  # softplus(S), stable for any S
+        idx = torch.arange(stop - start, device=x.device)
+        if offset is not None:
+            loss -= s[idx, idx + start + offset].sum()
+        if not (need_dx or need_dy or need_dparams):
+            continue
+        g = torch.sigmoid_(s).div_(n_x)  # G = (sigmoid(S) - d) / n_x
+        if offset is not None:
+            g[idx, idx + start + offset] -= 1 / n_x
+        dbias += g.sum()
+        if need_dx or not need_dy:
+            gy = g @ yc  # (rows, D); dL/ds = sum_i <(G y)_i, x_i>
+            dscale += torch.linalg.vecdot(gy, xc).sum()
+            if need_dx:
+                dx[start:stop] = gy.mul_(scale_c)
+        if need_dy:
+            dy.addmm_(g.T, xc)
+    if need_dy:
+        if not need_dx:
+            dscale = torch.linalg.vecdot(dy, yc).sum()
+        dy = dy.mul_(scale_c).to(y.dtype)
+    if not need_dparams:
+        dscale = dbias = None
+    return loss / n_x, dx, dy, dscale, dbias

@@ -2,88 +2,18 @@
 
 from __future__ import annotations
 
-import numbers
 from types import ModuleType
 
 import torch
 from torch import nn
 
-from fastclip import chunked
+from fastclip.checks import BACKENDS, check_features, check_inputs, check_offset, select_backend
 from fastclip.distributed import gather_features
 
 try:
     from fastclip.kernels import contrastive as triton_contrastive
-    from fastclip.kernels.tiles import interpreting
 except ImportError:  # no Triton on this platform: the PyTorch path serves everything
     triton_contrastive = None
-
-BACKENDS = ("auto", "torch", "triton")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_features(image_features: object, text_features: object) -> None:
-    for name, t in (("image_features", image_features), ("text_features", text_features)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
-        if t.shape[0] == 0:
-            raise ValueError(f"{name} is an empty batch: shape {tuple(t.shape)}")
-        if t.shape[1] == 0:
-            raise ValueError(f"{name} has zero feature width: shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if image_features.shape[1] != text_features.shape[1]:
-        raise ValueError(
-            "image_features and text_features must have the same feature width, got "
-            f"{image_features.shape[1]} and {text_features.shape[1]}"
-        )
-    if image_features.device != text_features.device:
-        raise ValueError(
-            f"image_features is on {image_features.device} but text_features is on "
-            f"{text_features.device}"
-        )
-    if image_features.dtype != text_features.dtype:
-        raise TypeError(
-            f"image_features is {image_features.dtype} but text_features is "
-            f"{text_features.dtype}; cast one of them"
-        )
-
-
-def _as_scalar(name: str, value: object, device: torch.device) -> torch.Tensor:
-    """A one-element tensor on the features' device; python numbers become fp32 constants."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
-        raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
-    if not isinstance(value, torch.Tensor):
-        return torch.tensor(float(value), dtype=torch.float32, device=device)
-    if value.numel() != 1:
-        raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-    return value
-
-
-def _select_backend(backend: str, features: torch.Tensor) -> ModuleType:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        fused = triton_contrastive is not None and features.is_cuda
-        return triton_contrastive if fused and features.dtype != torch.float64 else chunked
-    if backend == "torch":
-        return chunked
-    if triton_contrastive is None:
-        raise ValueError("backend='triton' needs the triton package, which is not installed")
-    if not (features.is_cuda or interpreting()):
-        raise ValueError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
-            f"imported, to run Triton's interpreter on the CPU); the features are on "
-            f"{features.device}"
-        )
-    if features.dtype == torch.float64:
-        raise TypeError("backend='triton' supports float32, float16 and bfloat16 features")
-    return triton_contrastive
 
 
 class _ContrastiveLoss(torch.autograd.Function):
@@ -137,22 +67,9 @@ def infonce(
     rows; that is the form each rank computes in open_clip's distributed local loss (called once
     with the images as rows and once with the texts as rows). Other arguments: see ``clip_loss``.
     """
-    _check_features(image_features, text_features)
-    device = image_features.device
-    scale = _as_scalar("logit_scale", logit_scale, device)
-    bias = None if logit_bias is None else _as_scalar("logit_bias", logit_bias, device)
-    if not bool(torch.isfinite(scale.detach()).all()):
-        raise ValueError(f"logit_scale must be finite, got {scale.detach().reshape(()).item()}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-    n_img, n_txt = image_features.shape[0], text_features.shape[0]
-    if n_img + offset > n_txt:
-        raise ValueError(
-            f"image i is paired with text i + offset, so n_img + offset must be <= n_txt; got "
-            f"n_img={n_img}, offset={offset}, n_txt={n_txt} (swap the arguments if there are "
-            "more images than texts)"
-        )
-    ops = _select_backend(backend, image_features)
+    scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
+    check_offset(offset, image_features.shape[0], text_features.shape[0])
+    ops = select_backend(backend, image_features, triton_contrastive)
     return _ContrastiveLoss.apply(
         image_features, text_features, scale, bias, offset, both_directions, ops
     )
@@ -246,7 +163,7 @@ class ClipLoss(nn.Module):
         if self.world_size == 1:
             loss = infonce(image_features, text_features, logit_scale, logit_bias, **kw)
         else:
-            _check_features(image_features, text_features)
+            check_features(image_features, text_features)
             all_images, all_texts = gather_features(
                 image_features,
                 text_features,

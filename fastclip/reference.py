@@ -37,3 +37,24 @@ def clip_loss_reference(
     if not both_directions:
         return loss
     return 0.5 * (loss + F.cross_entropy(logits[:, offset : offset + n].T, labels))
+
+
+def siglip_loss_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float | None = None,
+    offset: int | None = 0,
+) -> torch.Tensor:
+    """SigLIP: -sum_ij log sigmoid(z_ij S_ij) / n_img, z = +1 for image i with text i + offset,
+    -1 elsewhere (offset None: negatives only, every z = -1). Returns the loss in the inputs'
+    dtype."""
+    n = image_features.shape[0]
+    logits = logit_scale * image_features @ text_features.T  # (n_img, n_txt)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    labels = -torch.ones_like(logits)
+    if offset is not None:
+        rows = torch.arange(n, device=logits.device)
+        labels[rows, rows + offset] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / n

@@ -293,12 +293,13 @@ def positive_logits(
 
 
 def plan_workspace(
-    n_a: int, n_b: int, D: int, device: torch.device, config: TileConfig | None
+    n_a: int, n_b: int, D: int, device: torch.device, config: TileConfig | None, used: bool = True
 ) -> tuple[int, int, torch.Tensor]:
     """Column chunks per row block, rows per launch, and the fp32 workspace they need.
 
     Enough column chunks to fill the GPU when n_a is small; rows processed in slices so that the
-    (col_split, slice_rows, D) workspace stays within WORKSPACE_BYTES.
+    (col_split, slice_rows, D) workspace stays within WORKSPACE_BYTES. ``used=False``: a sweep
+    that accumulates nothing, all rows at once and an empty workspace.
     """
     col_blocks = triton.cdiv(n_b, MIN_BLOCK)
     row_blocks = triton.cdiv(n_a, MIN_BLOCK)
@@ -306,6 +307,8 @@ def plan_workspace(
     if config is not None and config.col_split:
         col_split = config.col_split
     slice_rows = min(n_a, max(MIN_BLOCK, WORKSPACE_BYTES // (4 * D * col_split)))
+    if not used:
+        slice_rows, D = n_a, 0
     workspace = torch.zeros((col_split, slice_rows, D), dtype=torch.float32, device=device)
     return col_split, slice_rows, workspace
 

@@ -11,7 +11,7 @@ from helpers import CUDA, DEVICE, assert_close, check, make_inputs, needs_cuda
 import fastclip.kernels.contrastive as kc
 import fastclip.kernels.tiles as kt
 from fastclip import chunked, clip_loss, infonce
-from fastclip.loss import _select_backend
+from fastclip.checks import select_backend
 from fastclip.reference import clip_loss_reference
 
 BACKENDS = ["torch", "triton"]
@@ -173,10 +173,13 @@ def test_dot_precision_follows_torch():
 
 def test_auto_backend_picks_the_kernel_on_cuda_only():
     x = torch.zeros(4, 8, device=DEVICE)
-    assert _select_backend("auto", x) is (kc if CUDA else chunked)
-    assert _select_backend("auto", x.double()) is chunked
-    assert _select_backend("torch", x) is chunked
-    assert _select_backend("triton", x) is kc  # the interpreter stands in for CUDA here
+    assert select_backend("auto", x, kc) is (kc if CUDA else chunked)
+    assert select_backend("auto", x.double(), kc) is chunked
+    assert select_backend("auto", x, None) is chunked  # Triton not installed
+    assert select_backend("torch", x, kc) is chunked
+    assert select_backend("triton", x, kc) is kc  # the interpreter stands in for CUDA here
+    with pytest.raises(ValueError, match="needs the triton package"):
+        select_backend("triton", x, None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""Argument checking and backend choice shared by the losses: clear errors before any launch."""
+
+from __future__ import annotations
+
+import numbers
+from types import ModuleType
+
+import torch
+
+from fastclip import chunked
+
+try:
+    from fastclip.kernels.tiles import interpreting
+except ImportError:  # no Triton on this platform
+    interpreting = None
+
+BACKENDS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_features(image_features: object, text_features: object) -> None:
+    for name, t in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch: shape {tuple(t.shape)}")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} has zero feature width: shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if image_features.shape[1] != text_features.shape[1]:
+        raise ValueError(
+            "image_features and text_features must have the same feature width, got "
+            f"{image_features.shape[1]} and {text_features.shape[1]}"
+        )
+    if image_features.device != text_features.device:
+        raise ValueError(
+            f"image_features is on {image_features.device} but text_features is on "
+            f"{text_features.device}"
+        )
+    if image_features.dtype != text_features.dtype:
+        raise TypeError(
+            f"image_features is {image_features.dtype} but text_features is "
+            f"{text_features.dtype}; cast one of them"
+        )
+
+
+def as_scalar(name: str, value: object, device: torch.device) -> torch.Tensor:
+    """A one-element tensor on the features' device; python numbers become fp32 constants."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
+    if not isinstance(value, torch.Tensor):
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    return value
+
+
+def select_backend(backend: str, features: torch.Tensor, kernels: ModuleType | None) -> ModuleType:
+    """The module that computes a loss: its Triton ``kernels`` module (None when Triton is not
+    installed) or ``fastclip.chunked``, the PyTorch path."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        fused = kernels is not None and features.is_cuda and features.dtype != torch.float64
+        return kernels if fused else chunked
+    if backend == "torch":
+        return chunked
+    if kernels is None:
+        raise ValueError("backend='triton' needs the triton package, which is not installed")
+    if not (features.is_cuda or interpreting()):
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+            f"imported, to run Triton's interpreter on the CPU); the features are on "
+            f"{features.device}"
+        )
+    if features.dtype == torch.float64:
+        raise TypeError("backend='triton' supports float32, float16 and bfloat16 features")
+    return kernels
+
+
+def check_inputs(
+    image_features: object, text_features: object, logit_scale: object, logit_bias: object
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check the features and return (scale, bias) as one-element tensors on their device.
+
+    The scale must be finite; testing that reads one number back from the device.
+    """
+    check_features(image_features, text_features)
+    device = image_features.device
+    scale = as_scalar("logit_scale", logit_scale, device)
+    bias = None if logit_bias is None else as_scalar("logit_bias", logit_bias, device)
+    if not bool(torch.isfinite(scale.detach()).all()):
+        raise ValueError(f"logit_scale must be finite, got {scale.detach().reshape(()).item()}")
+    return scale, bias
+
+
+def check_offset(offset: object, n_img: int, n_txt: int) -> None:
+    """Image i pairs with text i + offset: a non-negative int with n_img + offset <= n_txt."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    if n_img + offset > n_txt:
+        raise ValueError(
+            f"image i is paired with text i + offset, so n_img + offset must be <= n_txt; got "
+            f"n_img={n_img}, offset={offset}, n_txt={n_txt} (swap the arguments if there are "
+            "more images than texts)"
+        )
