@@ -7,21 +7,22 @@
 # (fastclip and eager), bench_compile.json, bench_large.json, summary.md and bench.png.
 #
 # Budget, 8 minutes on an H100: each step runs under a time limit (seconds, overridable by the
-# variables below) and the limits sum to 440 s, plus ~30 s for the install and the rendering:
-#   tests 160 (Triton compiles for many shapes and dtypes, two-process distributed runs);
-#   fastclip + eager grid 80 (autotuning 8 (N, D) buckets ~30 s, then 32 cases of 7 runs);
-#   torch.compile grid 130 (8 shapes, each compiled forward and backward);
-#   N = 2^20 70 (tunes at N = 65536 first, whose bucket it shares; then 2 runs of seconds).
+# variables below) and the limits sum to 460 s, plus ~20 s for the install and the rendering:
+#   tests 170 (fixed tiles but for the autotune tests; two- and three-process distributed runs);
+#   fastclip + eager grid 110 (InfoNCE and SigLIP: autotuning 16 (loss, N, D) buckets, then
+#   64 cases of 5 runs each: warm-up, memory, 3 timed);
+#   torch.compile grid 120 (two references, each compiled twice: the first shape, then dynamic);
+#   N = 2^20 60 (tunes at N = 65536 first, whose bucket it shares; then 2 runs of seconds).
 # The benchmarks run in three parts because pytest-benchmark writes its JSON only when a run
 # ends: a part stopped at its limit loses only its own results. A failing step is recorded in
 # summary.md, not fatal.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results/latest}
-TESTS_LIMIT_S=${TESTS_LIMIT_S:-160}
-GRID_LIMIT_S=${GRID_LIMIT_S:-80}
-COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-130}
-LARGE_LIMIT_S=${LARGE_LIMIT_S:-70}
+TESTS_LIMIT_S=${TESTS_LIMIT_S:-170}
+GRID_LIMIT_S=${GRID_LIMIT_S:-110}
+COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-120}
+LARGE_LIMIT_S=${LARGE_LIMIT_S:-60}
 mkdir -p "$OUT"
 rm -f "$OUT"/bench*.json "$OUT/bench.log"
 

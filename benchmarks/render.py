@@ -1,12 +1,12 @@
-"""Markdown table and plot of the contrastive-loss benchmarks.
+"""Markdown tables and plot of the loss benchmarks.
 
     python benchmarks/render.py RESULTS.json [MORE.json ...] [--out DIR] [--note TEXT ...]
 
 RESULTS.json is what ``pytest benchmarks/ --benchmark-only --benchmark-json=RESULTS.json`` writes:
-timed cases under "benchmarks" (their ``extra_info`` holds provider, mode, N, D, dtype, peak_mib,
-tflops and the versions), out-of-memory cases under "oom" (see conftest.py). Several files (runs
-split with ``-k``) make one table. Writes DIR/summary.md and DIR/bench.png; DIR defaults to the
-folder of the first file.
+timed cases under "benchmarks" (their ``extra_info`` holds loss, provider, mode, N, D, dtype,
+peak_mib, tflops and the versions), out-of-memory cases under "oom" (see conftest.py). Several
+files (runs split with ``-k``) make one summary, a table per loss. Writes DIR/summary.md and
+DIR/bench.png; DIR defaults to the folder of the first file.
 """
 
 from __future__ import annotations
@@ -22,17 +22,20 @@ MODES = ("forward", "forward+backward")
 METRICS = (("ms", "ms"), ("tflops", "TFLOP/s"), ("peak_mib", "peak MiB"))
 LEGEND = (
     "ms: median over the timed rounds. TFLOP/s: 2·N²·D FLOPs per matmul pass, 1 pass for a "
-    "forward and 4 for forward+backward, the same count for every provider. Peak MiB: memory "
+    "forward; for forward+backward 4 (InfoNCE) or 3 (SigLIP), the algorithmic floor, the same "
+    "count for every provider. Peak MiB: memory "
     "allocated on top of the inputs. OOM: ran out of memory. Speedup: the baseline's time over "
     "fastclip's."
 )
+LOSS_TITLES = {"clip": "InfoNCE (CLIP) loss", "siglip": "SigLIP loss"}
 FIXED_TILES = "†"  # marks fastclip times measured without autotuning
 
 
 def load_cases(results: dict) -> list[dict]:
     """One dict per case: its ``extra_info`` plus "ms", the median time (None: out of memory)."""
     cases = [{**b["extra_info"], "ms": b["stats"]["median"] * 1e3} for b in results["benchmarks"]]
-    return cases + [{**oom, "ms": None} for oom in results.get("oom", [])]
+    cases += [{**oom, "ms": None} for oom in results.get("oom", [])]
+    return [{"loss": "clip", **case} for case in cases]  # results from before SigLIP: InfoNCE
 
 
 def provider_order(cases: list[dict]) -> tuple[list[str], list[str]]:
@@ -42,7 +45,7 @@ def provider_order(cases: list[dict]) -> tuple[list[str], list[str]]:
 
 
 def _row_key(case: dict) -> tuple:
-    return MODES.index(case["mode"]), case["dtype"], case["D"], case["N"]
+    return case["loss"], MODES.index(case["mode"]), case["dtype"], case["D"], case["N"]
 
 
 def _num(x: float) -> str:
@@ -65,12 +68,12 @@ def _speedup(ours: dict | None, base: dict | None) -> str:
 
 
 def markdown(results: dict, cases: list[dict], notes: list[str]) -> str:
-    """The summary: where and when ``results`` ran, then one row per (mode, dtype, D, N)."""
+    """The summary: where and when ``results`` ran, then a table per loss."""
     env = cases[0]
     python = results["machine_info"]["python_version"]
     device = env["gpu"] or f"none (CPU: {results['machine_info']['cpu'].get('brand_raw', '?')})"
     lines = [
-        "# fastclip benchmarks: contrastive loss",
+        "# fastclip benchmarks",
         "",
         f"- GPU: {device}" + (f", CUDA {env['cuda']}" if env["cuda"] else ""),
         f"- torch {env['torch']}, triton {env['triton']}, Python {python}",
@@ -82,44 +85,51 @@ def markdown(results: dict, cases: list[dict], notes: list[str]) -> str:
     ]
     if any(c.get("autotune") is False for c in cases):
         lines += [f"{FIXED_TILES} fastclip with its default tiles, not autotuned.", ""]
+    for loss in sorted({c["loss"] for c in cases}):
+        table = _table([c for c in cases if c["loss"] == loss])
+        lines += [f"## {LOSS_TITLES.get(loss, loss)}", "", *table, ""]
+    return "\n".join(lines)
+
+
+def _table(cases: list[dict]) -> list[str]:
+    """One row per (mode, dtype, D, N): every provider's metrics, then fastclip's speedups."""
     ours, baselines = provider_order(cases)
     providers = ours + baselines
     pairs = [(o, b) for o in ours for b in baselines]
     head = ["mode", "dtype", "D", "N"]
     head += [f"{p} {label}" for p in providers for _, label in METRICS]
     head += [f"{o} vs {b}" for o, b in pairs]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
-
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
     rows: dict[tuple, dict[str, dict]] = {}
     for case in cases:
         rows.setdefault(_row_key(case), {})[case["provider"]] = case
     for key in sorted(rows):
         by = rows[key]
-        mode, dtype, dim, n = MODES[key[0]], *key[1:]
+        mode, dtype, dim, n = MODES[key[1]], *key[2:]
         cells = [mode, dtype, str(dim), f"{n:,}"]
         cells += [_cell(by.get(p), metric) for p in providers for metric, _ in METRICS]
         cells += [_speedup(by.get(o), by.get(b)) for o, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(cases: list[dict], path: Path) -> None:
-    """One row of panels per (mode, dtype, D): time vs N and peak memory vs N, log-log."""
+    """One row of panels per (loss, mode, dtype, D): time and peak memory vs N, log-log."""
     ours, baselines = provider_order(cases)
-    groups = sorted({_row_key(c)[:3] for c in cases})
+    groups = sorted({_row_key(c)[:4] for c in cases})
     fig = Figure(figsize=(11, 3.6 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), 2, squeeze=False)
     for group, (ax_time, ax_mem) in zip(groups, axes, strict=True):
         for provider in ours + baselines:
-            mine = [c for c in cases if c["provider"] == provider and _row_key(c)[:3] == group]
+            mine = [c for c in cases if c["provider"] == provider and _row_key(c)[:4] == group]
             runs = sorted((c for c in mine if c["ms"] is not None), key=lambda c: c["N"])
             oom = sorted(c["N"] for c in mine if c["ms"] is None)
             label = provider + (f" (OOM at N={', '.join(f'{n:,}' for n in oom)})" if oom else "")
             n = [c["N"] for c in runs]
             ax_time.plot(n, [c["ms"] for c in runs], marker="o", label=label)
             ax_mem.plot(n, [c["peak_mib"] for c in runs], marker="o", label=label)
-        mode, dtype, dim = group
-        title = f"{MODES[mode]}, {dtype}, D={dim}"
+        loss, mode, dtype, dim = group
+        title = f"{loss}, {MODES[mode]}, {dtype}, D={dim}"
         ax_time.set(yscale="log", ylabel="median ms", title=f"{title}: time")
         ax_mem.set(yscale="log", ylabel="peak MiB above inputs", title=f"{title}: memory")
         for ax in ax_time, ax_mem:

@@ -1,6 +1,7 @@
 """fastclip: fast, memory-lean CLIP training with fused Triton kernels."""
 
 from fastclip.loss import ClipLoss, clip_loss, infonce
+from fastclip.siglip import SigLipLoss, siglip_loss
 
 __version__ = "0.1.0"
-__all__ = ["ClipLoss", "clip_loss", "infonce", "__version__"]
+__all__ = ["ClipLoss", "SigLipLoss", "clip_loss", "infonce", "siglip_loss", "__version__"]

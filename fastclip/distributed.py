@@ -41,3 +41,65 @@ def gather_features(
             parts[rank] = features
         gathered.append(torch.cat(parts, dim=0))
     return gathered[0], gathered[1]
+
+
+def _send_receive(
+    sends: list[tuple[torch.Tensor, int]], sources: list[int], like: torch.Tensor
+) -> list[torch.Tensor]:
+    """Post every send and every receive (tensors shaped like ``like``) at once, then wait.
+
+    Receives from one peer match its sends in order, so callers order them to pair up.
+    """
+    received = [torch.empty_like(like) for _ in sources]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, buf, peer) for buf, peer in zip(received, sources, strict=True)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _Exchange(torch.autograd.Function):
+    """Send to one rank, receive from another; the gradient travels the opposite way."""
+
+    @staticmethod
+    def forward(ctx, from_rank: int, to_rank: int, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.from_rank, ctx.to_rank = from_rank, to_rank
+        return _send_receive([(tensor, to_rank)], [from_rank], tensor)[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None, _Exchange.apply(ctx.to_rank, ctx.from_rank, grad)
+
+
+class _ExchangeBoth(torch.autograd.Function):
+    """Send one tensor to each neighbour and receive one from each, with autograd."""
+
+    @staticmethod
+    def forward(ctx, left: int, right: int, to_left: torch.Tensor, to_right: torch.Tensor):
+        ctx.left, ctx.right = left, right
+        # The right neighbour sends to its left first: receive from the right first.
+        from_right, from_left = _send_receive(
+            [(to_left, left), (to_right, right)], [right, left], to_left
+        )
+        return from_right, from_left
+
+    @staticmethod
+    def backward(ctx, grad_from_right: torch.Tensor, grad_from_left: torch.Tensor):
+        # What came from the right returns its gradient to the right, and so on: the same
+        # exchange with the neighbours swapped yields the gradients of to_left and to_right.
+        grads = _ExchangeBoth.apply(ctx.right, ctx.left, grad_from_right, grad_from_left)
+        return None, None, *grads
+
+
+def neighbour_exchange(from_rank: int, to_rank: int, tensor: torch.Tensor) -> torch.Tensor:
+    """Send ``tensor`` to ``to_rank`` and return the same-shaped tensor ``from_rank`` sent here;
+    differentiable (the gradient goes back to ``from_rank``)."""
+    return _Exchange.apply(from_rank, to_rank, tensor)
+
+
+def neighbour_exchange_bidir(
+    left: int, right: int, to_left: torch.Tensor, to_right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Send ``to_left`` left and ``to_right`` right; return (from the right, from the left).
+    Differentiable. ``left`` and ``right`` must differ."""
+    return _ExchangeBoth.apply(left, right, to_left, to_right)

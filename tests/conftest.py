@@ -1,7 +1,7 @@
-"""Run the Triton kernels through Triton's CPU interpreter when no CUDA device is present.
+"""Test-session settings, applied at import time, ahead of every test module.
 
-TRITON_INTERPRET must be set before triton is first imported, so this happens at import time,
-ahead of every test module.
+Without a CUDA device the Triton kernels run through Triton's CPU interpreter: TRITON_INTERPRET
+must be set before triton is first imported.
 """
 
 import os
@@ -10,3 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests run the kernels with fixed tiles: autotuning every new shape would dominate a GPU run.
+# The tests of the autotuned path turn it back on.
+os.environ.setdefault("FASTCLIP_AUTOTUNE", "0")

@@ -212,7 +212,8 @@ def test_low_precision_no_worse_than_eager(dtype, n, dim):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_autotuned_matches_reference(dtype):
+def test_autotuned_matches_reference(dtype, monkeypatch):
+    monkeypatch.setenv("FASTCLIP_AUTOTUNE", "1")
     ours, ref = make_inputs(2500, 2600, 512, dtype=dtype, seed=2)
     check(ours, ref, "triton", dtype, offset=50)
 

@@ -18,6 +18,7 @@ import torch
 import triton
 
 import fastclip.kernels.contrastive as kc
+import fastclip.kernels.siglip as ks
 import fastclip.kernels.tiles as tiles
 
 H100_SHARED_MEMORY = 232448  # bytes per block, opt-in maximum
@@ -75,7 +76,7 @@ def compile_for_hopper(fn, pointers: dict[str, str], constants: dict, config: tr
 
 FEATURES = {"x_ptr": "bf16", "y_ptr": "bf16", "a_ptr": "bf16", "b_ptr": "bf16"}
 FP32 = ("scale_ptr", "bias_ptr", "row_lse_ptr", "col_lse_ptr", "acc_ptr", "lse_a_ptr", "w_a_ptr",
-        "lse_b_ptr", "w_b_ptr", "dscale_ptr", "out_ptr")  # fmt: skip
+        "lse_b_ptr", "w_b_ptr", "dscale_ptr", "out_ptr", "loss_ptr", "sig_ptr")  # fmt: skip
 
 
 def cases() -> dict[str, tuple]:
@@ -98,6 +99,10 @@ def cases() -> dict[str, tuple]:
         const = {"HAS_BIAS": False, "ROW_TERM": True, "COL_TERM": True, "DOT_PRECISION": precision}
         out[f"backward-fp32-{precision}"] = (kc._backward_kernel, fp32, const, smallest(
             kc._BACKWARD_CONFIGS))  # fmt: skip
+    for c in ks._CONFIGS:
+        for loss, grad in ((True, True), (False, True), (True, False)):
+            const = {"HAS_BIAS": True, "LOSS": loss, "GRAD": grad, "DOT_PRECISION": "ieee"}
+            out[f"siglip-{c}-loss{loss}-grad{grad}"] = (ks._siglip_kernel, bf16, const, c)
     rows = triton.Config({"BM": tiles.ROWS, "BD": 128}, num_warps=4, num_stages=1)
     out["finalize"] = (tiles.finalize_kernel, bf16, {"ROW_TERM": True, "COL_TERM": True}, rows)
     out["row-dot"] = (tiles.row_dot_kernel, bf16, {}, rows)
