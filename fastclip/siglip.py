@@ -145,43 +145,45 @@ class SigLipLoss(nn.Module):
             image_features, text_features, logit_scale, logit_bias, backend=self.backend
         )
         if self.world_size > 1:
-            for texts in self._other_ranks_texts(text_features):
-                loss = loss + siglip_loss(
-                    image_features,
-                    texts,
-                    logit_scale,
-                    logit_bias,
-                    negatives_only=True,
-                    backend=self.backend,
-                )
+            for texts, other in self._exchanged_texts(text_features):
+                if other:
+                    loss = loss + siglip_loss(
+                        image_features,
+                        texts,
+                        logit_scale,
+                        logit_bias,
+                        negatives_only=True,
+                        backend=self.backend,
+                    )
+                else:  # "reduce", own round: kept in the graph, whose backward joins its collective
+                    loss = loss + 0.0 * texts.sum()
         return {"contrastive_loss": loss} if output_dict else loss
 
-    def _other_ranks_texts(self, text_features: torch.Tensor):
-        """Yield every other rank's text features once, differentiably, by ``dist_impl``."""
+    def _exchanged_texts(self, text_features: torch.Tensor):
+        """Yield (texts, True) for every other rank's text features, once each, differentiably,
+        as ``dist_impl`` moves them; "reduce" also yields its own round's result with False."""
         rank, world = self.rank, self.world_size
         right, left = (rank + 1) % world, (rank - 1) % world
         if self.dist_impl == "bidir":
             to_left = to_right = text_features
             for _ in range((world - 1) // 2):
                 to_left, to_right = neighbour_exchange_bidir(left, right, to_left, to_right)
-                yield to_left  # from the right
-                yield to_right  # from the left
+                yield to_left, True  # from the right
+                yield to_right, True  # from the left
             if (world - 1) % 2:
-                yield neighbour_exchange(left, right, to_right)
+                yield neighbour_exchange(left, right, to_right), True
         elif self.dist_impl == "shift":
             to_right = text_features
             for _ in range(world - 1):
                 to_right = neighbour_exchange(left, right, to_right)
-                yield to_right
+                yield to_right, True
         elif self.dist_impl == "reduce":
             for i in range(world):
-                texts = dist_nn.all_reduce(text_features * (rank == i))
-                if i != rank:
-                    yield texts
+                yield dist_nn.all_reduce(text_features * (rank == i)), i != rank
         else:  # gather
             for i, texts in enumerate(dist_nn.all_gather(text_features)):
                 if i != rank:
-                    yield texts
+                    yield texts, True
 
     def extra_repr(self) -> str:
         return (

@@ -57,6 +57,7 @@ from .tiles import (
     accumulate_tile,
     base2_affine,
     bucket,
+    clear_rows,
     column_chunk,
     dot_precision,
     finalize,
@@ -216,6 +217,8 @@ def _backward_kernel(
     acc_blk = acc_ptr + (pid_c.to(tl.int64) * n_a + rb * BM) * D  # this program's workspace
 
     cb_start, cb_end = column_chunk(n_b, BN)
+    if cb_start >= cb_end:
+        clear_rows(acc_blk, row_ok, D, BM, BD)
     for cb in range(cb_start, cb_end):
         cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
         col_ok = cols < n_b

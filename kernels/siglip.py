@@ -39,6 +39,7 @@ from .tiles import (
     accumulate_tile,
     base2_affine,
     bucket,
+    clear_rows,
     column_chunk,
     dot_precision,
     finalize,
@@ -100,6 +101,8 @@ def _siglip_kernel(
     sigmoid_sum = tl.zeros((BM,), tl.float32)
 
     cb_start, cb_end = column_chunk(n_b, BN)
+    if GRAD and cb_start >= cb_end:
+        clear_rows(acc_blk, row_ok, D, BM, BD)
     for cb in range(cb_start, cb_end):
         cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
         col_ok = cols < n_b

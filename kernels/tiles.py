@@ -121,6 +121,17 @@ def accumulate_tile(g, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b, stride_b
 
 
 @triton.jit
+def clear_rows(acc_blk, row_ok, D, BM: tl.constexpr, BD: tl.constexpr):
+    """Zero a block's workspace rows: a program whose column chunk is empty still owes its
+    partial to ``finalize_kernel``, which sums every chunk's (stale data otherwise, e.g. from
+    a previous row slice or an autotuning trial)."""
+    offs = tl.arange(0, BM)[:, None] * D + tl.arange(0, BD)[None, :]
+    for d0 in range(0, D, BD):
+        ok = row_ok[:, None] & ((d0 + tl.arange(0, BD)) < D)[None, :]
+        tl.store(acc_blk + d0 + offs, tl.zeros((BM, BD), tl.float32), mask=ok)
+
+
+@triton.jit
 def finalize_kernel(
     # pointers
     acc_ptr,  # (col_split, n_a, D) fp32 partials of P b

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastclip import infonce
-from fastclip.reference import clip_loss_reference
+import fastclip.kernels.contrastive as kc
+import fastclip.kernels.siglip as ks
+from fastclip import infonce, siglip_loss
+from fastclip.reference import clip_loss_reference, siglip_loss_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+# The kernel modules' entry points, each taking a ``config=`` TileConfig.
+KERNEL_ENTRY_POINTS = [
+    (kc, "contrastive_forward"),
+    (kc, "contrastive_backward"),
+    (ks, "siglip_forward"),
+]
 
 # (rtol, atol relative to the reference's largest magnitude) per input dtype. Low precision
 # follows flash-attention's rule: no worse than about twice eager PyTorch's own error there.
@@ -23,6 +35,16 @@ TOLERANCES = {
     torch.float16: (2e-2, 5e-3),
     torch.bfloat16: (5e-2, 2e-2),
 }
+
+
+@contextlib.contextmanager
+def forced_tiles(config):
+    """Every kernel call a loss makes uses ``config`` (tile shapes and splits)."""
+    with contextlib.ExitStack() as stack:
+        for module, name in KERNEL_ENTRY_POINTS:
+            fn = functools.partial(getattr(module, name), config=config)
+            stack.enter_context(mock.patch.object(module, name, fn))
+        yield
 
 
 def assert_close(
@@ -97,14 +119,28 @@ def make_inputs(
 
 
 def check(ours, ref, backend, dtype, offset=0, both=True, vanishing=False):
-    """Run fused and reference, backward through both, compare loss and every gradient.
-
-    ``vanishing``: the references may be ~0 where their rounding error is not (a softmax made
-    one-hot by huge logits: loss and gradients underflow in float64 but round to O(eps |S|) in
-    fp32); measure atol against each quantity's natural size then, not the reference's.
-    """
+    """The fused InfoNCE against its reference: loss and every gradient (see ``compare``)."""
     loss = infonce(*ours, offset=offset, both_directions=both, backend=backend)
     expected = clip_loss_reference(*ref, offset=offset, both_directions=both)
+    compare(loss, expected, ours, ref, dtype, vanishing, d_bias_size=1e-6)  # d_bias is exactly 0
+
+
+def check_siglip(ours, ref, backend, dtype, offset=0, negatives_only=False, vanishing=False):
+    """The fused SigLIP loss against its reference: loss and every gradient (see ``compare``)."""
+    loss = siglip_loss(*ours, offset=offset, negatives_only=negatives_only, backend=backend)
+    expected = siglip_loss_reference(*ref, offset=None if negatives_only else offset)
+    # d_bias = (sum_ij sigmoid(S_ij) - n_positives) / n_img, of O(1) like the loss.
+    compare(loss, expected, ours, ref, dtype, vanishing, d_bias_size=1.0)
+
+
+def compare(loss, expected, ours, ref, dtype, vanishing=False, d_bias_size=1e-6):
+    """Backward through a fused loss and its float64 reference, compare loss and every gradient.
+
+    ``vanishing``: the references may be ~0 where their rounding error is not (a softmax made
+    one-hot, or sigmoids saturated, by huge logits: loss and gradients underflow in float64 but
+    round to O(eps |S|) in fp32); measure atol against each quantity's natural size then, not
+    the reference's. ``d_bias_size`` is d_bias's natural size.
+    """
     assert loss.dtype == torch.float32 and loss.dim() == 0
     # fp32 logits carry a rounding error proportional to their size: widen beyond |S| ~ 100.
     norm_x, norm_y = (t.norm(dim=1).max().item() for t in ref[:2])
@@ -112,9 +148,9 @@ def check(ours, ref, backend, dtype, offset=0, both=True, vanishing=False):
     max_logit = scale * norm_x * norm_y
     slack = max(1.0, max_logit / 100)
     # Natural sizes: a loss of O(1); a row of dL/dx of O(s max|y| / n_img), of dL/dy of
-    # O(s max|x| / n_img); |dL/ds| <= 2 max|x| max|y|; dL/dbias ~ 0 (exactly 0 in ours).
+    # O(s max|x| / n_img); dL/ds of O(max|x| max|y|) (InfoNCE: |dL/ds| <= 2 max|x| max|y|).
     n_img = ref[0].shape[0]
-    natural = [1.0, scale * norm_y / n_img, scale * norm_x / n_img, norm_x * norm_y, 1e-6]
+    natural = [1.0, scale * norm_y / n_img, scale * norm_x / n_img, norm_x * norm_y, d_bias_size]
     floors = natural if vanishing else [1e-6] * 5
     assert_close(loss, expected, dtype, "loss", slack, floors[0])
     loss.backward()

@@ -6,14 +6,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, assert_close, make_inputs
+from helpers import DEVICE, KERNEL_ENTRY_POINTS, assert_close, make_inputs
 
-import fastclip.kernels.contrastive as kc
-from fastclip import ClipLoss, chunked, clip_loss
-from fastclip.reference import clip_loss_reference
+from fastclip import ClipLoss, SigLipLoss, chunked, clip_loss, siglip_loss
+from fastclip.reference import clip_loss_reference, siglip_loss_reference
 
 BACKENDS = ["torch", "triton"]
-CALLS = {"clip_loss": clip_loss, "ClipLoss": ClipLoss()}
+CALLS = {
+    "clip_loss": clip_loss,
+    "ClipLoss": ClipLoss(),
+    "siglip_loss": siglip_loss,
+    "SigLipLoss": SigLipLoss(),
+}
+# Each loss as (module, function, float64 reference).
+LOSSES = {
+    "clip": (ClipLoss, clip_loss, clip_loss_reference),
+    "siglip": (SigLipLoss, siglip_loss, siglip_loss_reference),
+}
+each_loss = pytest.mark.parametrize("module, loss, reference", LOSSES.values(), ids=LOSSES.keys())
 
 
 @pytest.fixture
@@ -23,9 +33,9 @@ def no_launch(monkeypatch):
     def launched(*args, **kwargs):
         raise AssertionError("a kernel ran before the bad argument was rejected")
 
-    for ops in (chunked, kc):
-        for name in ("contrastive_forward", "contrastive_backward"):
-            monkeypatch.setattr(ops, name, launched)
+    # The PyTorch path has the kernels' entry points under the same names.
+    for ops, name in KERNEL_ENTRY_POINTS + [(chunked, n) for _, n in KERNEL_ENTRY_POINTS]:
+        monkeypatch.setattr(ops, name, launched)
 
 
 def features(n=6, dim=8, dtype=torch.float32, device=DEVICE):
@@ -151,51 +161,79 @@ def test_bad_inputs_raise_naming_the_argument(no_launch, call, case):
         call(*make_args())
 
 
+@each_loss
 @pytest.mark.parametrize("offset", [-1, 1.0, True, "1", 3])
-def test_bad_offset(no_launch, offset):
+def test_bad_offset(no_launch, module, loss, reference, offset):
     x, y = features(6), features(8)  # offset 3: image 5 would pair with text 8 of 0..7
     with pytest.raises(ValueError, match="offset"):
-        clip_loss(x, y, 1.0, offset=offset)
+        loss(x, y, 1.0, offset=offset)
 
 
-def test_more_images_than_texts_need_swapping(no_launch):
+@each_loss
+def test_more_images_than_texts_need_swapping(no_launch, module, loss, reference):
     with pytest.raises(ValueError, match="n_img=6, offset=0, n_txt=5"):
-        clip_loss(features(6), features(5), 1.0)
+        loss(features(6), features(5), 1.0)
 
 
-def test_unknown_backend(no_launch):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [0, -1, 3])
+def test_negatives_only_has_no_pairs_to_check(backend, offset):
+    """A negatives-only block pairs nothing: any shape, and the offset is not looked at."""
+    ours, ref = make_inputs(7, 5, 8, seed=6)
+    loss = siglip_loss(*ours, offset=offset, negatives_only=True, backend=backend)
+    expected = siglip_loss_reference(*ref, offset=None)
+    assert_close(loss, expected, torch.float32, "loss")
+
+
+@each_loss
+def test_unknown_backend(no_launch, module, loss, reference):
     with pytest.raises(ValueError, match="backend must be one of"):
-        clip_loss(features(), features(), 1.0, backend="cuda")
+        loss(features(), features(), 1.0, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
-        ClipLoss(backend="cuda")
+        module(backend="cuda")
 
 
-def test_triton_backend_rejects_float64(no_launch):
+@each_loss
+def test_triton_backend_rejects_float64(no_launch, module, loss, reference):
     x, y = features(dtype=torch.float64), features(dtype=torch.float64)
     with pytest.raises(TypeError, match="backend='triton' supports float32"):
-        clip_loss(x, y, 1.0, backend="triton")
+        loss(x, y, 1.0, backend="triton")
     with pytest.raises(TypeError, match="backend='triton' supports float32"):
-        ClipLoss(backend="triton")(x, y, 1.0)
+        module(backend="triton")(x, y, 1.0, None)
 
 
+@each_loss
 @pytest.mark.parametrize(
     "rank, world_size", [(-1, 2), (2, 2), (5, 2), (0, 0), (0, -1)], ids=lambda v: str(v)
 )
-def test_cliploss_constructor_checks_rank(rank, world_size):
+def test_constructor_checks_rank(module, loss, reference, rank, world_size):
     with pytest.raises(ValueError, match="rank < world_size"):
-        ClipLoss(rank=rank, world_size=world_size)
+        module(rank=rank, world_size=world_size)
 
 
+@each_loss
 @pytest.mark.parametrize("rank, world_size", [(0.5, 2), (0, 2.0), (True, 2)])
-def test_cliploss_constructor_checks_types(rank, world_size):
+def test_constructor_checks_types(module, loss, reference, rank, world_size):
     with pytest.raises(TypeError, match="(rank|world_size) must be an int"):
-        ClipLoss(rank=rank, world_size=world_size)
+        module(rank=rank, world_size=world_size)
 
 
-def test_numpy_scalars_are_numbers():
+@pytest.mark.parametrize("dist_impl", ["ring", "BIDIR", 1])
+def test_siglip_unknown_dist_impl(dist_impl):
+    with pytest.raises(ValueError, match="dist_impl must be one of .*bidir"):
+        SigLipLoss(rank=0, world_size=2, dist_impl=dist_impl)
+
+
+@pytest.mark.parametrize("dist_impl", [None, "bidir", "shift", "reduce", "gather"])
+def test_siglip_dist_impls(dist_impl):
+    assert SigLipLoss(rank=1, world_size=3, dist_impl=dist_impl).dist_impl == (dist_impl or "bidir")
+
+
+@each_loss
+def test_numpy_scalars_are_numbers(module, loss, reference):
     x, y = features(), features()
-    expected = clip_loss(x, y, 2.0, 0.5)
-    assert_close(clip_loss(x, y, np.float32(2.0), np.float64(0.5)), expected, torch.float32, "loss")
+    expected = loss(x, y, 2.0, 0.5)
+    assert_close(loss(x, y, np.float32(2.0), np.float64(0.5)), expected, torch.float32, "loss")
 
 
 def test_distributed_cliploss_needs_a_process_group(no_launch):
@@ -207,24 +245,37 @@ def test_distributed_cliploss_needs_a_process_group(no_launch):
         loss(features(), features()[0], 1.0)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
+@pytest.mark.parametrize("dist_impl", ["bidir", "shift", "reduce", "gather"])
+def test_distributed_sigliploss_needs_a_process_group(dist_impl):
+    # The rank's own block is scored before the first exchange: no ``no_launch`` here.
+    loss = SigLipLoss(rank=0, world_size=2, dist_impl=dist_impl, backend="torch")
+    with pytest.raises((RuntimeError, ValueError), match="init_process_group"):
+        loss(features(), features(), 1.0, None)
+    with pytest.raises(ValueError, match="text_features .*2-D"):
+        loss(features(), features()[0], 1.0, None)
+
+
+@each_loss
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_module_equals_function(backend):
+def test_module_equals_function(module, loss, reference, backend):
     ours, _ = make_inputs(12, 12, 16, seed=1)
     leaves = [t.detach().clone().requires_grad_() for t in ours]
-    loss = ClipLoss(backend=backend)(*ours)
-    expected = clip_loss(*leaves, backend=backend)
-    assert_close(loss, expected, torch.float32, "loss")
-    loss.backward()
+    got = module(backend=backend)(*ours)
+    expected = loss(*leaves, backend=backend)
+    assert_close(got, expected, torch.float32, "loss")
+    got.backward()
     expected.backward()
     for name, a, b in zip(("d_image", "d_text", "d_scale", "d_bias"), ours, leaves, strict=True):
         assert_close(a.grad, b.grad, torch.float32, name)
 
 
-def test_output_dict():
+@each_loss
+def test_output_dict(module, loss, reference):
     ours, _ = make_inputs(5, 5, 8)
-    out = ClipLoss(backend="torch")(*ours, output_dict=True)
+    out = module(backend="torch")(*ours, output_dict=True)
     assert list(out) == ["contrastive_loss"]
-    assert torch.equal(out["contrastive_loss"], clip_loss(*ours, backend="torch"))
+    assert torch.equal(out["contrastive_loss"], loss(*ours, backend="torch"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -260,17 +311,34 @@ def test_bias_shifts_nothing(backend):
     assert_close(with_bias, clip_loss(x, y, scale, backend=backend), torch.float32, "loss")
 
 
-def test_float64_on_the_torch_backend():
+@each_loss
+def test_float64_on_the_torch_backend(module, loss, reference):
     ours, ref = make_inputs(10, 14, 16, dtype=torch.float64, seed=5)
-    loss = clip_loss(*ours, offset=3, backend="torch")
-    assert loss.dtype == torch.float64
-    expected = clip_loss_reference(*ref, offset=3)
-    assert_close(loss, expected, torch.float64, "loss")
-    loss.backward()
+    got = loss(*ours, offset=3, backend="torch")
+    assert got.dtype == torch.float64
+    expected = reference(*ref, offset=3)
+    assert_close(got, expected, torch.float64, "loss")
+    got.backward()
     expected.backward()
     for name, a, b in zip(("d_image", "d_text"), ours[:2], ref[:2], strict=True):
         assert a.grad.dtype == torch.float64, name
         assert_close(a.grad, b.grad, torch.float64, name)
-    # The scale is fp32 (as a model parameter would be): its gradient is fp32 too.
-    assert ours[2].grad.dtype == torch.float32
-    assert_close(ours[2].grad, ref[2].grad, torch.float32, "d_scale")
+    # Scale and bias are fp32 (as model parameters would be): their gradients are fp32 too.
+    for name, a, b in zip(("d_scale", "d_bias"), ours[2:], ref[2:], strict=True):
+        assert a.grad.dtype == torch.float32, name
+        assert_close(a.grad, b.grad, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_siglip_one_element_scale_and_bias(backend):
+    (x, y, scale, bias), _ = make_inputs(9, 11, 16, seed=3)
+    params = [t.detach().reshape(1).requires_grad_() for t in (scale, bias)]
+    loss = siglip_loss(x, y, *params, offset=2, backend=backend)
+    loss.backward()
+    assert loss.dim() == 0
+    loss_0 = siglip_loss(x, y, scale, bias, offset=2, backend=backend)
+    loss_0.backward()
+    assert_close(loss, loss_0, torch.float32, "loss")
+    for name, a, b in zip(("d_scale", "d_bias"), params, (scale, bias), strict=True):
+        assert a.grad.shape == (1,), name
+        assert_close(a.grad, b.grad.reshape(1), torch.float32, name)

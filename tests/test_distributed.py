@@ -19,19 +19,11 @@ rows), mean_r l_r = L. What each rank's ClipLoss must give:
 
 from __future__ import annotations
 
-import datetime
 import itertools
-import os
-import socket
-import time
-import traceback
-from unittest import mock
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
+from dist_helpers import global_batch, grads, results_of, run_on_ranks
 from helpers import assert_close
 
 from fastclip import ClipLoss
@@ -41,102 +33,38 @@ pytestmark = pytest.mark.distributed
 
 N_LOCAL, DIM, SCALE, BIAS = 8, 16, 7.0, -2.0
 MODES = list(itertools.product([False, True], [False, True], ["torch", "triton"]))
-JOIN_TIMEOUT_S = 240
 
 
-def _worker(rank, world_size, port, image, text, out_dir):
-    """One rank: every mode on this rank's slice; results or tracebacks saved per mode."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
+def _run_mode(rank, world_size, mode, image, text):
+    """One rank, one mode, on this rank's slice: its loss and every gradient."""
+    local_loss, gather_with_grad, backend = mode
     rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-    results = {}
-    try:
-        for local_loss, gather_with_grad, backend in MODES:
-            x = image[rows].float().requires_grad_()
-            y = text[rows].float().requires_grad_()
-            scale = torch.tensor(SCALE, requires_grad=True)
-            bias = torch.tensor(BIAS, requires_grad=True)
-            try:
-                loss_fn = ClipLoss(
-                    local_loss, gather_with_grad, rank=rank, world_size=world_size, backend=backend
-                )
-                loss = loss_fn(x, y, scale, bias)
-                loss.backward()
-                result = {"loss": loss.detach(), "d_image": x.grad, "d_text": y.grad}
-                result.update(d_scale=scale.grad, d_bias=bias.grad)
-            except Exception:
-                # Reported by the parent's test of this mode. A failure both ranks share keeps
-                # them in step; one that desynchronizes them ends in gloo's timeout.
-                result = traceback.format_exc()
-            results[local_loss, gather_with_grad, backend] = result
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(world_size, image, text, out_dir):
-    """Spawn the ranks and collect their results; a crash raises with the child's traceback."""
-    # The children run Triton's interpreter on the CPU; it must be on before they import triton.
-    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
-        context = mp.spawn(
-            _worker,
-            args=(world_size, _free_port(), image, text, str(out_dir)),
-            nprocs=world_size,
-            join=False,
-        )
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not context.join(timeout=5):  # raises ProcessRaisedException on a child's error
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world_size} ranks did not finish in {JOIN_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
-
-
-def _global_batch(world_size):
-    gen = torch.Generator().manual_seed(world_size)
-    n = world_size * N_LOCAL
-    image = F.normalize(torch.randn(n, DIM, generator=gen, dtype=torch.float64), dim=-1)
-    text = F.normalize(torch.randn(n, DIM, generator=gen, dtype=torch.float64), dim=-1)
-    norms = torch.empty(2, n, 1, dtype=torch.float64).uniform_(0.5, 2.0, generator=gen)
-    return image * norms[0], text * norms[1]
+    x = image[rows].float().requires_grad_()
+    y = text[rows].float().requires_grad_()
+    scale = torch.tensor(SCALE, requires_grad=True)
+    bias = torch.tensor(BIAS, requires_grad=True)
+    loss_fn = ClipLoss(
+        local_loss, gather_with_grad, rank=rank, world_size=world_size, backend=backend
+    )
+    loss = loss_fn(x, y, scale, bias)
+    loss.backward()
+    result = {"loss": loss.detach(), "d_image": x.grad, "d_text": y.grad}
+    result.update(d_scale=scale.grad, d_bias=bias.grad)
+    return result
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
 def world(request, tmp_path_factory):
     """(world_size, image, text, per-rank results): one spawn per world size for every mode."""
     world_size = request.param
-    image, text = _global_batch(world_size)
+    image, text = global_batch(world_size, N_LOCAL, DIM)
     out_dir = tmp_path_factory.mktemp(f"world{world_size}")
-    return world_size, image, text, _run(world_size, image, text, out_dir)
-
-
-def _grads(fn, *tensors):
-    """The float64 value of fn(*leaves) and its gradients with respect to every leaf."""
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    value = fn(*leaves)
-    value.backward()
-    return value.detach(), [t.grad for t in leaves]
+    results = run_on_ranks(_run_mode, MODES, world_size, (image, text), out_dir)
+    return world_size, image, text, results
 
 
 def _global_reference(image, text):
-    return _grads(
+    return grads(
         lambda x, y, s, b: clip_loss_reference(x, y, s, b),
         image,
         text,
@@ -157,7 +85,7 @@ def _local_reference(image, text, rank):
         )
 
     scale, bias = (torch.tensor(v, dtype=torch.float64) for v in (SCALE, BIAS))
-    return _grads(local_loss, image[rows], text[rows], scale, bias)
+    return grads(local_loss, image[rows], text[rows], scale, bias)
 
 
 @pytest.mark.parametrize(
@@ -168,10 +96,7 @@ def _local_reference(image, text, rank):
 def test_matches_single_process_reference(world, local_loss, gather_with_grad, backend):
     world_size, image, text, results = world
     loss, (d_image, d_text, d_scale, _) = _global_reference(image, text)
-    results = [per_rank[local_loss, gather_with_grad, backend] for per_rank in results]
-    for rank, result in enumerate(results):
-        if isinstance(result, str):
-            pytest.fail(f"rank {rank} raised:\n{result}")
+    results = results_of(results, (local_loss, gather_with_grad, backend))
     fp32 = torch.float32
     for rank, got in enumerate(results):
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)

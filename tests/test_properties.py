@@ -1,19 +1,16 @@
-"""Property-based: random shapes, scales, norms and options against the float64 reference."""
+"""Property-based: random shapes, scales, norms and options against the float64 reference, for
+InfoNCE and SigLIP."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-from dataclasses import dataclass
-from unittest import mock
+from dataclasses import dataclass, replace
 
 import torch
-from helpers import check, make_inputs
+from helpers import check, check_siglip, forced_tiles, make_inputs
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import fastclip.kernels.contrastive as kc
 from fastclip.kernels.tiles import INTERPRETER_CONFIG
 
 # Derandomized: every run (and CI) tries the same examples; no example database to carry over.
@@ -28,8 +25,9 @@ class Case:
     dim: int
     scale: float
     bias: float | None
-    both: bool
+    both: bool  # InfoNCE: both directions
     seed: int
+    negatives_only: bool = False  # SigLIP: no positive pairs
 
 
 @st.composite
@@ -45,11 +43,21 @@ def cases(draw) -> Case:
     return Case(n_img, n_img + extra, offset, dim, scale, bias, both, seed)
 
 
+@st.composite
+def siglip_cases(draw) -> Case:
+    """``cases`` for SigLIP (``both`` unused); a negatives-only block may be taller than wide."""
+    case = draw(cases())
+    if not draw(st.booleans()):
+        return case
+    n_img, n_txt = draw(st.permutations([case.n_img, case.n_txt]))
+    return replace(case, n_img=n_img, n_txt=n_txt, offset=0, negatives_only=True)
+
+
 # One row whose positive dominates by |S| ~ 10: a loss of 5e-5 with an fp32 rounding of ~1e-6.
 DOMINANT_POSITIVE = Case(1, 2, 0, 4, 148.4131591025766, None, False, seed=1)
 
 
-def check_case(case: Case, backend: str) -> None:
+def check_case(case: Case, backend: str, siglip: bool = False) -> None:
     # Unnormalized features: row norms spread over two decades, so |S| reaches ~1e5.
     ours, ref = make_inputs(
         case.n_img,
@@ -60,19 +68,13 @@ def check_case(case: Case, backend: str) -> None:
         seed=case.seed,
         row_norms=(0.1, 10.0),
     )
-    # At large logits the softmaxes go one-hot and the float64 loss and gradients underflow
-    # towards 0 where fp32 keeps O(eps |S|): measure the error against natural sizes.
-    check(ours, ref, backend, torch.float32, case.offset, case.both, vanishing=True)
-
-
-@contextlib.contextmanager
-def forced_tiles(config: kc.TileConfig):
-    """Every kernel call the loss makes uses ``config`` (a fixture cannot wrap @given examples)."""
-    with contextlib.ExitStack() as stack:
-        for name in ("contrastive_forward", "contrastive_backward"):
-            fn = functools.partial(getattr(kc, name), config=config)
-            stack.enter_context(mock.patch.object(kc, name, fn))
-        yield
+    # At large logits the softmaxes go one-hot (the sigmoids saturate) and the float64 loss and
+    # gradients underflow towards 0 where fp32 keeps O(eps |S|): measure the error against
+    # natural sizes.
+    if siglip:
+        check_siglip(ours, ref, backend, torch.float32, case.offset, case.negatives_only, True)
+    else:
+        check(ours, ref, backend, torch.float32, case.offset, case.both, vanishing=True)
 
 
 @settings(PROPERTY, max_examples=200)
@@ -89,3 +91,19 @@ def test_triton_backend_matches_reference(case):
     # The smallest tiles: even n ~ 40 spans several row and column tiles with masked edges.
     with forced_tiles(INTERPRETER_CONFIG):
         check_case(case, "triton")
+
+
+@settings(PROPERTY, max_examples=150)
+@given(case=siglip_cases())
+@example(case=DOMINANT_POSITIVE)
+def test_siglip_torch_backend_matches_reference(case):
+    check_case(case, "torch", siglip=True)
+
+
+@settings(PROPERTY, max_examples=20)
+@given(case=siglip_cases())
+@example(case=DOMINANT_POSITIVE)
+def test_siglip_triton_backend_matches_reference(case):
+    # The smallest tiles, the columns in two chunks (one idle when n_txt <= 16).
+    with forced_tiles(replace(INTERPRETER_CONFIG, col_split=2)):
+        check_case(case, "triton", siglip=True)
