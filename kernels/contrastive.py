@@ -261,6 +261,7 @@ _BACKWARD_CONFIGS = [
     triton.Config({"BM": bm, "BN": bn, "BK": bk, "BD": bd}, num_warps=w, num_stages=st)
     for bm, bn, bk, bd, w, st in [
         (64, 128, 64, 128, 8, 3),
+        (64, 256, 64, 128, 8, 2),
         (128, 64, 64, 128, 8, 3),
         (128, 128, 64, 32, 8, 3),
         (128, 128, 32, 32, 8, 3),
