@@ -62,16 +62,21 @@ def as_scalar(name: str, value: object, device: torch.device) -> torch.Tensor:
     return value
 
 
-def select_backend(backend: str, features: torch.Tensor, kernels: ModuleType | None) -> ModuleType:
-    """The module that computes a loss: its Triton ``kernels`` module (None when Triton is not
-    installed) or ``fastclip.chunked``, the PyTorch path."""
+def select_backend(
+    backend: str,
+    features: torch.Tensor,
+    kernels: ModuleType | None,
+    torch_ops: ModuleType = chunked,
+) -> ModuleType:
+    """The module that computes an op: its Triton ``kernels`` module (None when Triton is not
+    installed) or ``torch_ops``, its PyTorch path (``fastclip.chunked`` for the losses)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         fused = kernels is not None and features.is_cuda and features.dtype != torch.float64
-        return kernels if fused else chunked
+        return kernels if fused else torch_ops
     if backend == "torch":
-        return chunked
+        return torch_ops
     if kernels is None:
         raise ValueError("backend='triton' needs the triton package, which is not installed")
     if not (features.is_cuda or interpreting()):
