@@ -58,3 +58,16 @@ def siglip_loss_reference(
         rows = torch.arange(n, device=logits.device)
         labels[rows, rows + offset] = 1.0
     return -F.logsigmoid(labels * logits).sum() / n
+
+
+def similarity_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor | float = 1.0,
+    bias: torch.Tensor | float = 0.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """scale * a @ b.T + bias, rows L2-normalized first if ``normalize``: (n_a, n_b)."""
+    if normalize:
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    return scale * a @ b.T + bias
