@@ -2,6 +2,16 @@
 
 from fastclip.loss import ClipLoss, clip_loss, infonce
 from fastclip.siglip import SigLipLoss, siglip_loss
+from fastclip.similarity import similarity, topk_similarity
 
 __version__ = "0.1.0"
-__all__ = ["ClipLoss", "SigLipLoss", "clip_loss", "infonce", "siglip_loss", "__version__"]
+__all__ = [
+    "ClipLoss",
+    "SigLipLoss",
+    "clip_loss",
+    "infonce",
+    "siglip_loss",
+    "similarity",
+    "topk_similarity",
+    "__version__",
+]

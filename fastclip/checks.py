@@ -66,10 +66,11 @@ def select_backend(
     backend: str,
     features: torch.Tensor,
     kernels: ModuleType | None,
-    torch_ops: ModuleType = chunked,
-) -> ModuleType:
+    torch_ops: ModuleType | None = chunked,
+) -> ModuleType | None:
     """The module that computes an op: its Triton ``kernels`` module (None when Triton is not
-    installed) or ``torch_ops``, its PyTorch path (``fastclip.chunked`` for the losses)."""
+    installed) or ``torch_ops``, its PyTorch path (``fastclip.chunked`` for the losses; None
+    for ops whose caller runs the PyTorch path itself)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

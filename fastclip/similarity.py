@@ -1,0 +1,169 @@
+"""Similarity matrices and top-k retrieval: tiled Triton kernels, with PyTorch paths.
+
+``similarity`` builds the score matrix for those who need it (evaluation, logging, small
+batches); ``topk_similarity`` keeps only each query's best k and never builds it, so the keys
+can number in the millions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastclip.checks import as_scalar, check_features, select_backend
+
+try:
+    from fastclip.kernels import similarity as triton_similarity
+except ImportError:  # no Triton on this platform: the PyTorch path serves everything
+    triton_similarity = None
+
+EPS = 1e-12  # F.normalize's default
+# The PyTorch top-k scores about this many query-key pairs per step (~64 MB in fp32).
+TOPK_CHUNK_ELEMENTS = 2**24
+
+
+def _check_pair(a: object, b: object, names: tuple[str, str]) -> None:
+    """check_features with this op's argument names in the messages."""
+    try:
+        check_features(a, b)
+    except (TypeError, ValueError) as e:
+        message = str(e).replace("image_features", names[0]).replace("text_features", names[1])
+        raise type(e)(message) from None
+
+
+class _Similarity(torch.autograd.Function):
+    """Triton forward; the backward is two products of the given dS, on torch's matmul."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, normalize: bool, out_dtype: torch.dtype):
+        inv_a = triton_similarity.inverse_norms(a, EPS) if normalize else None
+        inv_b = triton_similarity.inverse_norms(b, EPS) if normalize else None
+        ctx.save_for_backward(a, b, scale, bias, inv_a, inv_b)
+        return triton_similarity.similarity_forward(a, b, scale, bias, inv_a, inv_b, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, scale, bias, inv_a, inv_b = ctx.saved_tensors
+        need_a, need_b, need_scale, need_bias = ctx.needs_input_grad[:4]
+        g = grad.float()
+        a_hat, b_hat = a.float(), b.float()  # the rows as multiplied
+        if inv_a is not None:
+            a_hat, b_hat = a_hat * inv_a[:, None], b_hat * inv_b[:, None]
+        s = scale.float().reshape(())
+        ga = g @ b_hat if need_a or need_scale else None  # (n_a, D): dS/d(a_hat) / scale
+        gb = g.T @ a_hat if need_b or (need_scale and ga is None) else None
+
+        def through_norm(d_hat, hat, inv):  # d/dx of x / ||x|| applied to d_hat
+            if inv is None:
+                return d_hat
+            return (d_hat - hat * torch.linalg.vecdot(hat, d_hat)[:, None]) * inv[:, None]
+
+        da = through_norm(s * ga, a_hat, inv_a).to(a.dtype) if need_a else None
+        db = through_norm(s * gb, b_hat, inv_b).to(b.dtype) if need_b else None
+        dscale = None
+        if need_scale:  # sum_ij dS_ij <a_hat_i, b_hat_j>
+            rows, hat = (ga, a_hat) if ga is not None else (gb, b_hat)
+            dscale = torch.linalg.vecdot(rows, hat).sum().to(scale.dtype).reshape(scale.shape)
+        dbias = g.sum().to(bias.dtype).reshape(bias.shape) if need_bias else None
+        return da, db, dscale, dbias, None, None
+
+
+def similarity(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor | float = 1.0,
+    bias: torch.Tensor | float = 0.0,
+    *,
+    normalize: bool = False,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """scale * a @ b.T + bias as a tiled kernel, rows L2-normalized on the fly if ``normalize``.
+
+    Args:
+        a: (n_a, D) and b: (n_b, D), same floating dtype and device, any strides.
+        scale, bias: numbers or one-element tensors (tensors may require grad).
+        normalize: divide every row of a and b by max(||row||, 1e-12) first (F.normalize).
+        out_dtype: dtype of the result; defaults to the inputs' (products accumulate in fp32).
+        backend: "triton" (CUDA), "torch" or "auto".
+
+    Returns:
+        (n_a, n_b) scores, differentiable with respect to a, b, scale and bias.
+    """
+    _check_pair(a, b, ("a", "b"))
+    scale_t = as_scalar("scale", scale, a.device)
+    bias_t = as_scalar("bias", bias, a.device)
+    out_dtype = out_dtype or a.dtype
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+    if select_backend(backend, a, triton_similarity, torch_ops=None) is not None:
+        return _Similarity.apply(a, b, scale_t, bias_t, normalize, out_dtype)
+    if normalize:
+        a, b = F.normalize(a, dim=-1, eps=EPS), F.normalize(b, dim=-1, eps=EPS)
+    return (scale_t * (a @ b.T) + bias_t).to(out_dtype)
+
+
+def _topk_torch(
+    queries: torch.Tensor, keys: torch.Tensor, k: int, scale: torch.Tensor, chunk: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys a chunk at a time: each chunk's top-k merged into the running top-k."""
+    n_q, n_k = queries.shape[0], keys.shape[0]
+    step = chunk or max(k, TOPK_CHUNK_ELEMENTS // max(n_q, 1))
+    best_values = best_indices = None
+    for start in range(0, n_k, step):
+        scores = scale * (queries @ keys[start : start + step].T)  # (n_q, <= step)
+        values, indices = scores.topk(min(k, scores.shape[1]), dim=1)
+        indices += start
+        if best_values is not None:
+            values = torch.cat([best_values, values], dim=1)
+            indices = torch.cat([best_indices, indices], dim=1)
+            values, where = values.topk(k, dim=1)
+            indices = indices.gather(1, where)
+        best_values, best_indices = values, indices
+    return best_values, best_indices
+
+
+@torch.no_grad()
+def topk_similarity(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    *,
+    scale: torch.Tensor | float = 1.0,
+    normalize: bool = False,
+    chunk: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best keys of every query by scale * q . key, without the n_q x n_k score matrix.
+
+    Equal to ``torch.topk(scale * queries @ keys.T, k)`` (ties may come in another order; the
+    values are the same). Memory O((n_q + n_k) D + n_q k). Inference only: no gradients.
+
+    Args:
+        queries: (n_q, D) and keys: (n_k, D), same floating dtype and device.
+        k: 1 <= k <= n_k.
+        scale: a number or one-element tensor multiplying every score.
+        normalize: L2-normalize queries and keys first (cosine similarity).
+        chunk: keys scored per step on the PyTorch path (None: about 16M scores per step).
+        backend: "triton" (CUDA), "torch" or "auto".
+
+    Returns:
+        values (n_q, k) in the inputs' dtype, best first, and indices (n_q, k) int64 into keys.
+        The kernel scores in fp32 (fp32 accumulation) before rounding to the inputs' dtype.
+    """
+    _check_pair(queries, keys, ("queries", "keys"))
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= keys.shape[0]:
+        raise ValueError(f"k must be between 1 and the number of keys ({keys.shape[0]}), got {k}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    scale_t = as_scalar("scale", scale, queries.device)
+    if select_backend(backend, queries, triton_similarity, torch_ops=None) is not None:
+        inv_q = triton_similarity.inverse_norms(queries, EPS) if normalize else None
+        inv_k = triton_similarity.inverse_norms(keys, EPS) if normalize else None
+        values, indices = triton_similarity.topk_forward(queries, keys, k, scale_t, inv_q, inv_k)
+        return values.to(queries.dtype), indices
+    if normalize:
+        queries, keys = F.normalize(queries, dim=-1, eps=EPS), F.normalize(keys, dim=-1, eps=EPS)
+    return _topk_torch(queries, keys, k, scale_t.to(queries.dtype), chunk)
