@@ -145,7 +145,8 @@ def topk_similarity(
         scale: a number or one-element tensor multiplying every score.
         normalize: L2-normalize queries and keys first (cosine similarity).
         chunk: keys scored per step on the PyTorch path (None: about 16M scores per step).
-        backend: "triton" (CUDA), "torch" or "auto".
+        backend: "triton" (CUDA), "torch" or "auto". The kernel keeps up to 128 scores per
+            query; a larger k takes the PyTorch path.
 
     Returns:
         values (n_q, k) in the inputs' dtype, best first, and indices (n_q, k) int64 into keys.
@@ -159,7 +160,8 @@ def topk_similarity(
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     scale_t = as_scalar("scale", scale, queries.device)
-    if select_backend(backend, queries, triton_similarity, torch_ops=None) is not None:
+    fused = select_backend(backend, queries, triton_similarity, torch_ops=None) is not None
+    if fused and k <= triton_similarity.MAX_TOPK:
         inv_q = triton_similarity.inverse_norms(queries, EPS) if normalize else None
         inv_k = triton_similarity.inverse_norms(keys, EPS) if normalize else None
         values, indices = triton_similarity.topk_forward(queries, keys, k, scale_t, inv_q, inv_k)

@@ -197,8 +197,19 @@ _similarity_tuned = triton.autotune(
 )(_similarity_kernel)
 
 
-# Top-k: fixed tiles (block_n grows to k's padded width); the sorts weigh as much as the product.
-TOPK_CONFIG = TileConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
+# Largest k the top-k kernel keeps in registers (the caller takes the PyTorch path beyond).
+MAX_TOPK = 128
+
+
+def topk_config(width: int) -> TileConfig:
+    """Fixed tiles for a top-k of padded width ``width``: the packed (BM, BN) int64 tiles and
+    their sorts weigh on the registers as much as the product, so the row block shrinks (and the
+    warps grow) as the width does; all compile for Hopper without spilling."""
+    if width <= 32:
+        return TileConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
+    if width == 64:
+        return TileConfig(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3)
+    return TileConfig(block_m=32, block_n=width, block_k=64, num_warps=8, num_stages=3)
 
 
 def inverse_norms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -267,7 +278,7 @@ def topk_forward(
     """The k largest S_ij = scale * (q_i * inv_q_i) . (keys_j * inv_k_j) of each query.
 
     Args:
-        q (n_q, D), keys (n_k, D): same dtype and device; 1 <= k <= n_k.
+        q (n_q, D), keys (n_k, D): same dtype and device; 1 <= k <= min(n_k, MAX_TOPK).
         scale: one-element tensor; inv_q, inv_k: fp32 row factors or both None.
         config: fixed block_m/block_n/block_k and col_split (block_n is raised to k's padded
             width if smaller); None picks blocks and splits for the device.
@@ -279,7 +290,7 @@ def topk_forward(
     n_k = keys.shape[0]
     width = max(16, triton.next_power_of_2(k))
     if config is None:
-        config = INTERPRETER_CONFIG if interpreting() else TOPK_CONFIG
+        config = INTERPRETER_CONFIG if interpreting() else topk_config(width)
     block_n = max(width, config.block_n)
     col_split = config.col_split or min(
         triton.cdiv(n_k, block_n),

@@ -19,6 +19,7 @@ import triton
 
 import fastclip.kernels.contrastive as kc
 import fastclip.kernels.siglip as ks
+import fastclip.kernels.similarity as ksim
 import fastclip.kernels.tiles as tiles
 
 H100_SHARED_MEMORY = 232448  # bytes per block, opt-in maximum
@@ -74,9 +75,11 @@ def compile_for_hopper(fn, pointers: dict[str, str], constants: dict, config: tr
     return kernel.metadata.shared, int(regs), int(stack)
 
 
-FEATURES = {"x_ptr": "bf16", "y_ptr": "bf16", "a_ptr": "bf16", "b_ptr": "bf16"}
+FEATURES = {"x_ptr": "bf16", "y_ptr": "bf16", "a_ptr": "bf16", "b_ptr": "bf16", "q_ptr": "bf16",
+            "k_ptr": "bf16"}  # fmt: skip
 FP32 = ("scale_ptr", "bias_ptr", "row_lse_ptr", "col_lse_ptr", "acc_ptr", "lse_a_ptr", "w_a_ptr",
-        "lse_b_ptr", "w_b_ptr", "dscale_ptr", "out_ptr", "loss_ptr", "sig_ptr")  # fmt: skip
+        "lse_b_ptr", "w_b_ptr", "dscale_ptr", "out_ptr", "loss_ptr", "sig_ptr", "inv_a_ptr",
+        "inv_b_ptr", "inv_q_ptr", "inv_k_ptr")  # fmt: skip
 
 
 def cases() -> dict[str, tuple]:
@@ -103,6 +106,16 @@ def cases() -> dict[str, tuple]:
         for loss, grad in ((True, True), (False, True), (True, False)):
             const = {"HAS_BIAS": True, "LOSS": loss, "GRAD": grad, "DOT_PRECISION": "ieee"}
             out[f"siglip-{c}-loss{loss}-grad{grad}"] = (ks._siglip_kernel, bf16, const, c)
+    for c in ksim._SIMILARITY_CONFIGS:
+        for norm in (False, True):
+            const = {"HAS_BIAS": True, "NORMALIZE": norm, "DOT_PRECISION": "ieee", "GROUP": 8}
+            out[f"similarity-{c}-normalize{norm}"] = (ksim._similarity_kernel, bf16, const, c)
+    for width in (16, 32, 64, ksim.MAX_TOPK):
+        t = ksim.topk_config(width)
+        blocks = {"BM": t.block_m, "BN": t.block_n, "BK": t.block_k}
+        c = triton.Config(blocks, num_warps=t.num_warps, num_stages=t.num_stages)
+        const = {"NORMALIZE": True, "DOT_PRECISION": "ieee", "K": width}
+        out[f"topk-{width}"] = (ksim._topk_kernel, {**bf16, "out_ptr": "i64"}, const, c)
     rows = triton.Config({"BM": tiles.ROWS, "BD": 128}, num_warps=4, num_stages=1)
     out["finalize"] = (tiles.finalize_kernel, bf16, {"ROW_TERM": True, "COL_TERM": True}, rows)
     out["row-dot"] = (tiles.row_dot_kernel, bf16, {}, rows)
