@@ -19,23 +19,18 @@ Without a CUDA device the GPU cases skip and one small CPU case compares the chu
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 
 import pytest
 import torch
 import torch.nn.functional as F
+from common import DEVICE, PROVIDERS, cpu_only, measure, needs_cuda
 
 from fastclip import clip_loss, siglip_loss
-from fastclip.measure import peak_memory_bytes, synchronize
+from fastclip.measure import synchronize
 from fastclip.reference import clip_loss_reference, siglip_loss_reference
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-
-PROVIDERS = ("fastclip", "eager", "compile")
 MODES = ("forward", "forward+backward")
 WIDTHS = (512, 768)
 
@@ -67,21 +62,6 @@ ROUNDS = 3
 
 # The compiled references, compiled on their first call (then once more, with dynamic shapes).
 _COMPILED: dict[str, Callable] = {}
-
-
-@functools.cache
-def _environment() -> dict[str, str | None]:
-    """GPU name and library versions, stamped on every result."""
-    try:
-        triton_version = metadata.version("triton")
-    except metadata.PackageNotFoundError:
-        triton_version = None
-    return {
-        "gpu": torch.cuda.get_device_name() if CUDA else None,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-    }
 
 
 def _loss_fn(loss: str, provider: str) -> Callable:
@@ -124,43 +104,20 @@ def _measure(
     rounds: int,
     warmup: bool = True,
 ) -> None:
-    """Time ``rounds`` runs of one case with pytest-benchmark and fill its ``extra_info``.
-
-    The warm-up run compiles, autotunes and initializes libraries; the memory run follows it, so
-    that none of their allocations count. Out of memory: recorded in ``oom_log``, case skipped.
-    """
-    device = torch.device("cuda" if CUDA else "cpu")
-    info = {"loss": loss, "provider": provider, "mode": mode, "N": n, "D": dim}
-    info["dtype"] = str(dtype).removeprefix("torch.")
-    info.update(_environment())
-    if provider == "fastclip":
-        info["autotune"] = os.environ.get("FASTCLIP_AUTOTUNE", "1") != "0"
-    benchmark.extra_info.update(info)
-
+    """One case: ``loss`` by ``provider`` on (n, dim) features, forward or forward+backward."""
     loss_fn = _loss_fn(loss, provider)
-    inputs = _inputs(loss, n, dim, dtype, device)
+    inputs = _inputs(loss, n, dim, dtype, DEVICE)
 
     def run() -> None:
         value = loss_fn(*inputs)
         if mode == "forward+backward":
             torch.autograd.grad(value, inputs)
-        synchronize(device)
+        synchronize(DEVICE)
 
-    try:
-        if warmup:
-            run()
-        peak = peak_memory_bytes(run, device)
-    except torch.OutOfMemoryError:
-        peak = None
-    if peak is None:
-        oom_log.append({**info, "oom": True})
-        pytest.skip(f"{provider} ran out of memory ({mode}, N={n}, D={dim})")
-
-    benchmark.extra_info["peak_mib"] = peak / 2**20
-    benchmark.extra_info["input_mib"] = sum(t.nbytes for t in inputs) / 2**20
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
+    info = {"op": loss, "provider": provider, "mode": mode, "N": n, "D": dim}
+    info["dtype"] = str(dtype).removeprefix("torch.")
     flops = LOSSES[loss].passes[MODES.index(mode)] * 2 * n * n * dim
-    benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.median / 1e12
+    measure(benchmark, oom_log, info, run, inputs, flops, rounds, warmup)
 
 
 GRID = [
@@ -198,7 +155,7 @@ def test_gpu_large_batch(benchmark, oom_log):
              torch.bfloat16, 1, warmup=False)  # fmt: skip
 
 
-@pytest.mark.skipif(CUDA, reason="the CPU comparison; the GPU cases cover a CUDA machine")
+@cpu_only
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("provider", ["fastclip-torch", "eager"])
 def test_cpu(benchmark, oom_log, loss, provider):

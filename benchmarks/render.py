@@ -27,7 +27,13 @@ LEGEND = (
     "allocated on top of the inputs. OOM: ran out of memory. Speedup: the baseline's time over "
     "fastclip's."
 )
-LOSS_TITLES = {"clip": "InfoNCE (CLIP) loss", "siglip": "SigLIP loss"}
+OP_TITLES = {
+    "clip": "InfoNCE (CLIP) loss",
+    "siglip": "SigLIP loss",
+    "projection": "Normalized projection",
+    "similarity": "Similarity matrix",
+    "topk": "Top-k retrieval",
+}
 FIXED_TILES = "†"  # marks fastclip times measured without autotuning
 
 
@@ -35,7 +41,8 @@ def load_cases(results: dict) -> list[dict]:
     """One dict per case: its ``extra_info`` plus "ms", the median time (None: out of memory)."""
     cases = [{**b["extra_info"], "ms": b["stats"]["median"] * 1e3} for b in results["benchmarks"]]
     cases += [{**oom, "ms": None} for oom in results.get("oom", [])]
-    return [{"loss": "clip", **case} for case in cases]  # results from before SigLIP: InfoNCE
+    # Older results named the op "loss", and those from before SigLIP named none: InfoNCE.
+    return [{"op": case.pop("loss", "clip"), **case} for case in cases]
 
 
 def provider_order(cases: list[dict]) -> tuple[list[str], list[str]]:
@@ -45,7 +52,10 @@ def provider_order(cases: list[dict]) -> tuple[list[str], list[str]]:
 
 
 def _row_key(case: dict) -> tuple:
-    return case["loss"], MODES.index(case["mode"]), case["dtype"], case["D"], case["N"]
+    """(op, mode, dtype, D, N), sortable: known modes in MODES order, others by name."""
+    mode = case["mode"]
+    mode_key = (MODES.index(mode), "") if mode in MODES else (len(MODES), mode)
+    return case["op"], mode_key, case["dtype"], str(case["D"]), case["N"]
 
 
 def _num(x: float) -> str:
@@ -57,6 +67,8 @@ def _cell(case: dict | None, metric: str) -> str:
         return "–"
     if case["ms"] is None:
         return "OOM"
+    if case.get(metric) is None:  # e.g. no memory reading on this platform
+        return "n/a"
     fixed = metric == "ms" and case.get("autotune") is False
     return _num(case[metric]) + (FIXED_TILES if fixed else "")
 
@@ -85,9 +97,9 @@ def markdown(results: dict, cases: list[dict], notes: list[str]) -> str:
     ]
     if any(c.get("autotune") is False for c in cases):
         lines += [f"{FIXED_TILES} fastclip with its default tiles, not autotuned.", ""]
-    for loss in sorted({c["loss"] for c in cases}):
-        table = _table([c for c in cases if c["loss"] == loss])
-        lines += [f"## {LOSS_TITLES.get(loss, loss)}", "", *table, ""]
+    for op in sorted({c["op"] for c in cases}):
+        table = _table([c for c in cases if c["op"] == op])
+        lines += [f"## {OP_TITLES.get(op, op)}", "", *table, ""]
     return "\n".join(lines)
 
 
@@ -105,8 +117,8 @@ def _table(cases: list[dict]) -> list[str]:
         rows.setdefault(_row_key(case), {})[case["provider"]] = case
     for key in sorted(rows):
         by = rows[key]
-        mode, dtype, dim, n = MODES[key[1]], *key[2:]
-        cells = [mode, dtype, str(dim), f"{n:,}"]
+        case = next(iter(by.values()))
+        cells = [case["mode"], case["dtype"], str(case["D"]), f"{case['N']:,}"]
         cells += [_cell(by.get(p), metric) for p in providers for metric, _ in METRICS]
         cells += [_speedup(by.get(o), by.get(b)) for o, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
@@ -114,7 +126,7 @@ def _table(cases: list[dict]) -> list[str]:
 
 
 def plot(cases: list[dict], path: Path) -> None:
-    """One row of panels per (loss, mode, dtype, D): time and peak memory vs N, log-log."""
+    """One row of panels per (op, mode, dtype, D): time and peak memory vs N, log-log."""
     ours, baselines = provider_order(cases)
     groups = sorted({_row_key(c)[:4] for c in cases})
     fig = Figure(figsize=(11, 3.6 * len(groups)), layout="constrained")
@@ -127,9 +139,12 @@ def plot(cases: list[dict], path: Path) -> None:
             label = provider + (f" (OOM at N={', '.join(f'{n:,}' for n in oom)})" if oom else "")
             n = [c["N"] for c in runs]
             ax_time.plot(n, [c["ms"] for c in runs], marker="o", label=label)
-            ax_mem.plot(n, [c["peak_mib"] for c in runs], marker="o", label=label)
-        loss, mode, dtype, dim = group
-        title = f"{loss}, {MODES[mode]}, {dtype}, D={dim}"
+            measured = [c for c in runs if c.get("peak_mib") is not None]
+            ax_mem.plot([c["N"] for c in measured], [c["peak_mib"] for c in measured], marker="o",
+                        label=label)  # fmt: skip
+        op, _, dtype, dim = group
+        mode = next(c["mode"] for c in cases if _row_key(c)[:4] == group)
+        title = f"{op}, {mode}, {dtype}, D={dim}"
         ax_time.set(yscale="log", ylabel="median ms", title=f"{title}: time")
         ax_mem.set(yscale="log", ylabel="peak MiB above inputs", title=f"{title}: memory")
         for ax in ax_time, ax_mem:
