@@ -3,32 +3,35 @@
 #
 #     bash benchmarks/gpu_check.sh        # results in $OUT (default benchmarks/results/latest)
 #
-# Writes env.txt (GPU, driver, versions, install log), tests.log, bench.log, bench.json
-# (fastclip and eager), bench_compile.json, bench_large.json, summary.md and bench.png.
+# Writes env.txt (GPU, driver, versions, install log), tests.log, bench.log, bench.json (every
+# benchmark part merged), summary.md and bench.png: six files.
 #
 # Budget, 8 minutes: each step runs under a time limit (seconds, overridable by the variables
-# below) and the limits sum to 470 s, plus ~10 s for the install and the rendering. Measured on an
-# H200 (benchmarks/results/2026-11-27-h200-partial): 32 grid cases, autotuning included, took 95 s.
-#   tests 150;
-#   fastclip + eager grid 150: by default the targets' widths only (InfoNCE D=512, SigLIP D=768;
-#   BENCH_FILTER="" runs both widths of both losses, about twice as long);
-#   torch.compile grid 90, the same cases (two references, each compiled twice: the first shape,
-#   then with dynamic shapes);
-#   N = 2^20 80 (tuned at N = 65536 first, whose bucket it shares; then a memory run and a timed
-#   one).
-# The benchmarks run in three parts because pytest-benchmark writes its JSON only when a run
-# ends: a part stopped at its limit loses only its own results. A failing step is recorded in
+# below) and the limits sum to 440 s, plus ~20 s for the install and the rendering. Measured on an
+# H200 (benchmarks/results/2026-11-27-h200-partial): 32 loss-grid cases, autotuning included,
+# took 95 s.
+#   tests 110;
+#   losses, fastclip + eager 120: by default the targets' widths only (InfoNCE D=512, SigLIP
+#   D=768; BENCH_FILTER="" runs both widths of both losses, about twice as long);
+#   losses, torch.compile 60, the same cases (two references, each compiled twice: the first
+#   shape, then with dynamic shapes);
+#   InfoNCE at N = 2^20 70 (tuned at N = 65536 first, whose bucket it shares; a memory run and a
+#   timed one);
+#   similarity and top-k 60.
+# The benchmarks run in parts because pytest-benchmark writes its JSON only when a run ends: a
+# part stopped at its limit loses only its own results. A failing step is recorded in
 # summary.md, not fatal.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results/latest}
-TESTS_LIMIT_S=${TESTS_LIMIT_S:-150}
-GRID_LIMIT_S=${GRID_LIMIT_S:-150}
-COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-90}
-LARGE_LIMIT_S=${LARGE_LIMIT_S:-80}
+TESTS_LIMIT_S=${TESTS_LIMIT_S:-110}
+GRID_LIMIT_S=${GRID_LIMIT_S:-120}
+COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-60}
+LARGE_LIMIT_S=${LARGE_LIMIT_S:-70}
+RETRIEVAL_LIMIT_S=${RETRIEVAL_LIMIT_S:-60}
 BENCH_FILTER=${BENCH_FILTER-(clip-D512 or siglip-D768) and not siglip-D512}
 mkdir -p "$OUT"
-rm -f "$OUT"/bench*.json "$OUT/bench.log"
+rm -f "$OUT"/bench.json "$OUT"/part-*.json "$OUT/bench.log"
 
 {
     date -u
@@ -59,25 +62,27 @@ step() {
 step tests "$TESTS_LIMIT_S" "$OUT/tests.log" python -m pytest tests -q
 notes[-1]+=" — $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -n 1 | tr -d '=')"
 
-bench() {  # bench NAME LIMIT_S LABEL PYTEST_ARGS...: one part of the benchmarks, into NAME.json
-    local name=$1 limit=$2 label=$3
-    shift 3
-    step "benchmarks, $label" "$limit" "$OUT/bench.log" python -m pytest benchmarks/ \
-        --benchmark-only -q --benchmark-json="$OUT/$name.json" "$@"
+bench() {  # bench NAME LIMIT_S LABEL FILE PYTEST_ARGS...: one part of the benchmarks, into NAME.json
+    local name=$1 limit=$2 label=$3 file=$4
+    shift 4
+    step "benchmarks, $label" "$limit" "$OUT/bench.log" python -m pytest "benchmarks/$file" \
+        --benchmark-only -q --benchmark-json="$OUT/part-$name.json" "$@"
 }
 grid="test_gpu and not large${BENCH_FILTER:+ and ($BENCH_FILTER)}"
-bench bench "$GRID_LIMIT_S" "fastclip and eager" -k "$grid and not compile"
-bench bench_compile "$COMPILE_LIMIT_S" "torch.compile" -k "$grid and compile"
-bench bench_large "$LARGE_LIMIT_S" "N = 2^20" -k large_batch
+bench losses "$GRID_LIMIT_S" "losses: fastclip and eager" bench_losses.py -k "$grid and not compile"
+bench compile "$COMPILE_LIMIT_S" "losses: torch.compile" bench_losses.py -k "$grid and compile"
+bench large "$LARGE_LIMIT_S" "InfoNCE at N = 2^20" bench_losses.py -k large_batch
+bench retrieval "$RETRIEVAL_LIMIT_S" "similarity and top-k" bench_retrieval.py
 
 results=()
-for f in "$OUT"/bench.json "$OUT"/bench_compile.json "$OUT"/bench_large.json; do
+for f in "$OUT"/part-*.json; do
     if [ -s "$f" ]; then results+=("$f"); else rm -f "$f"; fi  # empty: the run saved nothing
 done
 args=()
 for note in "${notes[@]}"; do args+=(--note "$note"); done
-if [ "${#results[@]}" -gt 0 ]; then
-    python benchmarks/render.py "${results[@]}" --out "$OUT" "${args[@]}"
+if [ "${#results[@]}" -gt 0 ]; then  # one bench.json: the machine returns few files
+    python benchmarks/render.py "${results[@]}" --out "$OUT" --merge "$OUT/bench.json" "${args[@]}"
+    rm -f "${results[@]}"
 else
     printf '# fastclip benchmarks: no results\n\n' > "$OUT/summary.md"
     printf -- '- %s\n' "${notes[@]}" >> "$OUT/summary.md"

@@ -1,6 +1,7 @@
 """Markdown tables and plot of the loss benchmarks.
 
     python benchmarks/render.py RESULTS.json [MORE.json ...] [--out DIR] [--note TEXT ...]
+                                [--merge ALL.json]
 
 RESULTS.json is what ``pytest benchmarks/ --benchmark-only --benchmark-json=RESULTS.json`` writes:
 timed cases under "benchmarks" (their ``extra_info`` holds loss, provider, mode, N, D, dtype,
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-BASELINES = ("eager", "compile")
+BASELINES = ("eager", "compile", "cublas")
 MODES = ("forward", "forward+backward")
 METRICS = (("ms", "ms"), ("tflops", "TFLOP/s"), ("peak_mib", "peak MiB"))
 LEGEND = (
@@ -159,12 +160,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", type=Path, nargs="+", help="pytest-benchmark JSON files")
     parser.add_argument("--out", type=Path, help="output folder (default: the first file's)")
     parser.add_argument("--note", action="append", default=[], help="extra line for the header")
+    parser.add_argument("--merge", type=Path, help="also write every case into one JSON file")
     args = parser.parse_args(argv)
 
     runs = [json.loads(path.read_text()) for path in args.results]
     cases = [case for results in runs for case in load_cases(results)]
     if not cases:
         raise SystemExit(f"no benchmark results in {', '.join(map(str, args.results))}")
+    if args.merge:
+        merged = {**runs[0], "benchmarks": [b for r in runs for b in r["benchmarks"]]}
+        merged["oom"] = [oom for r in runs for oom in r.get("oom", [])]
+        args.merge.write_text(json.dumps(merged, indent=1))
     out = args.out or args.results[0].parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(markdown(runs[0], cases, args.note))
