@@ -117,3 +117,12 @@ def check_offset(offset: object, n_img: int, n_txt: int) -> None:
             f"n_img={n_img}, offset={offset}, n_txt={n_txt} (swap the arguments if there are "
             "more images than texts)"
         )
+
+
+def check_rank(rank: object, world_size: object) -> None:
+    """A process's place in a torch.distributed group: ints with 0 <= rank < world_size."""
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world={world_size}")

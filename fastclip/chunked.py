@@ -31,6 +31,29 @@ def _scores(x_chunk, y, scale, bias):
     return s.add_(bias) if bias is not None else s
 
 
+def _products(g, xc, yc, scale, dx, dy, rows: slice, need_dx: bool, need_dy: bool):
+    """A chunk's share of the gradients from dL/dS = G (rows, n_y): dx[rows] = s G y, dy +=
+    G^T x (scaled at the end). Returns its share of dL/ds = sum_ij G_ij <x_i, y_j>, which is
+    sum_i <(G y)_i, x_i> when the x side runs (else 0: ``_finish_dy`` takes it from dy)."""
+    share = torch.zeros((), dtype=g.dtype, device=g.device)
+    if need_dx or not need_dy:
+        gy = g @ yc  # (rows, D)
+        share = torch.linalg.vecdot(gy, xc).sum()
+        if need_dx:
+            dx[rows] = gy.mul_(scale)
+    if need_dy:
+        dy.addmm_(g.T, xc)
+    return share
+
+
+def _finish_dy(dy, yc, scale, dtype: torch.dtype, dscale, need_dx: bool):
+    """dy scaled and cast; dL/ds from the y side (sum_j <(G^T x)_j, y_j>) if the x side did not
+    run."""
+    if not need_dx:
+        dscale = torch.linalg.vecdot(dy, yc).sum()
+    return dy.mul_(scale).to(dtype), dscale
+
+
 def contrastive_forward(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -89,17 +112,9 @@ def contrastive_backward(
         idx = torch.arange(stop - start, device=x.device)
         pos = idx + start + offset
         g[idx, pos] -= w_x[start:stop] + (w_y[pos] if col_lse is not None else 0)
-        if need_dx or not need_dy:
-            gy = g @ yc  # (rows, D); dL/ds = sum_ij G_ij <x_i, y_j> = sum_i <(G y)_i, x_i>
-            dscale += torch.linalg.vecdot(gy, xc).sum()
-            if need_dx:
-                dx[start:stop] = gy.mul_(scale_c)
-        if need_dy:
-            dy.addmm_(g.T, xc)
+        dscale += _products(g, xc, yc, scale_c, dx, dy, slice(start, stop), need_dx, need_dy)
     if need_dy:
-        if not need_dx:
-            dscale = torch.linalg.vecdot(dy, yc).sum()
-        dy = dy.mul_(scale_c).to(y.dtype)
+        dy, dscale = _finish_dy(dy, yc, scale_c, y.dtype, dscale, need_dx)
     return dx, dy, dscale
 
 
@@ -138,17 +153,9 @@ def siglip_forward(
         if offset is not None:
             g[idx, idx + start + offset] -= 1 / n_x
         dbias += g.sum()
-        if need_dx or not need_dy:
-            gy = g @ yc  # (rows, D); dL/ds = sum_i <(G y)_i, x_i>
-            dscale += torch.linalg.vecdot(gy, xc).sum()
-            if need_dx:
-                dx[start:stop] = gy.mul_(scale_c)
-        if need_dy:
-            dy.addmm_(g.T, xc)
+        dscale += _products(g, xc, yc, scale_c, dx, dy, slice(start, stop), need_dx, need_dy)
     if need_dy:
-        if not need_dx:
-            dscale = torch.linalg.vecdot(dy, yc).sum()
-        dy = dy.mul_(scale_c).to(y.dtype)
+        dy, dscale = _finish_dy(dy, yc, scale_c, y.dtype, dscale, need_dx)
     if not need_dparams:
         dscale = dbias = None
     return loss / n_x, dx, dy, dscale, dbias

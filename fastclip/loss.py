@@ -7,7 +7,14 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from fastclip.checks import BACKENDS, check_features, check_inputs, check_offset, select_backend
+from fastclip.checks import (
+    BACKENDS,
+    check_features,
+    check_inputs,
+    check_offset,
+    check_rank,
+    select_backend,
+)
 from fastclip.distributed import gather_features
 
 try:
@@ -138,11 +145,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        for name, value in (("rank", rank), ("world_size", world_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world={world_size}")
+        check_rank(rank, world_size)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels

@@ -71,3 +71,13 @@ def similarity_reference(
     if normalize:
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     return scale * a @ b.T + bias
+
+
+def normalized_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """The normalized projection: each row of x W^T + b divided by max(its norm, eps)."""
+    return F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps)

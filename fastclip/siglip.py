@@ -8,7 +8,7 @@ import torch
 import torch.distributed.nn as dist_nn
 from torch import nn
 
-from fastclip.checks import BACKENDS, check_inputs, check_offset, select_backend
+from fastclip.checks import BACKENDS, check_inputs, check_offset, check_rank, select_backend
 from fastclip.distributed import neighbour_exchange, neighbour_exchange_bidir
 
 try:
@@ -116,11 +116,7 @@ class SigLipLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        for name, value in (("rank", rank), ("world_size", world_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world={world_size}")
+        check_rank(rank, world_size)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
