@@ -117,7 +117,7 @@ def _topk_torch(
         if best_values is not None:
             values = torch.cat([best_values, values], dim=1)
             indices = torch.cat([best_indices, indices], dim=1)
-            values, where = values.topk(k, dim=1)
+            values, where = values.topk(min(k, values.shape[1]), dim=1)
             indices = indices.gather(1, where)
         best_values, best_indices = values, indices
     return best_values, best_indices

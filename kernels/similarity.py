@@ -106,6 +106,7 @@ def _pack(score, index):
     in the high word, the bit-inverted index in the low word."""
     bits = score.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.where(score != score, 0x7FFFFFFF, key)  # every NaN ranks first, as in torch.topk
     return (key.to(tl.int64) << 32) | (index.to(tl.int64) ^ 0xFFFFFFFF)
 
 
@@ -129,6 +130,7 @@ def _topk_kernel(
     n_q,
     n_k,
     D,
+    k,  # the k wanted; the kernel keeps K >= k
     # strides
     stride_q,
     stride_qd,
@@ -143,7 +145,8 @@ def _topk_kernel(
     BK: tl.constexpr,
 ):
     """The best K scores (and key indices) of BM queries over one chunk of the keys: 1 matmul
-    pass of n_q n_k D overall. BN >= K, both powers of two."""
+    pass of n_q n_k D overall. BN >= K, both powers of two; a tile merges only if it beats a
+    query's k-th best (beyond the k-th, the list may miss scores: only the first k are read)."""
     rb = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
@@ -155,7 +158,8 @@ def _topk_kernel(
     best = _pack(
         tl.full((BM, K), float("-inf"), tl.float32), tl.full((BM, K), 0xFFFFFFFF, tl.int64)
     )
-    threshold = tl.full((BM,), float("-inf"), tl.float32)  # the k-th best score so far
+    threshold = tl.full((BM,), float("-inf"), tl.float32)  # each query's k-th best score so far
+    kth_column = tl.arange(0, K)[None, :] == k - 1
     cb_start, cb_end = column_chunk(n_k, BN)
     for cb in range(cb_start, cb_end):
         cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
@@ -173,7 +177,7 @@ def _topk_kernel(
             tile = _top_k_of_sorted(tl.sort(tile, dim=1, descending=True), BM, BN, K)
             both = tl.reshape(tl.join(best, tile), (BM, 2 * K))
             best = _top_k_of_sorted(tl.sort(both, dim=1, descending=True), BM, 2 * K, K)
-            kth = (tl.min(best, axis=1) >> 32).to(tl.int32)
+            kth = (tl.sum(tl.where(kth_column, best, 0), axis=1) >> 32).to(tl.int32)
             threshold = tl.where(kth >= 0, kth, kth ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
     out = out_ptr + (pid_c.to(tl.int64) * n_q + rows[:, None]) * K + tl.arange(0, K)[None, :]
     tl.store(out, best, mask=row_ok[:, None])
@@ -301,16 +305,14 @@ def topk_forward(
     # fmt: off
     _topk_kernel[(triton.cdiv(n_q, config.block_m), col_split)](
         q, keys, scale, inv_q if normalize else scale, inv_k if normalize else scale, packed,
-        n_q, n_k, D, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+        n_q, n_k, D, k, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
         NORMALIZE=normalize, DOT_PRECISION=dot_precision(q.dtype), K=width,
         BM=config.block_m, BN=block_n, BK=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     # fmt: on
+    # The chunks' lists merged in the packed order, which ranks ties (-inf included) by index.
+    packed = packed.permute(1, 0, 2).reshape(n_q, col_split * width).topk(k, dim=1).values
     key = (packed >> 32).to(torch.int32)
     values = torch.where(key >= 0, key, key ^ 0x7FFFFFFF).view(torch.float32)
-    indices = (packed & 0xFFFFFFFF) ^ 0xFFFFFFFF
-    values = values.permute(1, 0, 2).reshape(n_q, col_split * width)
-    indices = indices.permute(1, 0, 2).reshape(n_q, col_split * width)
-    top, where = torch.topk(values, k, dim=1)
-    return top, indices.gather(1, where)
+    return values, (packed & 0xFFFFFFFF) ^ 0xFFFFFFFF

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import fastclip.kernels.contrastive as kc
 import fastclip.kernels.siglip as ks
+import fastclip.kernels.similarity as ksim
 from fastclip import infonce, siglip_loss
 from fastclip.reference import clip_loss_reference, siglip_loss_reference
 
@@ -26,6 +27,8 @@ KERNEL_ENTRY_POINTS = [
     (kc, "contrastive_backward"),
     (ks, "siglip_forward"),
 ]
+# forced_tiles patches these too; they have no PyTorch-path twins under the same names.
+SIMILARITY_ENTRY_POINTS = [(ksim, "similarity_forward"), (ksim, "topk_forward")]
 
 # (rtol, atol relative to the reference's largest magnitude) per input dtype. Low precision
 # follows flash-attention's rule: no worse than about twice eager PyTorch's own error there.
@@ -41,7 +44,7 @@ TOLERANCES = {
 def forced_tiles(config):
     """Every kernel call a loss makes uses ``config`` (tile shapes and splits)."""
     with contextlib.ExitStack() as stack:
-        for module, name in KERNEL_ENTRY_POINTS:
+        for module, name in KERNEL_ENTRY_POINTS + SIMILARITY_ENTRY_POINTS:
             fn = functools.partial(getattr(module, name), config=config)
             stack.enter_context(mock.patch.object(module, name, fn))
         yield
