@@ -10,25 +10,30 @@
 # below) and the limits sum to 440 s, plus ~20 s for the install and the rendering. Measured on an
 # H200 (benchmarks/results/2026-11-27-h200-partial): 32 loss-grid cases, autotuning included,
 # took 95 s.
-#   tests 110;
-#   losses, fastclip + eager 120: by default the targets' widths only (InfoNCE D=512, SigLIP
+#   tests 100;
+#   losses, fastclip + eager 110: by default the targets' widths only (InfoNCE D=512, SigLIP
 #   D=768; BENCH_FILTER="" runs both widths of both losses, about twice as long);
-#   losses, torch.compile 60, the same cases (two references, each compiled twice: the first
+#   losses, torch.compile 50, the same cases (two references, each compiled twice: the first
 #   shape, then with dynamic shapes);
 #   InfoNCE at N = 2^20 70 (tuned at N = 65536 first, whose bucket it shares; a memory run and a
 #   timed one);
-#   similarity and top-k 60.
+#   similarity and top-k 50;
+#   normalized projection 60: by default N = 32768 only (768->512 and 1024->768, fastclip, eager
+#   and torch.compile, forward and forward+backward: 12 cases); PROJECTION_FILTER="" runs
+#   N = 8192 to 131072 as well, about twice as long.
 # The benchmarks run in parts because pytest-benchmark writes its JSON only when a run ends: a
 # part stopped at its limit loses only its own results. A failing step is recorded in
 # summary.md, not fatal.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results/latest}
-TESTS_LIMIT_S=${TESTS_LIMIT_S:-110}
-GRID_LIMIT_S=${GRID_LIMIT_S:-120}
-COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-60}
+TESTS_LIMIT_S=${TESTS_LIMIT_S:-100}
+GRID_LIMIT_S=${GRID_LIMIT_S:-110}
+COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-50}
 LARGE_LIMIT_S=${LARGE_LIMIT_S:-70}
-RETRIEVAL_LIMIT_S=${RETRIEVAL_LIMIT_S:-60}
+RETRIEVAL_LIMIT_S=${RETRIEVAL_LIMIT_S:-50}
+PROJECTION_LIMIT_S=${PROJECTION_LIMIT_S:-60}
+PROJECTION_FILTER=${PROJECTION_FILTER-N32768}
 BENCH_FILTER=${BENCH_FILTER-(clip-D512 or siglip-D768) and not siglip-D512}
 mkdir -p "$OUT"
 rm -f "$OUT"/bench.json "$OUT"/part-*.json "$OUT/bench.log"
@@ -73,6 +78,8 @@ bench losses "$GRID_LIMIT_S" "losses: fastclip and eager" bench_losses.py -k "$g
 bench compile "$COMPILE_LIMIT_S" "losses: torch.compile" bench_losses.py -k "$grid and compile"
 bench large "$LARGE_LIMIT_S" "InfoNCE at N = 2^20" bench_losses.py -k large_batch
 bench retrieval "$RETRIEVAL_LIMIT_S" "similarity and top-k" bench_retrieval.py
+bench projection "$PROJECTION_LIMIT_S" "normalized projection" bench_projection.py \
+    -k "test_projection_gpu${PROJECTION_FILTER:+ and ($PROJECTION_FILTER)}"
 
 results=()
 for f in "$OUT"/part-*.json; do

@@ -24,7 +24,8 @@ METRICS = (("ms", "ms"), ("tflops", "TFLOP/s"), ("peak_mib", "peak MiB"))
 LEGEND = (
     "ms: median over the timed rounds. TFLOP/s: 2·N²·D FLOPs per matmul pass, 1 pass for a "
     "forward; for forward+backward 4 (InfoNCE) or 3 (SigLIP), the algorithmic floor, the same "
-    "count for every provider. Peak MiB: memory "
+    "count for every provider (normalized projection: 2·N·D_in·D_out per pass, 1 for a forward, "
+    "3 for forward+backward). Peak MiB: memory "
     "allocated on top of the inputs. OOM: ran out of memory. Speedup: the baseline's time over "
     "fastclip's."
 )

@@ -96,8 +96,8 @@ def normalized_linear(
 ) -> torch.Tensor:
     """F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps), fused.
 
-    The matmul ends with the normalization: y is written once, and only y and one norm per row
-    are kept for the backward, which computes dx, dW and db without storing dL/dz.
+    On the Triton backend the matmul ends with the normalization, so y is written once; the
+    backward keeps only y and one norm per row, and never stores the gradient of x W^T + b.
 
     Args:
         x: (..., in_features) float32, float16 or bfloat16 (float64 on the torch backend); any

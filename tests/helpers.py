@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastclip.kernels.contrastive as kc
+import fastclip.kernels.projection as kproj
 import fastclip.kernels.siglip as ks
 import fastclip.kernels.similarity as ksim
 from fastclip import infonce, siglip_loss
@@ -29,6 +30,7 @@ KERNEL_ENTRY_POINTS = [
 ]
 # forced_tiles patches these too; they have no PyTorch-path twins under the same names.
 SIMILARITY_ENTRY_POINTS = [(ksim, "similarity_forward"), (ksim, "topk_forward")]
+PROJECTION_ENTRY_POINTS = [(kproj, "projection_forward"), (kproj, "projection_backward")]
 
 # (rtol, atol relative to the reference's largest magnitude) per input dtype. Low precision
 # follows flash-attention's rule: no worse than about twice eager PyTorch's own error there.
@@ -42,9 +44,9 @@ TOLERANCES = {
 
 @contextlib.contextmanager
 def forced_tiles(config):
-    """Every kernel call a loss makes uses ``config`` (tile shapes and splits)."""
+    """Every kernel call an op makes uses ``config`` (tile shapes and splits)."""
     with contextlib.ExitStack() as stack:
-        for module, name in KERNEL_ENTRY_POINTS + SIMILARITY_ENTRY_POINTS:
+        for module, name in KERNEL_ENTRY_POINTS + SIMILARITY_ENTRY_POINTS + PROJECTION_ENTRY_POINTS:
             fn = functools.partial(getattr(module, name), config=config)
             stack.enter_context(mock.patch.object(module, name, fn))
         yield

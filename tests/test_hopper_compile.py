@@ -18,11 +18,14 @@ import torch
 import triton
 
 import fastclip.kernels.contrastive as kc
+import fastclip.kernels.projection as kproj
 import fastclip.kernels.siglip as ks
 import fastclip.kernels.similarity as ksim
 import fastclip.kernels.tiles as tiles
 
 H100_SHARED_MEMORY = 232448  # bytes per block, opt-in maximum
+# Sizes compiled as multiples of 16, as the JIT specializes them for the usual widths (512, 768).
+DIVISIBLE = ("D", "n_in", "n_out")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 try:
@@ -53,7 +56,7 @@ def compile_for_hopper(fn, pointers: dict[str, str], constants: dict, config: tr
             signature[name] = "constexpr"
             continue
         signature[name] = "*" + pointers[name] if name in pointers else "i32"
-        if name in pointers or name.startswith("stride") or name == "D":
+        if name in pointers or name.startswith("stride") or name in DIVISIBLE:
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
     kernel = triton.compile(
@@ -116,6 +119,44 @@ def cases() -> dict[str, tuple]:
         c = triton.Config(blocks, num_warps=t.num_warps, num_stages=t.num_stages)
         const = {"NORMALIZE": True, "DOT_PRECISION": "ieee", "K": width}
         out[f"topk-{width}"] = (ksim._topk_kernel, {**bf16, "out_ptr": "i64"}, const, c)
+    # Normalized projection. Forward: each config at the widest column block it can hold (as
+    # pruned on an H100), registers-only and two-stage epilogue; backward: every config, the
+    # fixed default tiles, fp32 fallbacks. eps, a float argument, is compiled as a constant.
+    proj = {**bf16, "w_ptr": "bf16", "g_ptr": "bf16", "dx_ptr": "bf16"}
+    proj.update(dict.fromkeys(("norm_ptr", "yg_ptr", "dw_ptr", "db_ptr"), "fp32"))
+    proj32 = dict.fromkeys(proj, "fp32")
+    for c in kproj._FORWARD_CONFIGS:
+        for wide, widths in ((False, (512, 256, 128)), (True, (256, 128))):
+            meta = {"WIDE": wide, "DOT_PRECISION": "ieee", "HAS_BIAS": True}
+            width = next((w for w in widths if kproj.fitting(
+                "forward", [c], {**meta, "BO": w}, 2, H100_SHARED_MEMORY)), None)  # fmt: skip
+            if width is not None:  # else pruned for every width
+                const = {**meta, "BO": width, "eps": 1e-12}
+                out[f"projection-forward-{c}-BO{width}-wide{wide}"] = (
+                    kproj._forward_kernel, proj, const, c)  # fmt: skip
+    default = tiles.TileConfig()  # the backward's tiles without autotuning
+    fixed = triton.Config({"BM": default.block_m, "BO": default.block_n, "BI": default.block_d},
+                          num_warps=default.num_warps, num_stages=default.num_stages)  # fmt: skip
+    for c in [*kproj._DX_CONFIGS, fixed]:
+        const = {"DX": True, "DOT_PRECISION": "ieee", "eps": 1e-12}
+        out[f"projection-dx-{c}"] = (kproj._dx_kernel, proj, const, c)
+    for c in [*kproj._DW_CONFIGS, fixed]:
+        for db in (True, False):
+            const = {"DW": True, "DB": db, "DOT_PRECISION": "ieee", "eps": 1e-12}
+            out[f"projection-dw-{c}-db{db}"] = (kproj._dw_kernel, proj, const, c)
+    const = {"DX": False, "DOT_PRECISION": "ieee", "eps": 1e-12}
+    out["projection-dx-statistic-only"] = (kproj._dx_kernel, proj, const, kproj._DX_CONFIGS[0])
+    const = {"DW": False, "DB": True, "DOT_PRECISION": "ieee", "eps": 1e-12}
+    out["projection-dw-bias-only"] = (kproj._dw_kernel, proj, const, kproj._DW_CONFIGS[0])
+    for precision in ("ieee", "tf32"):  # fp32: the configs pruning keeps as fallbacks
+        const = {"HAS_BIAS": True, "WIDE": False, "DOT_PRECISION": precision, "BO": 512,
+                 "eps": 1e-12}  # fmt: skip
+        c = kproj.fitting("forward", kproj._FORWARD_CONFIGS, {"BO": 512}, 4, H100_SHARED_MEMORY)[0]
+        out[f"projection-forward-fp32-{precision}"] = (kproj._forward_kernel, proj32, const, c)
+        const = {"DX": True, "DOT_PRECISION": precision, "eps": 1e-12}
+        out[f"projection-dx-fp32-{precision}"] = (kproj._dx_kernel, proj32, const, fixed)
+        const = {"DW": True, "DB": True, "DOT_PRECISION": precision, "eps": 1e-12}
+        out[f"projection-dw-fp32-{precision}"] = (kproj._dw_kernel, proj32, const, fixed)
     rows = triton.Config({"BM": tiles.ROWS, "BD": 128}, num_warps=4, num_stages=1)
     out["finalize"] = (tiles.finalize_kernel, bf16, {"ROW_TERM": True, "COL_TERM": True}, rows)
     out["row-dot"] = (tiles.row_dot_kernel, bf16, {}, rows)
