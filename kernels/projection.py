@@ -45,7 +45,6 @@ offsets are 64-bit.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -55,6 +54,7 @@ from triton.runtime import driver
 from .tiles import (
     WORKSPACE_BYTES,
     TileConfig,
+    autotuning,
     bucket,
     column_chunk,
     dot_precision,
@@ -400,7 +400,7 @@ def _forward_config(config: TileConfig | None, meta: dict, x: torch.Tensor) -> T
     """The forward's fixed config, None to autotune. Without autotuning (FASTCLIP_AUTOTUNE=0),
     not ``TileConfig()``: its 4 warps cannot hold a row block of BO columns; the first config that
     fits does."""
-    if config is not None or interpreting() or os.environ.get("FASTCLIP_AUTOTUNE", "1") != "0":
+    if config is not None or interpreting() or autotuning():
         return config
     smem = driver.active.utils.get_device_properties(x.device.index)["max_shared_mem"]
     fits = fitting("forward", _FORWARD_CONFIGS, meta, x.element_size(), smem)

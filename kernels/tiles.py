@@ -239,18 +239,21 @@ def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> l
     return kept or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])]
 
 
+def autotuning() -> bool:
+    """Kernels without a given config autotune, but under the interpreter or FASTCLIP_AUTOTUNE=0."""
+    return not interpreting() and os.environ.get("FASTCLIP_AUTOTUNE", "1") != "0"
+
+
 def launch(kernel, tuned, grid, config: TileConfig | None, args: tuple, meta: dict, blocks):
     """Launch the autotuned kernel, or the plain one with a fixed config.
 
     Fixed configs: the one given; the interpreter's small tiles; ``TileConfig()`` when the
     environment sets FASTCLIP_AUTOTUNE=0 (no tuning runs, e.g. for short jobs).
     """
-    if config is None and not interpreting():
-        if os.environ.get("FASTCLIP_AUTOTUNE", "1") != "0":
-            tuned[grid](*args, **meta)
-            return
-        config = TileConfig()
-    config = config or INTERPRETER_CONFIG
+    if config is None and autotuning():
+        tuned[grid](*args, **meta)
+        return
+    config = config or (INTERPRETER_CONFIG if interpreting() else TileConfig())
     sizes = {name: getattr(config, field) for name, field in blocks.items()}
     kernel[grid(sizes)](
         *args, **meta, **sizes, num_warps=config.num_warps, num_stages=config.num_stages
