@@ -59,6 +59,7 @@ from .tiles import (
     bucket,
     clear_rows,
     column_chunk,
+    configs,
     dot_precision,
     finalize,
     launch,
@@ -245,9 +246,9 @@ def _backward_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-_FORWARD_CONFIGS = [
-    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
-    for bm, bn, bk, w, st in [
+_FORWARD_CONFIGS = configs(
+    ("BM", "BN", "BK"),
+    [  # (BM, BN, BK, warps, stages)
         (128, 128, 64, 8, 3),
         (128, 128, 32, 8, 4),
         (128, 64, 64, 4, 3),
@@ -255,11 +256,11 @@ _FORWARD_CONFIGS = [
         (64, 64, 64, 4, 4),
         (128, 256, 32, 8, 3),
         (64, 64, 32, 4, 2),
-    ]
-]
-_BACKWARD_CONFIGS = [
-    triton.Config({"BM": bm, "BN": bn, "BK": bk, "BD": bd}, num_warps=w, num_stages=st)
-    for bm, bn, bk, bd, w, st in [
+    ],
+)
+_BACKWARD_CONFIGS = configs(
+    ("BM", "BN", "BK", "BD"),
+    [  # (BM, BN, BK, BD, warps, stages)
         (64, 128, 64, 128, 8, 3),
         (64, 256, 64, 128, 8, 2),
         (128, 64, 64, 128, 8, 3),
@@ -269,8 +270,8 @@ _BACKWARD_CONFIGS = [
         (128, 64, 64, 64, 8, 3),
         (64, 64, 64, 64, 4, 3),
         (64, 64, 32, 64, 4, 2),
-    ]
-]
+    ],
+)
 _KEY = ["D", "n_bucket", "HAS_BIAS", "DOT_PRECISION"]
 _forward_tuned = triton.autotune(
     _FORWARD_CONFIGS,

@@ -57,6 +57,7 @@ from .tiles import (
     autotuning,
     bucket,
     column_chunk,
+    configs,
     dot_precision,
     interpreting,
     launch,
@@ -337,18 +338,11 @@ def prune(kernel: str, configs: list, named_args: dict, **meta) -> list:
     return fitting(kernel, configs, meta, first.element_size(), smem) or configs[-1:]
 
 
-def _configs(rows: list[tuple]) -> list[triton.Config]:
-    return [
-        triton.Config({"BM": bm, "BO": bo, "BI": bi}, num_warps=w, num_stages=s)
-        for bm, bo, bi, w, s in rows
-    ]
-
-
 # Forward: BO is set by the launcher (``output_block``); the entries give BM and BI, with the
 # widest BO they can hold. Without autotuning, the first one that fits is used.
-_FORWARD_CONFIGS = [
-    triton.Config({"BM": bm, "BI": bi}, num_warps=w, num_stages=s)
-    for bm, bi, w, s in [
+_FORWARD_CONFIGS = configs(
+    ("BM", "BI"),
+    [  # (BM, BI, warps, stages)
         (64, 32, 8, 4),  # BO <= 512
         (64, 64, 8, 2),  # BO <= 512
         (64, 32, 16, 3),  # BO <= 512
@@ -358,9 +352,9 @@ _FORWARD_CONFIGS = [
         (64, 64, 4, 3),  # BO <= 256
         (128, 64, 4, 4),  # BO <= 128
         (64, 16, 8, 3),  # BO <= 512, fp32 operands too: the fallback
-    ]
-]
-_DX_CONFIGS = _configs([  # (BM, BO, BI, warps, stages)
+    ],
+)
+_DX_CONFIGS = configs(("BM", "BO", "BI"), [  # (BM, BO, BI, warps, stages)
     (64, 64, 128, 4, 3),
     (128, 64, 128, 8, 3),
     (128, 32, 256, 8, 3),
@@ -368,7 +362,7 @@ _DX_CONFIGS = _configs([  # (BM, BO, BI, warps, stages)
     (128, 64, 64, 4, 3),
     (64, 32, 64, 4, 2),
 ])  # fmt: skip
-_DW_CONFIGS = _configs([
+_DW_CONFIGS = configs(("BM", "BO", "BI"), [
     (64, 128, 128, 8, 3),
     (32, 128, 256, 8, 3),
     (64, 64, 128, 4, 3),

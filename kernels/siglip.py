@@ -41,6 +41,7 @@ from .tiles import (
     bucket,
     clear_rows,
     column_chunk,
+    configs,
     dot_precision,
     finalize,
     launch,
@@ -125,9 +126,9 @@ def _siglip_kernel(
         tl.store(sig_ptr + partial, sigmoid_sum, mask=row_ok)
 
 
-_CONFIGS = [
-    triton.Config({"BM": bm, "BN": bn, "BK": bk, "BD": bd}, num_warps=w, num_stages=st)
-    for bm, bn, bk, bd, w, st in [
+_CONFIGS = configs(
+    ("BM", "BN", "BK", "BD"),
+    [  # (BM, BN, BK, BD, warps, stages)
         (64, 128, 64, 128, 8, 3),
         (64, 256, 64, 128, 8, 2),
         (128, 64, 64, 128, 8, 3),
@@ -135,8 +136,8 @@ _CONFIGS = [
         (64, 128, 64, 64, 8, 3),
         (128, 64, 64, 64, 8, 3),
         (64, 64, 32, 64, 4, 2),
-    ]
-]
+    ],
+)
 _siglip_tuned = triton.autotune(
     _CONFIGS,
     key=["D", "n_bucket", "HAS_BIAS", "LOSS", "GRAD", "DOT_PRECISION"],

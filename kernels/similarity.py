@@ -30,6 +30,7 @@ from .tiles import (
     ROWS,
     TileConfig,
     column_chunk,
+    configs,
     dot_precision,
     interpreting,
     launch,
@@ -183,17 +184,17 @@ def _topk_kernel(
     tl.store(out, best, mask=row_ok[:, None])
 
 
-_SIMILARITY_CONFIGS = [
-    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
-    for bm, bn, bk, w, st in [
+_SIMILARITY_CONFIGS = configs(
+    ("BM", "BN", "BK"),
+    [  # (BM, BN, BK, warps, stages)
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
         (128, 128, 64, 8, 4),
         (128, 128, 32, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 32, 4, 2),
-    ]
-]
+    ],
+)
 _similarity_tuned = triton.autotune(
     _SIMILARITY_CONFIGS,
     key=["n_a", "n_b", "D", "HAS_BIAS", "NORMALIZE", "DOT_PRECISION"],

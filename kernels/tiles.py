@@ -222,6 +222,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def configs(blocks: tuple[str, ...], rows: list[tuple]) -> list[triton.Config]:
+    """Autotune configs from rows of (*block sizes named by ``blocks``, num_warps, num_stages)."""
+    return [
+        triton.Config(
+            dict(zip(blocks, row[:-2], strict=True)), num_warps=row[-2], num_stages=row[-1]
+        )
+        for row in rows
+    ]
+
+
 def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop configs whose pipelined operand tiles would not fit the GPU's shared memory.
 
