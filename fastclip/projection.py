@@ -107,9 +107,13 @@ def normalized_linear(
         backend: "triton" (fused kernels; CUDA), "torch" (eager PyTorch, any device) or "auto"
             (Triton on CUDA, PyTorch otherwise).
 
+    Inside ``torch.autocast`` the operands are cast to the autocast dtype, as for ``F.linear``.
+
     Returns:
-        (..., out_features) in x's dtype, each row of unit norm (or ||z|| / eps below eps).
+        (..., out_features) in x's dtype (the autocast dtype under autocast), each row of unit
+        norm (or ||z|| / eps below eps).
     """
+    x, weight, bias = _autocast(x, weight, bias)
     check_projection(x, weight, bias, eps)
     if select_backend(backend, x, triton_projection, torch_ops=None) is None:
         return F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps)
@@ -120,6 +124,21 @@ def normalized_linear(
     else:
         y = triton_projection.projection_forward(*inputs, float(eps))[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., out_features)
+
+
+def _autocast(*tensors: object) -> tuple:
+    """Inside an autocast region, the autocast dtype for every operand, as nn.Linear gets."""
+    device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
+    if device is None or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t
+        for t in tensors
+    )
+
+
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)  # float64 is never autocast
 
 
 class NormalizedLinear(nn.Linear):

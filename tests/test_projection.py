@@ -262,6 +262,21 @@ def test_module_matches_reference(backend, tiles):
         assert_close(a.grad, b.grad, torch.float32, f"d_{name}")
 
 
+def test_module_follows_autocast_like_linear():
+    """Under autocast the fused head computes in the autocast dtype, as nn.Linear does, and the
+    fp32 parameters still get their gradients."""
+    torch.manual_seed(0)
+    module = NormalizedLinear(64, 32, device=DEVICE)
+    x = torch.randn(48, 64, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = module(x)
+        plain = nn.functional.linear(x, module.weight, module.bias)
+    assert y.dtype == plain.dtype == torch.bfloat16
+    assert_close(y.float(), F.normalize(plain.float(), dim=-1), torch.bfloat16, "y")
+    y.float().sum().backward()
+    assert module.weight.grad.dtype == torch.float32 and module.weight.grad.abs().sum() > 0
+
+
 def test_module_arguments():
     module = NormalizedLinear(8, 4, False, "cpu", torch.float64, eps=1e-6, backend="torch")
     assert module.weight.dtype == torch.float64 and module.bias is None
