@@ -22,7 +22,7 @@ EPS = 1e-12  # F.normalize's default
 TOPK_CHUNK_ELEMENTS = 2**24
 
 
-def _check_pair(a: object, b: object, names: tuple[str, str]) -> None:
+def check_pair(a: object, b: object, names: tuple[str, str]) -> None:
     """check_features with this op's argument names in the messages."""
     try:
         check_features(a, b)
@@ -90,7 +90,7 @@ def similarity(
     Returns:
         (n_a, n_b) scores, differentiable with respect to a, b, scale and bias.
     """
-    _check_pair(a, b, ("a", "b"))
+    check_pair(a, b, ("a", "b"))
     scale_t = as_scalar("scale", scale, a.device)
     bias_t = as_scalar("bias", bias, a.device)
     out_dtype = out_dtype or a.dtype
@@ -152,7 +152,7 @@ def topk_similarity(
         values (n_q, k) in the inputs' dtype, best first, and indices (n_q, k) int64 into keys.
         The kernel scores in fp32 (fp32 accumulation) before rounding to the inputs' dtype.
     """
-    _check_pair(queries, keys, ("queries", "keys"))
+    check_pair(queries, keys, ("queries", "keys"))
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= keys.shape[0]:

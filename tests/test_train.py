@@ -1,0 +1,200 @@
+"""Training: the loss falls, feature-cache accumulation equals one big batch, two gloo processes
+equal one, kill-and-resume equals an uninterrupted run, and checkpoints survive a failed save."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastclip.checkpoint
+import fastclip.train as train
+from fastclip import ClipLoss, SigLipLoss
+from fastclip.cli import main as cli
+from fastclip.model import CLIP
+from fastclip.train import TrainConfig, contrastive_step, parse_args
+
+SMALL = dict(steps=6, batch_size=32, samples=512, warmup=2, log_every=1, eval_every=0, save_every=3)
+
+
+def run(tmp_path, name, **overrides) -> TrainConfig:
+    cfg = TrainConfig(out=str(tmp_path / name), **{**SMALL, **overrides})
+    train.train(cfg)
+    return cfg
+
+
+def weights(cfg: TrainConfig, step: int | None = None) -> dict[str, torch.Tensor]:
+    return load_file(f"{cfg.out}/step-{step or cfg.steps:06d}/model.safetensors")
+
+
+def records(cfg: TrainConfig) -> list[dict]:
+    with open(f"{cfg.out}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_falls_and_everything_is_written(tmp_path):
+    cfg = run(tmp_path, "run", steps=40, lr=3e-3, eval_every=20, save_every=20)
+    losses = [r["loss"] for r in records(cfg) if "loss" in r]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    evals = [r for r in records(cfg) if "loss" not in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert {"zeroshot_top1", "compositional_top1", "retrieval_image_to_text_R@1"} <= set(evals[-1])
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == [
+        "latest",
+        "metrics.jsonl",
+        "metrics.png",
+        "step-000020",
+        "step-000040",
+        "tokenizer",
+    ]
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step-000040"
+    # The checkpoint is a save_pretrained directory: the eval command reads it.
+    metrics = cli_eval(tmp_path / "run" / "step-000040")
+    assert metrics["zeroshot_top1"] == pytest.approx(evals[-1]["zeroshot_top1"])
+
+
+def cli_eval(path):
+    from fastclip.cli import evaluate
+
+    return evaluate([str(path)])
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_feature_cache_accumulation_equals_one_big_batch(loss):
+    """Micro-batches of 4 with the feature cache give the gradients of the whole batch of 16."""
+    torch.manual_seed(0)
+    siglip = loss == "siglip"
+    model = CLIP("tiny", logit_bias_init=-10.0 if siglip else None)
+    loss_fn = SigLipLoss() if siglip else ClipLoss()
+    images, tokens = torch.randn(16, 3, 32, 32), torch.randint(0, 1000, (16, 32))
+    tokens[:, 0], tokens[:, 9] = 1022, 1023
+    grads, losses = [], []
+    for micro in (0, 4):
+        model.zero_grad()
+        losses.append(
+            contrastive_step(model, loss_fn, images, tokens, micro, contextlib.nullcontext)
+        )
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0])
+    for name, grad in grads[0].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_naive_accumulation_would_differ():
+    """The contrast that makes the feature cache necessary: summing micro-batch losses scores
+    each pair against 3 others instead of 15, a different gradient."""
+    torch.manual_seed(0)
+    model = CLIP("tiny")
+    images, tokens = torch.randn(16, 3, 32, 32), torch.randint(0, 1000, (16, 32))
+    contrastive_step(model, ClipLoss(), images, tokens, 0, contextlib.nullcontext)
+    full = model.text_proj.weight.grad.clone()
+    model.zero_grad()
+    for i, t in zip(images.split(4), tokens.split(4), strict=True):
+        (ClipLoss()(*model(i, t)) / 4).backward()
+    assert not torch.allclose(model.text_proj.weight.grad, full, atol=1e-4)
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    common = dict(steps=3, save_every=0, augment=False)
+    single = run(tmp_path, "single", **common)
+    out = tmp_path / "ddp"
+    args = [
+        f"--{k.replace('_', '-')}={v}" for k, v in {**SMALL, **common}.items() if k != "augment"
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--standalone",
+        "-m",
+        "fastclip.train",
+        f"--out={out}",
+        "--no-augment",
+        *args,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = replace(single, out=str(out))
+    for key, value in weights(single).items():
+        torch.testing.assert_close(weights(ddp)[key], value, atol=2e-6, rtol=1e-4, msg=key)
+    losses = lambda cfg: [r["loss"] for r in records(cfg) if "loss" in r]  # noqa: E731
+    assert losses(ddp) == pytest.approx(losses(single), rel=1e-5)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    whole = run(tmp_path, "whole", micro_batch=8)
+    calls, step = [0], train.contrastive_step
+
+    def dies_at_step_5(*args):
+        calls[0] += 1
+        if calls[0] == 5:  # after the checkpoint of step 3, before that of step 6
+            raise Killed
+        return step(*args)
+
+    monkeypatch.setattr(train, "contrastive_step", dies_at_step_5)
+    with pytest.raises(Killed):
+        run(tmp_path, "resumed", micro_batch=8)
+    monkeypatch.setattr(train, "contrastive_step", step)
+    resumed = run(tmp_path, "resumed", micro_batch=8, resume=True)
+    for key, value in weights(whole).items():
+        assert torch.equal(weights(resumed)[key], value), key
+    fields = [[(r["step"], r.get("loss"), r.get("zeroshot_top1")) for r in records(cfg)]
+              for cfg in (resumed, whole)]  # fmt: skip
+    assert fields[0] == fields[1]  # each step once, no record lost or repeated
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    saves, save_file = [0], fastclip.checkpoint.save_file
+
+    def fails_second_time(*args, **kwargs):
+        saves[0] += 1
+        if saves[0] == 2:
+            raise OSError("disk full")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(fastclip.checkpoint, "save_file", fails_second_time)
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, "run")
+    out = tmp_path / "run"
+    assert (out / "latest").read_text().strip() == "step-000003"
+    assert not (out / "step-000006").exists()
+    fastclip.load_pretrained(out / "step-000003")  # intact
+    monkeypatch.setattr(fastclip.checkpoint, "save_file", save_file)
+    resumed = run(tmp_path, "run", resume=True)
+    assert (out / "latest").read_text().strip() == "step-000006" and weights(resumed)
+
+
+def test_command_line():
+    cfg = parse_args(["--batch-size", "64", "--no-augment", "--lr", "1e-4", "--data", "digits"])
+    assert (cfg.batch_size, cfg.augment, cfg.lr, cfg.data) == (64, False, 1e-4, "digits")
+    assert parse_args([]) == TrainConfig()
+    with pytest.raises(SystemExit):
+        cli(["fly"])
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(data="imagenet"), "data must be"),
+        (dict(loss="triplet"), "loss must be"),
+        (dict(precision="fp8"), "precision must be"),
+        (dict(batch_size=4096), "exceeds"),
+    ],
+)
+def test_bad_configurations(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        run(tmp_path, "bad", **overrides)
