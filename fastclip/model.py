@@ -345,9 +345,12 @@ class TextTransformer(nn.Module):
         self.ln_final = LayerNorm(width, eps=config.layer_norm_eps)
         self.output_width = width
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> (B, width). ``embeddings`` (B, T, width), if given, replace the token
+        embeddings (learned prompts); the tokens still locate each row's end of text."""
         T = tokens.shape[1]
-        x = self.token_embedding(tokens) + self.positional_embedding[:T]  # (B, T, width)
+        x = self.token_embedding(tokens) if embeddings is None else embeddings
+        x = x + self.positional_embedding[:T]  # (B, T, width)
         x = self.ln_final(self.transformer(x))
         # The first end-of-text (argmax returns the first maximum); the last token if none.
         is_eot = tokens == self.eot_token_id
@@ -405,6 +408,7 @@ class CLIP(nn.Module):
         *,
         long_text: str = "truncate",
         stride: int | None = None,
+        embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) token ids ([sot, ..., eot, pad...]) -> (B, embed_dim) features.
 
@@ -415,6 +419,9 @@ class CLIP(nn.Module):
             own sot/eot; the mean of their normalized embeddings (renormalized if ``normalize``);
           - "sliding": like chunk_mean over windows of context_length - 2 tokens that start every
             ``stride`` tokens (default half a window), the last window ending at the text's end.
+
+        ``embeddings`` (B, T, text_width) replace the token embeddings (prompt tuning); T must
+        then fit the context.
         """
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(
@@ -427,8 +434,15 @@ class CLIP(nn.Module):
                 f"stride must be a positive int and goes only with long_text='sliding', "
                 f"got {stride!r}"
             )
+        if embeddings is not None and embeddings.shape != (*tokens.shape, self.config.text_width):
+            raise ValueError(
+                f"embeddings must have shape (B, T, text_width) = "
+                f"{(*tokens.shape, self.config.text_width)}, got {tuple(embeddings.shape)}"
+            )
         if tokens.shape[1] <= self.config.context_length:
-            return _project(self.text_proj, self.text(tokens), normalize)
+            return _project(self.text_proj, self.text(tokens, embeddings), normalize)
+        if embeddings is not None:
+            raise ValueError(f"embeddings must fit the context of {self.config.context_length}")
         pieces, owner = self._split_long(tokens, long_text, stride)
         if long_text == "truncate":
             return _project(self.text_proj, self.text(pieces), normalize)

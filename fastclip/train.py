@@ -59,6 +59,9 @@ class TrainConfig:
     out: str = "runs/shapes"
     data: str = "shapes"
     model: str = "tiny"
+    init: str = ""
+    lock_image: bool = False
+    lock_text: bool = False
     loss: str = "clip"
     steps: int = 1500
     batch_size: int = 256
@@ -84,6 +87,9 @@ HELP = {
     "out": "run directory: checkpoints, metrics.jsonl, metrics.png",
     "data": "shapes | digits | wds:<shard urls, braces allowed> | csv:<file with filepath,caption>",
     "model": f"preset: {', '.join(PRESETS)}",
+    "init": "start from this checkpoint (and its tokenizer): fine-tuning",
+    "lock_image": "freeze the image tower and its head (LiT: train the text side)",
+    "lock_text": "freeze the text tower and its head",
     "loss": "clip (InfoNCE) | siglip",
     "steps": "optimizer steps",
     "batch_size": "contrastive batch: pairs per step, all processes together",
@@ -185,8 +191,9 @@ def _forever(loader):
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """CLIP's AdamW groups: weight decay on matrices, none on biases, norms' gains, embeddings'
     class token, the logit scale and bias (every parameter of < 2 dimensions)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    rest = [p for p in trainable if p.ndim < 2]
     return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
 
 
@@ -222,15 +229,27 @@ def contrastive_step(
     for (i, t), (d_image, d_text) in zip(chunks, grads, strict=True):  # 3. re-encode, backward
         with autocast():
             outputs = [model.encode_image(i), model.encode_text(t)]
-        torch.autograd.backward(
-            outputs, [d_image.to(outputs[0].dtype), d_text.to(outputs[1].dtype)]
-        )
+        pairs = zip(outputs, (d_image, d_text), strict=True)
+        live = [(f, g.to(f.dtype)) for f, g in pairs if f.requires_grad]  # not a locked tower's
+        torch.autograd.backward(*zip(*live, strict=True))
     return loss.detach()
 
 
 def _scale_and_bias(model: CLIP) -> list[torch.Tensor]:
     """The loss's remaining arguments, as the model's forward returns them."""
     return [model.logit_scale.exp()] + ([] if model.logit_bias is None else [model.logit_bias])
+
+
+def lock_towers(model: CLIP, image: bool, text: bool) -> None:
+    """Freeze whole towers with their heads: their weights stay bit for bit what they were."""
+    for locked, tower, head in (
+        (image, model.visual, model.visual_proj),
+        (text, model.text, model.text_proj),
+    ):
+        for p in (*tower.parameters(), *head.parameters()):
+            p.requires_grad_(not locked)
+        if locked:
+            tower.eval()  # batch norms keep their statistics
 
 
 def average_gradients(model: torch.nn.Module, world: int) -> None:
@@ -340,6 +359,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
     if cfg.loss not in ("clip", "siglip"):
         raise ValueError(f"loss must be clip or siglip, got {cfg.loss!r}")
+    if cfg.lock_image and cfg.lock_text:
+        raise ValueError("lock_image and lock_text together leave nothing to train")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
     out = Path(cfg.out)
@@ -356,15 +377,17 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         model = load_pretrained(resume_from).train()
         state = torch.load(resume_from / "trainer.pt", weights_only=True)
         start = state["step"]
+    elif cfg.init:
+        tokenizer, model = Tokenizer.from_pretrained(cfg.init), load_pretrained(cfg.init).train()
+        start, state = 0, None
     else:
         tokenizer = _tokenizer(cfg, dataset, out, rank, world)
-        siglip = (
-            dict(logit_scale_init=math.log(10), logit_bias_init=-10.0)
-            if cfg.loss == "siglip"
-            else {}
-        )
+        siglip = {}
+        if cfg.loss == "siglip":
+            siglip = dict(logit_scale_init=math.log(10), logit_bias_init=-10.0)
         model = CLIP(cfg.model, **tokenizer.model_fields(), **siglip)
         start, state = 0, None
+    lock_towers(model, cfg.lock_image, cfg.lock_text)
     model.to(device).set_grad_checkpointing(cfg.grad_checkpointing)
     if world > 1:  # every process starts from rank 0's weights
         for tensor in model.state_dict().values():
@@ -445,6 +468,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             model.eval()
             final = evaluation(model, tokenizer, device)
             model.train()
+            lock_towers(model, cfg.lock_image, cfg.lock_text)
             _append(metrics_path, dict(step=done, **final))
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
         if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):

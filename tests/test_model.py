@@ -104,6 +104,25 @@ def test_text_is_read_at_the_first_end_of_text(tiny):
     torch.testing.assert_close(tiny.encode_text(tokens[:, :11]), tiny.encode_text(tokens))
 
 
+def test_embeddings_replace_the_token_embeddings(tiny):
+    tokens = tokens_for(tiny, [4, 7])
+    embeddings = tiny.text.token_embedding(tokens)
+    torch.testing.assert_close(
+        tiny.encode_text(tokens, embeddings=embeddings), tiny.encode_text(tokens)
+    )
+    embeddings = embeddings.detach().clone().requires_grad_()
+    with torch.no_grad():
+        shifted = embeddings.clone()
+        shifted[:, 2] += 1.0  # a learned context vector in place of token 2
+    assert not torch.allclose(
+        tiny.encode_text(tokens, embeddings=shifted), tiny.encode_text(tokens)
+    )
+    tiny.encode_text(tokens, embeddings=embeddings).sum().backward()
+    assert embeddings.grad[:, 2].abs().sum() > 0
+    with pytest.raises(ValueError, match="embeddings must have shape"):
+        tiny.encode_text(tokens, embeddings=embeddings[:, :5])
+
+
 def test_long_text_strategies(tiny):
     c = tiny.config
     window = c.context_length - 2  # 30 content tokens per piece

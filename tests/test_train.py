@@ -178,6 +178,23 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert (out / "latest").read_text().strip() == "step-000006" and weights(resumed)
 
 
+@pytest.mark.parametrize("lock", ["image", "text"])
+def test_locked_towers_do_not_change(tmp_path, lock):
+    """Fine-tuning from a checkpoint with one tower locked (LiT when the image tower is)."""
+    base = run(tmp_path, "base", steps=3, save_every=0)
+    init = f"{base.out}/step-000003"
+    tuned = run(tmp_path, "tuned", steps=3, save_every=0, init=init, micro_batch=8,
+                **{f"lock_{lock}": True})  # fmt: skip
+    before, after = weights(base), weights(tuned)
+    frozen = ("visual.", "visual_proj.") if lock == "image" else ("text.", "text_proj.")
+    moved = ("text.", "text_proj.") if lock == "image" else ("visual.", "visual_proj.")
+    for key, value in before.items():
+        if key.startswith(frozen):
+            assert torch.equal(after[key], value), key
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith(moved))
+    assert not torch.equal(after["logit_scale"], before["logit_scale"])
+
+
 def test_command_line():
     cfg = parse_args(["--batch-size", "64", "--no-augment", "--lr", "1e-4", "--data", "digits"])
     assert (cfg.batch_size, cfg.augment, cfg.lr, cfg.data) == (64, False, 1e-4, "digits")
@@ -193,6 +210,7 @@ def test_command_line():
         (dict(loss="triplet"), "loss must be"),
         (dict(precision="fp8"), "precision must be"),
         (dict(batch_size=4096), "exceeds"),
+        (dict(lock_image=True, lock_text=True), "nothing to train"),
     ],
 )
 def test_bad_configurations(tmp_path, overrides, match):
