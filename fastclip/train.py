@@ -71,6 +71,7 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float = 1.0
     precision: str = "auto"
+    device: str = "auto"
     grad_checkpointing: bool = False
     augment: bool = True
     vocab_size: int = 1024
@@ -99,6 +100,7 @@ HELP = {
     "warmup": "linear warm-up steps, then cosine decay to 0",
     "grad_clip": "max global gradient norm (0: off)",
     "precision": "fp32 | bf16 (autocast) | auto: bf16 on CUDA, fp32 on CPU",
+    "device": "cuda | cpu | auto: CUDA (one GPU per process, NCCL) when present, else CPU (gloo)",
     "grad_checkpointing": "recompute transformer blocks in backward (less memory)",
     "augment": "random resized crops (area 0.9-1) while training",
     "vocab_size": "size of the BPE trained on the captions (a new run)",
@@ -116,20 +118,22 @@ HELP = {
 # Processes and data
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
+def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     """(rank, world size, device): torchrun's environment when present, else one process."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    device = (
+    target = (
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if cuda
         else torch.device("cpu")
     )
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(target)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
+    return (dist.get_rank() if world > 1 else 0), world, target
 
 
 def training_set(cfg: TrainConfig):
@@ -343,7 +347,7 @@ class Evaluation:
             image_features = encode_images(model, images, device=device)
             tokens = tokenizer(captions).to(device)
             text_features = torch.cat([model.encode_text(t) for t in tokens.split(256)])
-            recall = retrieval_recall(image_features, text_features, ks=(1, 5))
+            recall = retrieval_recall(image_features, text_features, ks=(1, 5, 10))
             metrics.update({f"retrieval_{k}": v for k, v in recall.items()})
         return metrics
 
@@ -354,7 +358,7 @@ class Evaluation:
 
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Train as ``cfg`` says; returns the final evaluation's metrics (rank 0; {} elsewhere)."""
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
     if cfg.loss not in ("clip", "siglip"):

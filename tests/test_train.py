@@ -19,7 +19,9 @@ from fastclip.cli import main as cli
 from fastclip.model import CLIP
 from fastclip.train import TrainConfig, contrastive_step, parse_args
 
-SMALL = dict(steps=6, batch_size=32, samples=512, warmup=2, log_every=1, eval_every=0, save_every=3)
+# On the CPU everywhere (a GPU machine too): gloo for two processes, and bit-exact resumes.
+SMALL = dict(steps=6, batch_size=32, samples=512, warmup=2, log_every=1, eval_every=0, save_every=3,
+             device="cpu")  # fmt: skip
 
 
 def run(tmp_path, name, **overrides) -> TrainConfig:
@@ -64,6 +66,14 @@ def cli_eval(path):
     from fastclip.cli import evaluate
 
     return evaluate([str(path)])
+
+
+@pytest.mark.parametrize("overrides", [dict(loss="siglip"), dict(precision="bf16", micro_batch=8)])
+def test_siglip_and_bf16_runs(tmp_path, overrides):
+    cfg = run(tmp_path, "run", steps=2, save_every=0, **overrides)
+    losses = [r["loss"] for r in records(cfg) if "loss" in r]
+    assert len(losses) == 2 and all(0 < x < 100 for x in losses)
+    assert ("logit_bias" in weights(cfg)) == (cfg.loss == "siglip")
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
@@ -211,6 +221,7 @@ def test_command_line():
         (dict(precision="fp8"), "precision must be"),
         (dict(batch_size=4096), "exceeds"),
         (dict(lock_image=True, lock_text=True), "nothing to train"),
+        (dict(device="tpu"), "device must be"),
     ],
 )
 def test_bad_configurations(tmp_path, overrides, match):
