@@ -202,26 +202,30 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, torch.Tensor], **ov
 def load_weights(model: CLIP, state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` into ``model``; a clear error lists every missing, unexpected or mis-shaped
     weight. BatchNorm's ``num_batches_tracked`` counters may be absent."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    problems = mismatches(model.state_dict(), state, optional=("num_batches_tracked",))
+    if problems:
+        raise ValueError(f"checkpoint does not match the model; {problems}")
+    model.load_state_dict(state, strict=False)
+
+
+def mismatches(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], optional: tuple = ()
+) -> str:
+    """The missing, unexpected and mis-shaped keys of ``state`` against ``expected``, as one
+    line for an error message ("" when they match); keys ending in ``optional`` may be absent."""
+    missing = [k for k in expected if k not in state and not k.endswith(optional)]
     unexpected = [k for k in state if k not in expected]
     shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}"
+        f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}"
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
-    problems = [
+    found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+    return "; ".join(
         f"{name} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
-        for name, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", shapes),
-        )
+        for name, keys in found
         if keys
-    ]
-    if problems:
-        raise ValueError("checkpoint does not match the model; " + "; ".join(problems))
-    model.load_state_dict(state, strict=False)
+    )
 
 
 def _blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -361,7 +365,7 @@ HF_VISION_DEFAULTS = dict(
 # Writing
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """write(temporary name) then rename: a crash mid-write leaves the previous file intact."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -374,12 +378,12 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def _write_json(path: Path, values: dict) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(values, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(values, indent=2) + "\n"))
 
 
 def _write_weights(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None) -> Path:

@@ -138,7 +138,8 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 and returned in the input's dtype (stable under bf16/fp16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight, bias = self.weight.float(), self.bias.float()  # a bf16/fp16 model's too
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):

@@ -1,5 +1,6 @@
 """The CLIP model: presets, towers, pooling, long text, gradient checkpointing, autocast."""
 
+import copy
 import math
 
 import pytest
@@ -216,6 +217,15 @@ def test_bf16_autocast_stays_close_to_fp32(tiny):
         low = tiny(images, tokens)
     for ours, ref in zip(low[:2], tiny(images, tokens)[:2], strict=True):
         assert torch.isfinite(ours).all()
+        assert (ours.float() - ref).abs().max() < 0.05
+
+
+def test_a_bf16_model_runs(tiny):
+    """Weights cast to bf16 (inference), LayerNorm still in fp32."""
+    images, tokens = images_for(tiny, 4), tokens_for(tiny, [2, 4, 6, 8])
+    low = copy.deepcopy(tiny).to(torch.bfloat16)
+    for ours, ref in zip(low(images, tokens)[:2], tiny(images, tokens)[:2], strict=True):
+        assert ours.dtype == torch.bfloat16
         assert (ours.float() - ref).abs().max() < 0.05
 
 
