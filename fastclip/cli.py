@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from fastclip import train
+from fastclip import finetune, train
 from fastclip.checkpoint import load_pretrained
 from fastclip.tokenizer import Tokenizer
 
@@ -36,7 +36,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     return metrics
 
 
-COMMANDS = {"train": train.main, "eval": evaluate}
+COMMANDS = {"train": train.main, "eval": evaluate, "finetune": finetune.main}
 
 
 def main(argv: list[str] | None = None) -> None:
