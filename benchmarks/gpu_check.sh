@@ -4,18 +4,20 @@
 #     bash benchmarks/gpu_check.sh        # results in $OUT (default benchmarks/results/latest)
 #
 # Writes env.txt (GPU, driver, versions, install log), tests.log, bench.log, bench.json (every
-# benchmark part merged), summary.md and bench.png: six files.
+# benchmark part merged), summary.md and bench.png: six files. Wheels carried in wheels/
+# (benchmarks/fetch_wheels.sh: tokenizers, tqdm, Pillow, webdataset, which the machine lacks) are installed first;
+# without them the tests that need them skip.
 #
-# Budget, 8 minutes: each step runs under a time limit (seconds, overridable by the variables
-# below) and the limits sum to 440 s, plus ~20 s for the install and the rendering. Measured on an
+# Budget, 8.5 minutes: each step runs under a time limit (seconds, overridable by the variables
+# below) and the limits sum to 480 s, plus ~20 s for the install and the rendering. Measured on an
 # H200 (benchmarks/results/2026-11-27-h200-partial): 32 loss-grid cases, autotuning included,
 # took 95 s.
-#   tests 100;
-#   losses, fastclip + eager 110: by default the targets' widths only (InfoNCE D=512, SigLIP
+#   tests 160 (the suite grew by the model, training and fine-tuning tests: an estimate);
+#   losses, fastclip + eager 100: by default the targets' widths only (InfoNCE D=512, SigLIP
 #   D=768; BENCH_FILTER="" runs both widths of both losses, about twice as long);
 #   losses, torch.compile 50, the same cases (two references, each compiled twice: the first
 #   shape, then with dynamic shapes);
-#   InfoNCE at N = 2^20 70 (tuned at N = 65536 first, whose bucket it shares; a memory run and a
+#   InfoNCE at N = 2^20 60 (tuned at N = 65536 first, whose bucket it shares; a memory run and a
 #   timed one);
 #   similarity and top-k 50;
 #   normalized projection 60: by default N = 32768 only (768->512 and 1024->768, fastclip, eager
@@ -27,10 +29,10 @@
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results/latest}
-TESTS_LIMIT_S=${TESTS_LIMIT_S:-100}
-GRID_LIMIT_S=${GRID_LIMIT_S:-110}
+TESTS_LIMIT_S=${TESTS_LIMIT_S:-160}
+GRID_LIMIT_S=${GRID_LIMIT_S:-100}
 COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-50}
-LARGE_LIMIT_S=${LARGE_LIMIT_S:-70}
+LARGE_LIMIT_S=${LARGE_LIMIT_S:-60}
 RETRIEVAL_LIMIT_S=${RETRIEVAL_LIMIT_S:-50}
 PROJECTION_LIMIT_S=${PROJECTION_LIMIT_S:-60}
 PROJECTION_FILTER=${PROJECTION_FILTER-N32768}
@@ -48,6 +50,11 @@ rm -f "$OUT"/bench.json "$OUT"/part-*.json "$OUT/bench.log"
     echo "--- pip install --no-deps --no-build-isolation -e ."
     python -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -e .
     echo "install exit: $?"
+    if compgen -G "wheels/*.whl" > /dev/null; then
+        echo "--- carried wheels"
+        python -m pip install --no-deps --no-index --disable-pip-version-check wheels/*.whl
+        echo "wheels exit: $?"
+    fi
 } > "$OUT/env.txt" 2>&1
 
 notes=()

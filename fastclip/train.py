@@ -418,7 +418,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if rank == 0 and start == 0:
         print(
             f"fastclip train: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-            f"parameters), {cfg.data}, batch {cfg.batch_size} on {world} process(es), {device}"
+            f"parameters), {cfg.data}, batch {cfg.batch_size} on {world} process(es), {device}",
+            flush=True,  # before the progress bar, in a log file too
         )
 
     bar = tqdm(
@@ -427,35 +428,37 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         disable=rank != 0,
         desc="train",
         dynamic_ncols=True,
-        mininterval=0.2 if sys.stderr.isatty() else 30,
-    )  # in a log: every 30 s
+        mininterval=0.2 if sys.stderr.isatty() else 30,  # in a log file: a line per 30 s
+    )
     tic, seen, final = time.perf_counter(), 0, {}
     stream = batches(dataset, cfg, start, rank, world)
     for step in range(start, cfg.steps):
-        images, captions = next(stream)
-        if cfg.augment:  # crops drawn from (seed, step, rank): a resumed run draws the same
-            rng = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4099 + rank)
-            pixels = ImageTransform(size, train=True, generator=rng)(images)
-        else:
-            pixels = preprocess(images, size)
-        pixels = pixels.to(device)
-        tokens = tokenizer(captions).to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * cosine_schedule(step, cfg.warmup, cfg.steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss = contrastive_step(model, loss_fn, pixels, tokens, cfg.micro_batch, autocast)
-        average_gradients(model, world)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        seen += cfg.batch_size
-        done = step + 1
-        if world > 1:
-            dist.all_reduce(loss)
-            loss /= world
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+        images, captions = _common_rows(*next(stream), world)
+        done, loss = step + 1, None
+        if images:  # else every sample of the batch was undecodable (and reported): no update
+            if cfg.augment:  # crops drawn from (seed, step, rank): a resumed run draws the same
+                rng = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4099 + rank)
+                pixels = ImageTransform(size, train=True, generator=rng)(images)
+            else:
+                pixels = preprocess(images, size)
+            tokens = tokenizer(captions).to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * cosine_schedule(step, cfg.warmup, cfg.steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss = contrastive_step(
+                model, loss_fn, pixels.to(device), tokens, cfg.micro_batch, autocast
+            )
+            average_gradients(model, world)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            seen += len(images) * world
+            if world > 1:
+                dist.all_reduce(loss)
+                loss /= world
+        if rank == 0 and loss is not None and (done % cfg.log_every == 0 or done == cfg.steps):
             rate = seen / (time.perf_counter() - tic)
             record = dict(
                 step=done,
@@ -473,8 +476,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             final = evaluation(model, tokenizer, device)
             model.train()
             lock_towers(model, cfg.lock_image, cfg.lock_text)
-            _append(metrics_path, dict(step=done, **final))
-            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
+            if final:  # a dataset without evaluation sets (shards, CSV) has none
+                _append(metrics_path, dict(step=done, **final))
+                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
         if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
             if rank == 0:
                 save_checkpoint(out, done, model, tokenizer, optimizer, cfg)
@@ -488,6 +492,16 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if world > 1:
         dist.destroy_process_group()
     return final
+
+
+def _common_rows(images: list, captions: list[str], world: int) -> tuple[list, list[str]]:
+    """Undecodable samples leave a batch short; every process keeps as many rows as the
+    shortest, so that features gather in equal shapes."""
+    if world > 1:
+        n = torch.tensor(len(images))
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        images, captions = images[: int(n)], captions[: int(n)]
+    return images, captions
 
 
 def _tokenizer(cfg: TrainConfig, dataset, out: Path, rank: int, world: int) -> Tokenizer:
@@ -542,7 +556,7 @@ def _plot(metrics_path: Path, png: Path) -> None:
         points = [(r["step"], r[key]) for r in evals if key in r]
         right.plot(*zip(*points, strict=True), marker="o", label=key)
     right.set(xlabel="step", ylabel="top-1 accuracy / recall@1", title="evaluation", ylim=(0, 1.02))
-    if evals:
+    if right.lines:
         right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)

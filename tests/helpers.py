@@ -42,6 +42,13 @@ TOLERANCES = {
 }
 
 
+def require(*modules: str) -> None:
+    """Skip the calling test module where a package is missing: on the GPU machine, which has
+    no network, unless its wheels were carried (benchmarks/fetch_wheels.sh)."""
+    for module in modules:
+        pytest.importorskip(module, reason=f"{module} is not installed")
+
+
 @contextlib.contextmanager
 def forced_tiles(config):
     """Every kernel call an op makes uses ``config`` (tile shapes and splits)."""

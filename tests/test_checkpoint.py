@@ -7,14 +7,16 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import require
 from safetensors.torch import load_file, save_file
+
+require("tokenizers", "transformers")
+import transformers
 
 import fastclip.checkpoint as ckpt
 from fastclip.checkpoint import export_hf, load_pretrained, save_pretrained, to_openai_state_dict
 from fastclip.model import CLIP
 from fastclip.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB, SOT, EOT, CONTEXT = 99, 97, 98, 16
 RESNET = dict(vision_layers=(1, 2, 1, 1), vision_width=16, vision_heads=4, proj_bias=True)

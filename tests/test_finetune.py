@@ -6,15 +6,15 @@ import re
 
 import pytest
 import torch
+from helpers import require
 from safetensors.torch import load_file, save_file
 
+require("tokenizers", "tqdm", "sklearn")
 from fastclip import finetune
 from fastclip.checkpoint import load_pretrained
 from fastclip.data import DigitsDataset
 from fastclip.tokenizer import Tokenizer
 from fastclip.train import TrainConfig, latest_checkpoint, train
-
-pytest.importorskip("sklearn", reason="DigitsDataset needs scikit-learn")
 
 FAST = {"adapter": {"steps": 50}, "prompt": {"steps": 30}, "lora": {"steps": 10}}  # smoke runs
 

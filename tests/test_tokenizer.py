@@ -9,7 +9,9 @@ import shutil
 
 import pytest
 import torch
+from helpers import require
 
+require("tokenizers")
 from fastclip.tokenizer import Tokenizer
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"

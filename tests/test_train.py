@@ -10,12 +10,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import require
 from safetensors.torch import load_file
 
+require("tokenizers", "tqdm")
 import fastclip.checkpoint
 import fastclip.train as train
 from fastclip import ClipLoss, SigLipLoss
 from fastclip.cli import main as cli
+from fastclip.data import ShapesDataset, write_shards
 from fastclip.model import CLIP
 from fastclip.train import TrainConfig, contrastive_step, parse_args
 
@@ -203,6 +206,26 @@ def test_locked_towers_do_not_change(tmp_path, lock):
             assert torch.equal(after[key], value), key
     assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith(moved))
     assert not torch.equal(after["logit_scale"], before["logit_scale"])
+
+
+def test_trains_from_shards_and_from_a_csv_with_a_broken_image(tmp_path):
+    require("PIL", "webdataset")
+    from PIL import Image
+
+    shapes = ShapesDataset("train", 64)
+    write_shards((shapes[i] for i in range(64)), tmp_path / "shards", per_shard=32)
+    cfg = run(tmp_path, "wds", data=f"wds:{tmp_path}/shards/{{000000..000001}}.tar", steps=3)
+    assert len([r for r in records(cfg) if "loss" in r]) == 3
+    rows = ["filepath,caption"]
+    for i in range(40):
+        image, caption = shapes[i]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{caption}")
+    (tmp_path / "7.png").write_bytes(b"not a png")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    with pytest.warns(UserWarning, match=r"skipped row 7"):
+        cfg = run(tmp_path, "csv", data=f"csv:{tmp_path}/pairs.csv", steps=2, augment=False)
+    assert len([r for r in records(cfg) if "loss" in r]) == 2
 
 
 def test_command_line():

@@ -9,9 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import needs_cuda
-from PIL import Image
+from helpers import needs_cuda, require
 from torch.testing import assert_close
+
+require("PIL")
+from PIL import Image
 
 from fastclip.transforms import (
     CLIP_MEAN,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import require
 
+require("tokenizers")
 from fastclip.model import CLIP
 from fastclip.tokenizer import Tokenizer
 from fastclip.zeroshot import (
