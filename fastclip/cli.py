@@ -1,7 +1,8 @@
 """The ``fastclip`` command.
 
-fastclip train [flags]                  train a CLIP (``fastclip train --help``)
-fastclip eval CHECKPOINT [--data shapes] zero-shot accuracy and retrieval recall of a checkpoint
+fastclip train [flags]                    train a CLIP (fastclip train --help)
+fastclip eval CHECKPOINT [--data shapes]  zero-shot accuracy and retrieval recall of a checkpoint
+fastclip finetune [flags]                 few-shot adaptation; --compare tries every method
 """
 
 from __future__ import annotations
