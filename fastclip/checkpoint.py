@@ -381,9 +381,14 @@ def _write_json(path: Path, values: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(values, indent=2) + "\n"))
 
 
-def _write_weights(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+def write_weights(
+    path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: Mapping | None = None
+) -> None:
+    """``state`` as a safetensors file (own CPU copies: views and shared storage are fine),
+    written atomically, with ``metadata`` (strings) beside safetensors' "format"."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt", **(metadata or {})}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None) -> Path:
@@ -391,7 +396,7 @@ def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None) -
     each file atomically. ``load_pretrained(directory)`` reads them back."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_weights(directory / "model.safetensors", model.state_dict())
+    write_weights(directory / "model.safetensors", model.state_dict())
     _write_json(directory / "config.json", {"fastclip": model.config.to_dict()})
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -457,7 +462,7 @@ def export_hf(model: CLIP, directory: str | os.PathLike, tokenizer=None) -> Path
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_weights(directory / "model.safetensors", state)
+    write_weights(directory / "model.safetensors", state)
     _write_json(directory / "config.json", config)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -18,6 +18,15 @@ BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_int(name: str, value: object, low: int = 1) -> int:
+    """``value`` as an int >= ``low``; a TypeError or ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
 def check_features(image_features: object, text_features: object) -> None:
     for name, t in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(t, torch.Tensor):

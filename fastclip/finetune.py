@@ -35,11 +35,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from fastclip import data
-from fastclip.checkpoint import WEIGHT_FILES, atomic_write, load_pretrained, mismatches
+from fastclip.checkpoint import WEIGHT_FILES, load_pretrained, mismatches, write_weights
 from fastclip.lora import apply_lora, lora_parameters, save_lora
 from fastclip.tokenizer import Tokenizer
 from fastclip.train import TrainConfig, latest_checkpoint, train
@@ -453,11 +452,8 @@ def train_lora(
 def save_adapter(module: nn.Module, path: str | Path) -> None:
     """Write every tensor of ``module``'s state dict (a LinearProbe, ClipAdapter, PromptLearner)
     to a safetensors file, atomically, with the module's class name in the metadata."""
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "module": type(module).__name__}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_weights(path, module.state_dict(), {"module": type(module).__name__})
 
 
 def load_adapter(module: nn.Module, path: str | Path) -> nn.Module:

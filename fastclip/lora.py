@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from fastclip.checkpoint import atomic_write, mismatches
+from fastclip.checkpoint import mismatches, write_weights
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.out", "mlp.fc", "mlp.proj")  # every Block's linear layers
 DEFAULT_TOWERS = ("visual", "text")  # CLIP's towers; the projection heads stay as they are
@@ -220,12 +219,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapters to a .safetensors file (atomically), with apply_lora's settings (rank,
     alpha, dropout, targets, towers) as JSON strings in its metadata."""
-    state = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
     settings = getattr(model, "_lora_settings", None)
     if settings is None:
         raise ValueError("save_lora needs a model whose LoRA layers apply_lora or load_lora added")
-    metadata = {"format": "pt", **{k: json.dumps(settings[k]) for k in SETTINGS}}
-    atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=metadata))
+    metadata = {k: json.dumps(settings[k]) for k in SETTINGS}
+    write_weights(path, lora_state_dict(model), metadata)
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:

@@ -34,6 +34,8 @@ from tokenizers import (
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
+from fastclip.checks import check_int
+
 SOT, EOT, SUFFIX = "<|startoftext|>", "<|endoftext|>", "</w>"
 DEFAULT_CONTEXT_LENGTH = 77  # CLIP's text context, sot and eot included
 _SPLIT = (  # CLIP's pre-tokenizer: the specials, contractions, letter runs, single digits, symbols
@@ -71,14 +73,6 @@ def _pipeline(model: BPE) -> _Backend:
     )
     tok.decoder = decoders.ByteLevel()
     return tok
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 def _read_json(path: Path) -> dict:
@@ -130,7 +124,7 @@ class Tokenizer:
         missing = [t for t in (SOT, EOT) if t not in vocab]
         if missing:
             raise ValueError(f"vocab lacks the special tokens {missing}")
-        if _check_int("pad_id", pad_id, 0) not in vocab.values():
+        if check_int("pad_id", pad_id, 0) not in vocab.values():
             raise ValueError(f"pad_id {pad_id} is not an id of vocab")
         self._vocab, self._merges = dict(vocab), [tuple(m) for m in merges]
         try:
@@ -144,7 +138,7 @@ class Tokenizer:
         self._tok.post_processor = processors.RobertaProcessing(  # [sot, ..., eot], as HF's
             (EOT, self._eot), (SOT, self._sot), trim_offsets=False, add_prefix_space=False
         )
-        self._context_length = _check_int("context_length", context_length, 2)  # sot + eot
+        self._context_length = check_int("context_length", context_length, 2)  # sot + eot
 
     @property
     def sot_id(self) -> int:
@@ -243,8 +237,8 @@ class Tokenizer:
         """Learn at most ``vocab_size`` ids of CLIP-style BPE from captions, laid out like OpenAI's
         vocab: the 256 byte characters, the same ending in ``</w>``, merges, sot, eot. Any text
         encodes. ``pad`` is ``"openai"`` (pad id 0) or ``"eot"`` (Hugging Face's usual)."""
-        _check_int("vocab_size", vocab_size, 2 * 256 + 2)  # the byte bases, with </w>, + sot, eot
-        _check_int("min_frequency", min_frequency, 0)
+        check_int("vocab_size", vocab_size, 2 * 256 + 2)  # the byte bases, with </w>, + sot, eot
+        check_int("min_frequency", min_frequency, 0)
         if pad not in ("openai", "eot"):
             raise ValueError(f"pad must be 'openai' or 'eot', got {pad!r}")
         if isinstance(texts, str):
@@ -327,7 +321,7 @@ class Tokenizer:
         if context_length is ...:
             context_length = self._context_length
         elif context_length is not None:
-            context_length = _check_int("context_length", context_length, 2)
+            context_length = check_int("context_length", context_length, 2)
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, Sequence):
             raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")

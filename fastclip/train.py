@@ -171,11 +171,13 @@ def batches(
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(dataset)} training samples")
 
     def indices():
+        epoch, order = None, None
         for step in itertools.count(start):
-            epoch, i = divmod(step, per_epoch)
-            order = torch.randperm(
-                len(dataset), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            )
+            if step // per_epoch != epoch:  # a new permutation once per epoch
+                epoch = step // per_epoch
+                rng = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+                order = torch.randperm(len(dataset), generator=rng)
+            i = step % per_epoch
             batch = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             yield batch[rank * rows : (rank + 1) * rows].tolist()
 
@@ -321,7 +323,7 @@ class Evaluation:
                 self.tasks[split] = self._load(ds, image_size) + (ds.classnames, ds.templates)
             ds = datasets.ShapesDataset("test", seed=seed)
             images, _ = self._load(ds, image_size)
-            self.retrieval = (images, [ds[i][1] for i in range(len(ds))])
+            self.retrieval = (images, list(ds.captions))
         elif kind == "digits":
             ds = datasets.DigitsDataset("test", seed=seed)
             self.tasks["zeroshot"] = self._load(ds, image_size) + (ds.classnames, ds.templates)

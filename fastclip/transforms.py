@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastclip.checks import check_int
+
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
@@ -84,7 +86,7 @@ def denormalize(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
 def preprocess(images: Images, size: int = 224, *, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """CLIP's evaluation transform: (3, size, size) float32 for one image, (B, 3, size, size)
     for a batch tensor or a list."""
-    _check_size(size)
+    check_int("size", size)
     batches, batched = _batches(images)
     x = torch.cat([_center_crop(_resize_short(b, size), size) for b in batches])
     return _normalize(x, mean, std, batched)
@@ -106,7 +108,7 @@ class ImageTransform:
         std: Sequence[float] = CLIP_STD,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check_size(size)
+        check_int("size", size)
         _check_range("scale", scale, upper=1.0)
         _check_range("ratio", ratio, upper=math.inf)
         _stats(mean, std, torch.empty(0))
@@ -214,13 +216,6 @@ def _stats(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not (out[1] > 0).all():
         raise ValueError(f"std must be positive, got {std!r}")
     return out[0], out[1]
-
-
-def _check_size(size: object) -> None:
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
-        raise TypeError(f"size must be an int, got {type(size).__name__}")
-    if size < 1:
-        raise ValueError(f"size must be at least 1, got {size}")
 
 
 def _check_range(name: str, r: object, upper: float) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from fastclip.checks import check_int
 from fastclip.similarity import check_pair, topk_similarity
 
 Template = str | Callable[[str], str]
@@ -43,18 +44,10 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 def _check_ks(ks: object) -> tuple[int, ...]:
     if not isinstance(ks, Sequence) or len(ks) == 0:
         raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
-    return tuple(_check_positive_int("every k in ks", k) for k in ks)
+    return tuple(check_int("every k in ks", k) for k in ks)
 
 
 def _check_ids(name: str, ids: object, n: int | None = None) -> torch.Tensor:
@@ -126,7 +119,7 @@ def build_zero_shot_classifier(
             raise ValueError(f"templates[{i}] has no '{{}}' for the class name: {t!r}")
         if not isinstance(t, str) and not callable(t):
             raise TypeError(f"templates[{i}] must be a str or a callable, got {type(t).__name__}")
-    batch_size = _check_positive_int("batch_size", batch_size)
+    batch_size = check_int("batch_size", batch_size)
     device, _ = _placement(model, device)
 
     prompts = []  # class-major: prompt p belongs to class p // len(templates)
@@ -179,7 +172,7 @@ def encode_images(
     one (a DataLoader's ``(images, labels)``; the rest is ignored). Batches are cast to the
     model's dtype and encoded in eval mode without gradients.
     """
-    batch_size = _check_positive_int("batch_size", batch_size)
+    batch_size = check_int("batch_size", batch_size)
     device, dtype = _placement(model, device)
     features = []
     with _eval_mode(model):
@@ -203,7 +196,7 @@ def zero_shot_classify(
     image_features: (N, E); classifier: (C, E) from ``build_zero_shot_classifier``.
     """
     check_pair(image_features, classifier, ("image_features", "classifier"))
-    k = min(_check_positive_int("k", k), classifier.shape[0])
+    k = min(check_int("k", k), classifier.shape[0])
     return topk_similarity(image_features, classifier, k)[1]  # (N, k)
 
 

@@ -177,7 +177,7 @@ def test_crop_box_falls_back_to_center(h, w, box):
         (lambda: preprocess(torch.zeros(3, 4, 4, dtype=torch.int64)), TypeError, "int64"),
         (lambda: preprocess(torch.full((3, 4, 4), 255.0)), ValueError, r"\[0, 1\]"),
         (lambda: preprocess(torch.zeros(3, 0, 4)), ValueError, "images is empty"),
-        (lambda: preprocess(pixels(4, 4), 0), ValueError, "size must be at least 1"),
+        (lambda: preprocess(pixels(4, 4), 0), ValueError, "size must be >= 1"),
         (lambda: preprocess(pixels(4, 4), 2.5), TypeError, "size must be an int"),
         (lambda: preprocess(pixels(4, 4), mean=(0.5, 0.5)), ValueError, "mean must be"),
         (lambda: preprocess(pixels(4, 4), std=(1, 0, 1)), ValueError, "std must be positive"),
