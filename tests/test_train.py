@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import results_of, run_on_ranks
 from helpers import require
 from safetensors.torch import load_file
 
@@ -50,19 +52,19 @@ def test_loss_falls_and_everything_is_written(tmp_path):
     evals = [r for r in records(cfg) if "loss" not in r]
     assert [r["step"] for r in evals] == [20, 40]
     assert {"zeroshot_top1", "compositional_top1", "retrieval_image_to_text_R@1"} <= set(evals[-1])
-    names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == [
-        "latest",
-        "metrics.jsonl",
-        "metrics.png",
-        "step-000020",
-        "step-000040",
-        "tokenizer",
-    ]
+    names = {p.name for p in (tmp_path / "run").iterdir()} - {"metrics.png"}  # see below
+    assert names == {"latest", "metrics.jsonl", "step-000020", "step-000040", "tokenizer"}
     assert (tmp_path / "run" / "latest").read_text().strip() == "step-000040"
     # The checkpoint is a save_pretrained directory: the eval command reads it.
     metrics = cli_eval(tmp_path / "run" / "step-000040")
     assert metrics["zeroshot_top1"] == pytest.approx(evals[-1]["zeroshot_top1"])
+
+
+def test_the_metrics_plot(tmp_path):
+    require("matplotlib")
+    cfg = run(tmp_path, "run", steps=2, eval_every=2, save_every=0)
+    png = Path(cfg.out) / "metrics.png"
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
 
 
 def cli_eval(path):
@@ -115,7 +117,56 @@ def test_naive_accumulation_would_differ():
     assert not torch.allclose(model.text_proj.weight.grad, full, atol=1e-4)
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
+# A change of summation order moves an fp32 sum by a few units of roundoff (U) times the magnitude
+# of what was summed: two processes sum each parameter's gradient as (rank 0's + rank 1's) / 2,
+# one process in another order. Reordering the pairs of a single process's batch (same math, the
+# loss is invariant to it) moves the gradients by up to ~8 U times that magnitude; a real defect
+# (a missing average, a wrong positive pair, a rank's rows lost) moves them by O(1) of it.
+U = 2.0**-24
+ORDER_SLACK = 64
+
+
+def _two_process_gradients(rank, world, case, images, tokens):
+    """One contrastive step on this rank's rows as training runs it (local loss, gathered
+    features, one all-reduce): (the rank's own gradients, the averaged gradients)."""
+    torch.manual_seed(0)
+    model = CLIP("tiny")
+    rows = slice(rank * len(images) // world, (rank + 1) * len(images) // world)
+    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    contrastive_step(model, loss_fn, images[rows], tokens[rows], case, contextlib.nullcontext)
+    own = {name: p.grad.clone() for name, p in model.named_parameters()}
+    train.average_gradients(model, world)
+    return own, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("micro_batch", [0, 8])
+def test_two_gloo_processes_give_the_gradients_of_one(tmp_path, micro_batch):
+    """What data parallelism claims: the same gradients as one process on the whole batch, to
+    fp32 summation accuracy (see ORDER_SLACK)."""
+    gen = torch.Generator().manual_seed(1)
+    images, tokens = torch.randn(32, 3, 32, 32, generator=gen), torch.randint(1, 1000, (32, 32))
+    tokens[:, 0], tokens[:, 9] = 1022, 1023
+    ranks = results_of(
+        run_on_ranks(_two_process_gradients, [micro_batch], 2, (images, tokens), tmp_path),
+        micro_batch,
+    )
+    torch.manual_seed(0)
+    model = CLIP("tiny")
+    contrastive_step(model, ClipLoss(), images, tokens, micro_batch, contextlib.nullcontext)
+    (own0, avg0), (own1, avg1) = ranks
+    for name, p in model.named_parameters():
+        assert torch.equal(avg0[name], avg1[name]), f"{name}: the ranks hold different gradients"
+        magnitude = (own0[name].abs() + own1[name].abs()).max() / 2
+        atol = ORDER_SLACK * U * magnitude
+        torch.testing.assert_close(avg0[name], p.grad, rtol=0, atol=atol, msg=name)
+
+
+def test_two_gloo_processes_train_as_one(tmp_path):
+    """The whole command through torchrun: the losses of every step agree to fp32 accuracy. The
+    weights go through AdamW, which divides each gradient by its own running magnitude: an
+    element whose gradient is ~0 moves by up to ~lr in a direction set by its last bits, so a
+    few such elements may differ by O(lr) while all the others agree closely."""
     common = dict(steps=3, save_every=0, augment=False)
     single = run(tmp_path, "single", **common)
     out = tmp_path / "ddp"
@@ -138,10 +189,17 @@ def test_two_gloo_processes_equal_one(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = replace(single, out=str(out))
-    for key, value in weights(single).items():
-        torch.testing.assert_close(weights(ddp)[key], value, atol=2e-6, rtol=1e-4, msg=key)
+    # A changed loss at a near-zero gradient is second order: the losses stay within fp32 noise.
     losses = lambda cfg: [r["loss"] for r in records(cfg) if "loss" in r]  # noqa: E731
     assert losses(ddp) == pytest.approx(losses(single), rel=1e-5)
+    ours, theirs = weights(ddp), weights(single)
+    close = sum(
+        torch.isclose(ours[k], v, rtol=1e-4, atol=1e-6).sum().item() for k, v in theirs.items()
+    )
+    total = sum(v.numel() for v in theirs.values())
+    assert close >= 0.999 * total, f"{total - close} of {total} weights differ"
+    for key, value in theirs.items():  # none by more than AdamW can move a weight in 3 steps
+        assert (ours[key] - value).abs().max() <= 3 * 1.5 * single.lr, key
 
 
 class Killed(Exception):
