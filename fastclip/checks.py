@@ -1,20 +1,12 @@
-"""Argument checking and backend choice shared by the losses: clear errors before any launch."""
+"""Argument checking shared by the public functions: clear errors before any launch."""
 
 from __future__ import annotations
 
 import numbers
-from types import ModuleType
+import operator
 
 import torch
 
-from fastclip import chunked
-
-try:
-    from fastclip.kernels.tiles import interpreting
-except ImportError:  # no Triton on this platform
-    interpreting = None
-
-BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -27,10 +19,34 @@ def check_int(name: str, value: object, low: int = 1) -> int:
     return int(value)
 
 
+def check_index(name: str, value: object, low: int | None = 1) -> int:
+    """Any integral number (int, numpy integer, 0-d integer tensor) >= ``low`` (None: any), as
+    an int."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if low is not None and index < low:
+        raise ValueError(f"{name} must be >= {low}, got {index}")
+    return index
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """The meta device holds shapes, not values: every op here computes values."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device, which holds no values; fastclip's ops compute "
+            "numbers (for shapes alone, run the eager reference of fastclip.reference)"
+        )
+
+
 def check_features(image_features: object, text_features: object) -> None:
     for name, t in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_device(name, t)
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
         if t.shape[0] == 0:
@@ -71,33 +87,14 @@ def as_scalar(name: str, value: object, device: torch.device) -> torch.Tensor:
     return value
 
 
-def select_backend(
-    backend: str,
-    features: torch.Tensor,
-    kernels: ModuleType | None,
-    torch_ops: ModuleType | None = chunked,
-) -> ModuleType | None:
-    """The module that computes an op: its Triton ``kernels`` module (None when Triton is not
-    installed) or ``torch_ops``, its PyTorch path (``fastclip.chunked`` for the losses; None
-    for ops whose caller runs the PyTorch path itself)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        fused = kernels is not None and features.is_cuda and features.dtype != torch.float64
-        return kernels if fused else torch_ops
-    if backend == "torch":
-        return torch_ops
-    if kernels is None:
-        raise ValueError("backend='triton' needs the triton package, which is not installed")
-    if not (features.is_cuda or interpreting()):
-        raise ValueError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
-            f"imported, to run Triton's interpreter on the CPU); the features are on "
-            f"{features.device}"
-        )
-    if features.dtype == torch.float64:
-        raise TypeError("backend='triton' supports float32, float16 and bfloat16 features")
-    return kernels
+def check_finite(**values: torch.Tensor | None) -> None:
+    """Every given scalar (logit scale, bias) is finite; one read back from the device for all."""
+    given = {name: v.detach().reshape(()).float() for name, v in values.items() if v is not None}
+    if not given or bool(torch.isfinite(torch.stack(list(given.values()))).all()):
+        return
+    for name, v in given.items():
+        if not bool(torch.isfinite(v)):
+            raise ValueError(f"{name} must be finite, got {v.item()}")
 
 
 def check_inputs(
@@ -105,14 +102,13 @@ def check_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Check the features and return (scale, bias) as one-element tensors on their device.
 
-    The scale must be finite; testing that reads one number back from the device.
+    Scale and bias must be finite; testing that reads one number back from the device.
     """
     check_features(image_features, text_features)
     device = image_features.device
     scale = as_scalar("logit_scale", logit_scale, device)
     bias = None if logit_bias is None else as_scalar("logit_bias", logit_bias, device)
-    if not bool(torch.isfinite(scale.detach()).all()):
-        raise ValueError(f"logit_scale must be finite, got {scale.detach().reshape(()).item()}")
+    check_finite(logit_scale=scale, logit_bias=bias)
     return scale, bias
 
 

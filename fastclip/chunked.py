@@ -1,121 +1,128 @@
-"""PyTorch path of the contrastive loss: the kernels' algorithm in row chunks.
+"""PyTorch path of both losses: the kernels' algorithm in blocks, for any device.
 
-Same statistics and gradients as ``fastclip.kernels.contrastive`` (its docstring has the math),
-for CPUs and machines without Triton. Scores are built ``chunk_rows`` rows at a time, so memory is
-O(chunk_rows * n_y) beyond the features; forward and backward together make 4 matmul passes
-(forward: S; backward: S again, G y and G^T x). fp16/bf16 inputs are computed in fp32.
+Same statistics, losses and gradients as ``fastclip.kernels.contrastive`` and
+``fastclip.kernels.siglip`` (their docstrings have the math), for CPUs and machines without
+Triton. Scores are built a block at a time (``fastclip.kernels.blocks``), so memory is one
+bounded block beyond the features and their gradients; fp16/bf16 inputs are computed in fp32,
+float64 in float64.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-# About 16 MB of fp32 scores per chunk: small enough for the cache-friendly sizes of a CPU,
-# large enough that each matmul stays efficient.
-CHUNK_ELEMENTS = 2**22
+from fastclip.kernels.blocks import blocked_gradients, default_block_bytes, plan_blocks
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(n_x: int, n_y: int, chunk_rows: int | None):
-    step = chunk_rows or max(1, CHUNK_ELEMENTS // max(n_y, 1))
-    for start in range(0, n_x, step):
-        yield start, min(start + step, n_x)
+def _plan(x: torch.Tensor, y: torch.Tensor, block_bytes: int | None) -> tuple[int, int]:
+    """Blocks whose fp32 dots and G fit ``block_bytes`` (``default_block_bytes`` if None)."""
+    return plan_blocks(x.shape[0], y.shape[0], 8, block_bytes or default_block_bytes(x.device))
 
 
-def _scores(x_chunk, y, scale, bias):
-    """S = scale * x_chunk @ y.T + bias, built in place in the product's buffer."""
-    s = torch.mm(x_chunk, y.T).mul_(scale)
-    return s.add_(bias) if bias is not None else s
+def _positions(r0: int, r1: int, c0: int, c1: int, offset: int, device: torch.device):
+    """Row i's positive pair sits at column i + offset: the block's (rows, cols) of such pairs,
+    as indices into the block."""
+    lo, hi = max(r0, c0 - offset), min(r1, c1 - offset)
+    rows = torch.arange(lo, max(hi, lo), device=device)
+    return rows - r0, rows + offset - c0
 
 
-def _products(g, xc, yc, scale, dx, dy, rows: slice, need_dx: bool, need_dy: bool):
-    """A chunk's share of the gradients from dL/dS = G (rows, n_y): dx[rows] = s G y, dy +=
-    G^T x (scaled at the end). Returns its share of dL/ds = sum_ij G_ij <x_i, y_j>, which is
-    sum_i <(G y)_i, x_i> when the x side runs (else 0: ``_finish_dy`` takes it from dy)."""
-    share = torch.zeros((), dtype=g.dtype, device=g.device)
-    if need_dx or not need_dy:
-        gy = g @ yc  # (rows, D)
-        share = torch.linalg.vecdot(gy, xc).sum()
-        if need_dx:
-            dx[rows] = gy.mul_(scale)
-    if need_dy:
-        dy.addmm_(g.T, xc)
-    return share
+def positive_dots(x: torch.Tensor, y: torch.Tensor, offset: int) -> torch.Tensor:
+    """<x_i, y_i+offset> for every row of x: (n_x,) in the compute dtype."""
+    cdt = _compute_dtype(x.dtype)
+    return torch.linalg.vecdot(x.to(cdt), y[offset : offset + x.shape[0]].to(cdt))
 
 
-def _finish_dy(dy, yc, scale, dtype: torch.dtype, dscale, need_dx: bool):
-    """dy scaled and cast; dL/ds from the y side (sum_j <(G^T x)_j, y_j>) if the x side did not
-    run."""
-    if not need_dx:
-        dscale = torch.linalg.vecdot(dy, yc).sum()
-    return dy.mul_(scale).to(dtype), dscale
+def column_references(pdot: torch.Tensor, n_y: int, offset: int) -> torch.Tensor:
+    """Each column's reference dot: its positive pair's, 0 for columns without one."""
+    ref = torch.zeros(n_y, dtype=pdot.dtype, device=pdot.device)
+    ref[offset : offset + pdot.shape[0]] = pdot
+    return ref
 
 
 def contrastive_forward(
     x: torch.Tensor,
     y: torch.Tensor,
     scale: torch.Tensor,
-    bias: torch.Tensor | None,
     offset: int,
     both_directions: bool,
-    chunk_rows: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Row logsumexps, column logsumexps (or None) and positive logits of S, in fp32 (fp64)."""
+    block_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(pdot, row, col): positive dots, and each row's (column's) log-sum-exp of the other
+    logits relative to its positive, m_i = log sum_{j != i+off} exp(S_ij - S_i,i+off) (col None
+    for one direction). See ``fastclip.kernels.contrastive``."""
     cdt = _compute_dtype(x.dtype)
-    yc, scale_c = y.to(cdt), scale.to(cdt).reshape(())
-    bias_c = bias.to(cdt).reshape(()) if bias is not None else None
+    s = scale.to(cdt).reshape(())
     n_x, n_y = x.shape[0], y.shape[0]
-    row_lse = torch.empty(n_x, dtype=cdt, device=x.device)
-    positives = torch.empty(n_x, dtype=cdt, device=x.device)
-    col_lse = torch.full((n_y,), float("-inf"), dtype=cdt, device=x.device)
-    for start, stop in _chunks(n_x, n_y, chunk_rows):
-        s = _scores(x[start:stop].to(cdt), yc, scale_c, bias_c)
-        row_lse[start:stop] = torch.logsumexp(s, dim=1)
-        idx = torch.arange(stop - start, device=x.device)
-        positives[start:stop] = s[idx, idx + start + offset]
-        if both_directions:
-            torch.logaddexp(col_lse, torch.logsumexp(s, dim=0), out=col_lse)
-    return row_lse, (col_lse if both_directions else None), positives
+    pdot = positive_dots(x, y, offset)
+    cref = column_references(pdot, n_y, offset)
+    row = torch.full((n_x,), float("-inf"), dtype=cdt, device=x.device)
+    col = torch.full((n_y,), float("-inf"), dtype=cdt, device=x.device)
+    R, C = _plan(x, y, block_bytes)
+    for r0 in range(0, n_x, R):
+        r1 = min(r0 + R, n_x)
+        for c0 in range(0, n_y, C):
+            c1 = min(c0 + C, n_y)
+            dots = x[r0:r1].to(cdt) @ y[c0:c1].to(cdt).T  # (R, C)
+            i, j = _positions(r0, r1, c0, c1, offset, x.device)
+            u = (dots - pdot[r0:r1, None]).mul_(s)
+            u[i, j] = float("-inf")
+            torch.logaddexp(row[r0:r1], torch.logsumexp(u, dim=1), out=row[r0:r1])
+            if both_directions:
+                v = dots.sub_(cref[c0:c1]).mul_(s)
+                v[i, j] = float("-inf")
+                torch.logaddexp(col[c0:c1], torch.logsumexp(v, dim=0), out=col[c0:c1])
+    return pdot, row, (col if both_directions else None)
 
 
 def contrastive_backward(
     x: torch.Tensor,
     y: torch.Tensor,
     scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    row_lse: torch.Tensor,
-    col_lse: torch.Tensor | None,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     w_x: torch.Tensor,
     w_y: torch.Tensor | None,
+    weight: torch.Tensor,
     offset: int,
     need_dx: bool,
     need_dy: bool,
-    chunk_rows: int | None = None,
+    block_bytes: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """dL/dx and dL/dy (each or None) and dL/dscale, recomputing S chunk by chunk."""
+    """dL/dx and dL/dy (each None unless needed) and dL/ds, from ``contrastive_forward``'s
+    stats, the relative loss weights w_x (n_x,), w_y (n_y,) or None, and their common factor
+    ``weight`` (see ``fastclip.kernels.contrastive.blocked_backward``)."""
     cdt = _compute_dtype(x.dtype)
-    yc, scale_c = y.to(cdt), scale.to(cdt).reshape(())
-    bias_c = bias.to(cdt).reshape(()) if bias is not None else None
-    n_x, n_y = x.shape[0], y.shape[0]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
-    dy = torch.zeros(y.shape, dtype=cdt, device=x.device) if need_dy else None
-    dscale = torch.zeros((), dtype=cdt, device=x.device)
-    for start, stop in _chunks(n_x, n_y, chunk_rows):
-        xc = x[start:stop].to(cdt)
-        s = _scores(xc, yc, scale_c, bias_c)
-        g = torch.sub(s, row_lse[start:stop, None]).exp_().mul_(w_x[start:stop, None])
-        if col_lse is not None:
-            g.add_(s.sub_(col_lse[None, :]).exp_().mul_(w_y[None, :]))
-        idx = torch.arange(stop - start, device=x.device)
-        pos = idx + start + offset
-        g[idx, pos] -= w_x[start:stop] + (w_y[pos] if col_lse is not None else 0)
-        dscale += _products(g, xc, yc, scale_c, dx, dy, slice(start, stop), need_dx, need_dy)
-    if need_dy:
-        dy, dscale = _finish_dy(dy, yc, scale_c, y.dtype, dscale, need_dx)
-    return dx, dy, dscale
+    s = scale.to(cdt).reshape(())
+    pdot, row, col = stats
+    row_shift, row_gap = F.softplus(row), torch.sigmoid(row)
+    if col is not None:
+        cref = column_references(pdot, y.shape[0], offset)
+        col_shift, col_gap = F.softplus(col), torch.sigmoid(col)
+
+    def form(r0: int, r1: int, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dots = x[r0:r1].to(cdt) @ y[c0:c1].to(cdt).T  # (R, C)
+        g = ((dots - pdot[r0:r1, None]) * s - row_shift[r0:r1, None]).exp_()
+        g.mul_(w_x[r0:r1, None])
+        if col is not None:
+            q = ((dots - cref[None, c0:c1]) * s - col_shift[None, c0:c1]).exp_()
+            g.add_(q.mul_(w_y[None, c0:c1]))
+        i, j = _positions(r0, r1, c0, c1, offset, x.device)
+        # G at a positive pair: -(w (1 - p_ii)) per direction, 1 - p_ii = sigmoid(m_i) exactly.
+        diagonal = w_x[r0 + i] * row_gap[r0 + i]
+        if col is not None:
+            diagonal += w_y[c0 + j] * col_gap[c0 + j]
+        g[i, j] = -diagonal
+        return g, (g * dots).sum().reshape(1)
+
+    plan = _plan(x, y, block_bytes)
+    weight = weight.to(cdt)
+    dx, dy, sums = blocked_gradients(x, y, s * weight, form, need_dx, need_dy, 1, plan, cdt)
+    return dx, dy, sums[0] * weight
 
 
 def siglip_forward(
@@ -127,35 +134,33 @@ def siglip_forward(
     need_dx: bool,
     need_dy: bool,
     need_dparams: bool,
-    chunk_rows: int | None = None,
+    block_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
            torch.Tensor | None]:  # fmt: skip
-    """SigLIP loss and requested gradients in one chunked sweep (``kernels/siglip.py`` has the
+    """SigLIP loss and requested gradients in one blocked sweep (``kernels/siglip.py`` has the
     math): loss, dx, dy, dscale, dbias, each None when not requested. offset None: no pairs."""
     cdt = _compute_dtype(x.dtype)
-    yc, scale_c = y.to(cdt), scale.to(cdt).reshape(())
-    bias_c = bias.to(cdt).reshape(()) if bias is not None else None
-    n_x, n_y = x.shape[0], y.shape[0]
-    zero = torch.zeros((), dtype=cdt, device=x.device)
-    loss, dscale, dbias = zero.clone(), zero.clone(), zero.clone()
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
-    dy = torch.zeros(y.shape, dtype=cdt, device=x.device) if need_dy else None
-    for start, stop in _chunks(n_x, n_y, chunk_rows):
-        xc = x[start:stop].to(cdt)
-        s = _scores(xc, yc, scale_c, bias_c)
-        loss += torch.logaddexp(s, zero).sum()  # softplus(S), stable for any S
-        idx = torch.arange(stop - start, device=x.device)
+    s = scale.to(cdt).reshape(())
+    b = bias.to(cdt).reshape(()) if bias is not None else None
+    n_x = x.shape[0]
+
+    def form(r0: int, r1: int, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dots = x[r0:r1].to(cdt) @ y[c0:c1].to(cdt).T  # (R, C)
+        z = dots * s  # z_ij S_ij: S for the negatives, -S for the positive pairs
+        if b is not None:
+            z += b
         if offset is not None:
-            loss -= s[idx, idx + start + offset].sum()
-        if not (need_dx or need_dy or need_dparams):
-            continue
-        g = torch.sigmoid_(s).div_(n_x)  # G = (sigmoid(S) - d) / n_x
+            i, j = _positions(r0, r1, c0, c1, offset, x.device)
+            z[i, j] = -z[i, j]
+        loss = F.softplus(z).sum()  # -log sigmoid(-z S), never a difference
+        g = torch.sigmoid_(z)  # n_x G = sigmoid(S) - d: -sigmoid(-S) at a pair
         if offset is not None:
-            g[idx, idx + start + offset] -= 1 / n_x
-        dbias += g.sum()
-        dscale += _products(g, xc, yc, scale_c, dx, dy, slice(start, stop), need_dx, need_dy)
-    if need_dy:
-        dy, dscale = _finish_dy(dy, yc, scale_c, y.dtype, dscale, need_dx)
+            g[i, j] = -g[i, j]
+        return g, torch.stack([(g * dots).sum(), loss, g.sum()])
+
+    plan = _plan(x, y, block_bytes)
+    dx, dy, sums = blocked_gradients(x, y, s / n_x, form, need_dx, need_dy, 3, plan, cdt)
+    dscale, loss, dbias = (sums / n_x).unbind()
     if not need_dparams:
         dscale = dbias = None
-    return loss / n_x, dx, dy, dscale, dbias
+    return loss, dx, dy, dscale, dbias

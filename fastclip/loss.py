@@ -2,55 +2,46 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fastclip.checks import (
-    BACKENDS,
-    check_features,
-    check_inputs,
-    check_offset,
-    check_rank,
-    select_backend,
-)
+from fastclip.backends import check_backend, choose
+from fastclip.checks import check_features, check_index, check_inputs, check_offset, check_rank
 from fastclip.distributed import gather_features
-
-try:
-    from fastclip.kernels import contrastive as triton_contrastive
-except ImportError:  # no Triton on this platform: the PyTorch path serves everything
-    triton_contrastive = None
 
 
 class _ContrastiveLoss(torch.autograd.Function):
-    """L = sum_i wx_i (r_i - S_i,i+off) + sum_j wy_j (c_j - S_j-off,j), by either backend."""
+    """L = sum_i wx_i softplus(m_i) + sum_j wy_j softplus(m'_j), by either backend: m_i is row
+    i's log-sum-exp of its other logits relative to its positive (m'_j the same for column j),
+    so the loss of a confident row, log(1 + sum_{j != i} exp(S_ij - S_ii)), is never a
+    difference of two nearly equal numbers and never negative."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, offset: int, both_directions: bool, ops: ModuleType):
-        row_lse, col_lse, positives = ops.contrastive_forward(
-            x, y, scale, bias, offset, both_directions
-        )
-        loss = (row_lse - positives).mean()
+    def forward(ctx, x, y, scale, bias, offset: int, both_directions: bool, ops):
+        pdot, row, col = ops.contrastive_forward(x, y, scale, offset, both_directions)
+        loss = F.softplus(row).mean()
         if both_directions:
-            loss = 0.5 * (loss + (col_lse[offset : offset + x.shape[0]] - positives).mean())
-        ctx.save_for_backward(x, y, scale, bias, row_lse, col_lse)
+            loss = 0.5 * (loss + F.softplus(col[offset : offset + x.shape[0]]).mean())
+        ctx.save_for_backward(x, y, scale, bias, pdot, row, col)
         ctx.offset, ctx.both_directions, ctx.ops = offset, both_directions, ops
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, y, scale, bias, row_lse, col_lse = ctx.saved_tensors
+        x, y, scale, bias, pdot, row, col = ctx.saved_tensors
         need_dx, need_dy, need_ds, need_db = ctx.needs_input_grad[:4]
         n_x, off = x.shape[0], ctx.offset
-        weight = grad_loss.to(row_lse.dtype) * ((0.5 if ctx.both_directions else 1.0) / n_x)
-        w_x = weight.expand(n_x).contiguous()
+        # Every row (and every column with a positive) weighs dL_out / n_x, halved for two
+        # directions: relative weights of 1 and that common factor.
+        weight = grad_loss.to(row.dtype) * ((0.5 if ctx.both_directions else 1.0) / n_x)
+        w_x = torch.ones(n_x, dtype=row.dtype, device=x.device)
         w_y = None
         if ctx.both_directions:
-            w_y = torch.zeros(y.shape[0], dtype=row_lse.dtype, device=y.device)
-            w_y[off : off + n_x] = weight
+            w_y = torch.zeros(y.shape[0], dtype=row.dtype, device=y.device)
+            w_y[off : off + n_x] = 1.0
         dx, dy, dscale = ctx.ops.contrastive_backward(
-            x, y, scale, bias, row_lse, col_lse, w_x, w_y, off, need_dx, need_dy
+            x, y, scale, (pdot, row, col), w_x, w_y, weight, off, need_dx, need_dy
         )
         dscale = dscale.to(scale.dtype).reshape(scale.shape) if need_ds else None
         # The bias shifts every logit of a softmax alike: the loss does not depend on it.
@@ -67,6 +58,7 @@ def infonce(
     offset: int = 0,
     both_directions: bool = True,
     backend: str = "auto",
+    block_bytes: int | None = None,
 ) -> torch.Tensor:
     """The general fused InfoNCE: ``clip_loss`` with a one-directional option.
 
@@ -76,7 +68,10 @@ def infonce(
     """
     scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
     check_offset(offset, image_features.shape[0], text_features.shape[0])
-    ops = select_backend(backend, image_features, triton_contrastive)
+    if block_bytes is not None:
+        block_bytes = check_index("block_bytes", block_bytes)
+    impl = choose("contrastive", backend, image_features, text_features.shape[0])
+    ops = impl.ops(block_bytes)
     return _ContrastiveLoss.apply(
         image_features, text_features, scale, bias, offset, both_directions, ops
     )
@@ -90,6 +85,7 @@ def clip_loss(
     *,
     offset: int = 0,
     backend: str = "auto",
+    block_bytes: int | None = None,
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE loss, fused: the N x N score matrix is never stored.
 
@@ -108,15 +104,24 @@ def clip_loss(
         logit_bias: optional one-element tensor or number added to every logit. Its gradient is
             exactly zero: a constant shift cancels in every softmax.
         offset: column of image 0's positive text.
-        backend: "triton" (fused kernels; CUDA), "torch" (chunked PyTorch, any device) or "auto"
-            (Triton on CUDA, PyTorch otherwise).
+        backend: "auto" (the fastest Triton implementation on CUDA, PyTorch otherwise),
+            "triton", "torch" (blocked PyTorch, any device, float64 too), or an implementation:
+            "blocks", "blocks-mm", "fused" (``fastclip.backends`` says what each is).
+        block_bytes: bound of the backward's G buffer in bytes (default 256 MiB on CUDA, 16 MiB
+            elsewhere); extra memory is O(N D) plus this at any N.
 
     Returns:
-        0-dim loss, float32 (float64 for float64 features). Gradients flow to both feature
-        tensors (in their dtype) and to logit_scale.
+        0-dim loss, float32 (float64 for float64 features), never negative. Gradients flow to
+        both feature tensors (in their dtype) and to logit_scale.
     """
     return infonce(
-        image_features, text_features, logit_scale, logit_bias, offset=offset, backend=backend
+        image_features,
+        text_features,
+        logit_scale,
+        logit_bias,
+        offset=offset,
+        backend=backend,
+        block_bytes=block_bytes,
     )
 
 
@@ -129,7 +134,7 @@ class ClipLoss(nn.Module):
         gather_with_grad: all-gather with autograd, so gradients reach the other ranks' features.
         cache_labels: accepted for compatibility; the fused loss builds no label tensor.
         rank, world_size: this process's place in the torch.distributed group.
-        backend: see ``clip_loss``.
+        backend, block_bytes: see ``clip_loss``.
     """
 
     def __init__(
@@ -141,10 +146,12 @@ class ClipLoss(nn.Module):
         world_size: int = 1,
         *,
         backend: str = "auto",
+        block_bytes: int | None = None,
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend, "contrastive")
+        if block_bytes is not None:
+            check_index("block_bytes", block_bytes)
         check_rank(rank, world_size)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
@@ -152,6 +159,7 @@ class ClipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.backend = backend
+        self.block_bytes = block_bytes
 
     def forward(
         self,
@@ -162,7 +170,7 @@ class ClipLoss(nn.Module):
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """(n, D) local features of this rank -> the contrastive loss (0-dim)."""
-        kw = {"backend": self.backend}
+        kw = {"backend": self.backend, "block_bytes": self.block_bytes}
         if self.world_size == 1:
             loss = infonce(image_features, text_features, logit_scale, logit_bias, **kw)
         else:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fastclip.checks import _FLOAT_DTYPES, BACKENDS, select_backend
+from fastclip.backends import check_backend, choose
+from fastclip.checks import _FLOAT_DTYPES, check_device
 
 try:
     from fastclip.kernels import projection as triton_projection
@@ -57,6 +58,7 @@ def check_projection(x: object, weight: object, bias: object, eps: object) -> No
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_device(name, t)
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if weight.dim() != 2:
@@ -115,7 +117,7 @@ def normalized_linear(
     """
     x, weight, bias = _autocast(x, weight, bias)
     check_projection(x, weight, bias, eps)
-    if select_backend(backend, x, triton_projection, torch_ops=None) is None:
+    if not choose("projection", backend, x).triton:
         return F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps)
     x2d = x.reshape(-1, x.shape[-1])  # (n_rows, in_features)
     inputs = (x2d, weight, bias)
@@ -129,7 +131,7 @@ def normalized_linear(
 def _autocast(*tensors: object) -> tuple:
     """Inside an autocast region, the autocast dtype for every operand, as nn.Linear gets."""
     device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
-    if device is None or not torch.is_autocast_enabled(device):
+    if device in (None, "meta") or not torch.is_autocast_enabled(device):  # meta: checked next
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(
@@ -166,8 +168,7 @@ class NormalizedLinear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         check_eps(eps)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend, "projection")
         self.eps = eps
         self.backend = backend
 

@@ -39,6 +39,38 @@ def clip_loss_reference(
     return 0.5 * (loss + F.cross_entropy(logits[:, offset : offset + n].T, labels))
 
 
+def clip_loss_exact(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float | None = None,
+    offset: int = 0,
+    both_directions: bool = True,
+) -> torch.Tensor:
+    """``clip_loss_reference`` in a form without cancellation, the one tests compare against.
+
+    Each cross-entropy is log(1 + sum_{j != i} exp(S_ij - S_i,i+off)) = softplus(m_i), never
+    logsumexp_j S_ij - S_i,i+off: the two agree in exact arithmetic, but the difference of two
+    nearly equal numbers loses a confident row's loss (1 - p_ii ~ 1e-20 vanishes even in
+    float64), while this form, and autograd through it, keeps full relative precision.
+    """
+    n = image_features.shape[0]
+    logits = logit_scale * image_features @ text_features.T  # (n_img, n_txt)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    rows = torch.arange(n, device=logits.device)
+    positives = logits[rows, rows + offset]  # (n_img,)
+    others = (logits - positives[:, None]).index_put(
+        (rows, rows + offset), logits.new_tensor(-torch.inf)
+    )
+    loss = F.softplus(torch.logsumexp(others, dim=1)).mean()
+    if not both_directions:
+        return loss
+    square = logits[:, offset : offset + n] - positives[None, :]  # column j's positive: row j
+    others = square.index_put((rows, rows), logits.new_tensor(-torch.inf))
+    return 0.5 * (loss + F.softplus(torch.logsumexp(others, dim=0)).mean())
+
+
 def siglip_loss_reference(
     image_features: torch.Tensor,
     text_features: torch.Tensor,

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 import torch.distributed.nn as dist_nn
 from torch import nn
 
-from fastclip.checks import BACKENDS, check_inputs, check_offset, check_rank, select_backend
+from fastclip.backends import check_backend, choose
+from fastclip.checks import check_index, check_inputs, check_offset, check_rank
 from fastclip.distributed import neighbour_exchange, neighbour_exchange_bidir
-
-try:
-    from fastclip.kernels import siglip as triton_siglip
-except ImportError:  # no Triton on this platform: the PyTorch path serves everything
-    triton_siglip = None
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -23,7 +17,7 @@ class _SigLipLoss(torch.autograd.Function):
     """The gradients come out of the forward's sweeps; the backward only scales them."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, offset: int | None, ops: ModuleType):
+    def forward(ctx, x, y, scale, bias, offset: int | None, ops):
         need_dx, need_dy, need_ds, need_db = ctx.needs_input_grad[:4]
         loss, dx, dy, dscale, dbias = ops.siglip_forward(
             x, y, scale, bias, offset, need_dx, need_dy, need_ds or need_db
@@ -55,6 +49,7 @@ def siglip_loss(
     offset: int = 0,
     negatives_only: bool = False,
     backend: str = "auto",
+    block_bytes: int | None = None,
 ) -> torch.Tensor:
     """SigLIP's sigmoid loss, fused: the N x N score matrix is never stored.
 
@@ -72,17 +67,23 @@ def siglip_loss(
         logit_bias: the learnable bias (one element or a number), or None for no bias.
         offset: column of image 0's positive text.
         negatives_only: every pair is a negative (a block of another rank's texts).
-        backend: "triton" (fused kernels; CUDA), "torch" (chunked PyTorch, any device) or
-            "auto" (Triton on CUDA, PyTorch otherwise).
+        backend: "auto" (the fastest Triton implementation on CUDA, PyTorch otherwise),
+            "triton", "torch" (blocked PyTorch, any device, float64 too), or an implementation:
+            "blocks", "blocks-mm", "fused" (``fastclip.backends`` says what each is).
+        block_bytes: bound of the gradients' G buffer in bytes (default 256 MiB on CUDA, 16 MiB
+            elsewhere); extra memory is O(N D) plus this at any N.
 
     Returns:
-        0-dim loss, float32 (float64 for float64 features). When gradients are wanted (grad
-        mode on and an input requiring grad), they are computed in the same sweeps as the loss.
+        0-dim loss, float32 (float64 for float64 features), never negative. When gradients are
+        wanted (grad mode on and an input requiring grad), they are computed with the loss.
     """
     scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
     if not negatives_only:
         check_offset(offset, image_features.shape[0], text_features.shape[0])
-    ops = select_backend(backend, image_features, triton_siglip)
+    if block_bytes is not None:
+        block_bytes = check_index("block_bytes", block_bytes)
+    impl = choose("siglip", backend, image_features, text_features.shape[0])
+    ops = impl.ops(block_bytes)
     pairs = None if negatives_only else offset
     inputs = (image_features, text_features, scale, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
@@ -103,7 +104,7 @@ class SigLipLoss(nn.Module):
         cache_labels: accepted for compatibility; the fused loss builds no label matrix.
         rank, world_size: this process's place in the torch.distributed group.
         dist_impl: see above; None means "bidir".
-        backend: see ``siglip_loss``.
+        backend, block_bytes: see ``siglip_loss``.
     """
 
     def __init__(
@@ -114,19 +115,22 @@ class SigLipLoss(nn.Module):
         dist_impl: str | None = None,
         *,
         backend: str = "auto",
+        block_bytes: int | None = None,
     ) -> None:
         super().__init__()
         check_rank(rank, world_size)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend, "siglip")
+        if block_bytes is not None:
+            check_index("block_bytes", block_bytes)
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl
         self.backend = backend
+        self.block_bytes = block_bytes
 
     def forward(
         self,
@@ -137,9 +141,8 @@ class SigLipLoss(nn.Module):
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """(n, D) local features of this rank -> the loss (0-dim)."""
-        loss = siglip_loss(
-            image_features, text_features, logit_scale, logit_bias, backend=self.backend
-        )
+        kw = {"backend": self.backend, "block_bytes": self.block_bytes}
+        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, **kw)
         if self.world_size > 1:
             for texts, other in self._exchanged_texts(text_features):
                 if other:
@@ -149,7 +152,7 @@ class SigLipLoss(nn.Module):
                         logit_scale,
                         logit_bias,
                         negatives_only=True,
-                        backend=self.backend,
+                        **kw,
                     )
                 else:  # "reduce", own round: kept in the graph, whose backward joins its collective
                     loss = loss + 0.0 * texts.sum()

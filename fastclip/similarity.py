@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastclip.checks import as_scalar, check_features, select_backend
+from fastclip.backends import choose
+from fastclip.checks import as_scalar, check_features, check_finite, check_index
 
 try:
     from fastclip.kernels import similarity as triton_similarity
@@ -93,10 +94,11 @@ def similarity(
     check_pair(a, b, ("a", "b"))
     scale_t = as_scalar("scale", scale, a.device)
     bias_t = as_scalar("bias", bias, a.device)
+    check_finite(scale=scale_t, bias=bias_t)
     out_dtype = out_dtype or a.dtype
     if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
         raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
-    if select_backend(backend, a, triton_similarity, torch_ops=None) is not None:
+    if choose("similarity", backend, a).triton:
         return _Similarity.apply(a, b, scale_t, bias_t, normalize, out_dtype)
     if normalize:
         a, b = F.normalize(a, dim=-1, eps=EPS), F.normalize(b, dim=-1, eps=EPS)
@@ -153,15 +155,14 @@ def topk_similarity(
         The kernel scores in fp32 (fp32 accumulation) before rounding to the inputs' dtype.
     """
     check_pair(queries, keys, ("queries", "keys"))
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = check_index("k", k, low=None)
     if not 1 <= k <= keys.shape[0]:
         raise ValueError(f"k must be between 1 and the number of keys ({keys.shape[0]}), got {k}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     scale_t = as_scalar("scale", scale, queries.device)
-    fused = select_backend(backend, queries, triton_similarity, torch_ops=None) is not None
-    if fused and k <= triton_similarity.MAX_TOPK:
+    check_finite(scale=scale_t)
+    if choose("similarity", backend, queries).triton and k <= triton_similarity.MAX_TOPK:
         inv_q = triton_similarity.inverse_norms(queries, EPS) if normalize else None
         inv_k = triton_similarity.inverse_norms(keys, EPS) if normalize else None
         values, indices = triton_similarity.topk_forward(queries, keys, k, scale_t, inv_q, inv_k)

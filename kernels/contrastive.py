@@ -1,51 +1,64 @@
-"""Fused InfoNCE (CLIP) contrastive loss: Triton forward and backward, never an N x N buffer.
+"""Fused InfoNCE (CLIP) contrastive loss: Triton forward, two backward designs, no N x N buffer.
 
 Math. Row i of ``x`` (n_x, D) and row j of ``y`` (n_y, D) score
 
     S_ij = s * <x_i, y_j> + b                           (s: logit scale, b: logit bias)
 
-and row i's positive partner is column i + offset (offset >= 0, n_x + offset <= n_y). With
-row and column log-sum-exps r_i = logsumexp_j S_ij and c_j = logsumexp_i S_ij, the loss is
+and row i's positive partner is column i + offset (offset >= 0, n_x + offset <= n_y). Each row
+is summarized relative to its own positive, never by a difference of two large numbers:
 
-    L = sum_i wx_i * (r_i - S_i,i+off) + sum_j wy_j * (c_j - S_j-off,j)
+    m_i = log sum_{j != i+off} exp(S_ij - S_i,i+off)    (the other logits, relative)
 
-where both_directions=True gives CLIP's symmetric loss (wx_i = 1/(2 n_x), wy_j = 1/(2 n_x) on the
-n_x columns that hold a positive, 0 elsewhere) and both_directions=False the one-directional
-cross-entropy (wx_i = 1/n_x, wy = 0). Its gradient with respect to S is
+so row i's cross-entropy is log(1 + e^m_i) = softplus(m_i) >= 0, exact however confident the
+row is (m_i -> -inf as p_ii -> 1). Column j has m'_j, the same over its column with its
+positive row j - off (columns without one use 0 as their reference; their weight is 0). With
+loss weights wx_i and wy_j (both_directions=True: 1/(2 n_x) on the rows and on the n_x columns
+that hold a positive; False: 1/n_x on the rows, wy = 0),
 
-    G_ij = wx_i * (exp(S_ij - r_i) - d_ij) + wy_j * (exp(S_ij - c_j) - d_ij),  d_ij = [j == i+off]
+    L = sum_i wx_i softplus(m_i) + sum_j wy_j softplus(m'_j).
 
-so dL/dx = s * G y, dL/dy = s * G^T x, dL/ds = sum_ij G_ij <x_i, y_j> = sum_i <(G y)_i, x_i>, and
-dL/db = sum_ij G_ij = 0 exactly (each softmax sums to one, so the bias cancels; it is still added to
-S so that the numbers are those of the definition).
+Its gradient with respect to S, with p_ij = exp(S_ij - S_i,i+off - softplus(m_i)) the softmax
+of row i and q_ij that of column j, is
 
-Design and cost, in matmul passes of n_x * n_y * D multiply-adds (the floor is 4):
+    G_ij = wx_i p_ij + wy_j q_ij                           for j != i + off,
+    G_ij = -(wx_i sigmoid(m_i) + wy_j sigmoid(m'_j))        for the positive pair,
 
-- forward, 1 pass (``_forward_kernel``). A 2-D grid: program (a, b) walks row blocks a,
-  a + row_split, ... against the column blocks of chunk b. It keeps each row block's running max
-  and sum of exponentials in registers (the online logsumexp) and writes one partial r per column
-  chunk; for the other direction it merges each tile's column logsumexp into a partial c owned by
-  its row chunk. The partials, O((row_split + col_split) * N) floats, are combined with a
-  logsumexp afterwards. The positive logits are n_x row dot products (``_row_dot_kernel``, O(N D)).
-- backward, 2 + 2 passes (``_backward_kernel``). One launch per operand: each program owns a block
-  of rows of that operand, recomputes their similarity tiles against a chunk of the other operand
-  (1 pass), turns them into the softmax part of G with the saved logsumexps and accumulates it
-  times the other operand in an fp32 workspace (1 pass). The workspace is private to its program:
-  deterministic, no atomics. ``_finalize_kernel`` then sums the chunks' partials, subtracts the
-  positive pairs' -d_ij terms (one row of the other operand per row, O(N D)) and writes the
-  gradient and the terms of dL/ds. One launch producing both gradients from one recomputation
-  would need only 3 passes, but either a register accumulator of D floats per row (too large for
-  D >= 512) or atomic additions into both gradients on every tile, costlier than the pass saved.
+because 1 - p_ii = sum_{j != i} p_ij = sigmoid(m_i) exactly. G is formed in fp32 with the
+positive's term folded in before any rounding, so a confident row keeps its gradient. Then
+dL/dx = s G y, dL/dy = s G^T x, dL/ds = sum_ij G_ij <x_i, y_j>, and dL/db = 0 exactly (each
+softmax sums to one: the bias cancels, and the kernels never load it).
 
-Total: 5 passes. Extra memory: the O(N) statistics above and an fp32 workspace of at most
-``WORKSPACE_BYTES`` (the backward processes the rows in slices that fit it). Inputs in fp32, fp16
-or bf16; all arithmetic in fp32; fp32 inputs use TF32 products only when torch allows TF32 matmuls.
-Exponentials are taken in base 2 with log2(e) folded into the scale. Row offsets are 64-bit.
+Design and cost, in matmul passes of n_x * n_y * D multiply-adds (the floor is 4: S in the
+forward, S again, G y and G^T x in the backward):
+
+- forward, 1 pass (``_forward_kernel``). The positive dots come first (O(N D)). A 2-D grid:
+  program (a, b) walks row blocks a, a + row_split, ... against the column blocks of chunk b,
+  keeps each row's running max and sum of 2^(logit - max) in registers (the online log-sum-exp,
+  the positive masked out) and writes one partial m per column chunk; for the other direction
+  it merges each tile's column log-sum-exp into a partial m' owned by its row chunk. The
+  partials, O((row_split + col_split) N) floats, are combined afterwards. Per BM x BN tile:
+  2 BM BN D FLOPs for (BM + BN) D operand elements read.
+- backward, bounded blocks (``blocked_backward``, 3 passes): for each block of R rows x C
+  columns, ``_gradient_block_kernel`` recomputes S (1 pass) and writes G in the features'
+  dtype to a bounded buffer with its share of dL/ds; cuBLAS then adds G y and G^T x into fp32
+  accumulators (2 passes at GEMM speed). A variant lets cuBLAS compute the block's dots in fp32
+  and the kernel read them (``dots_by_gemm``). Per tile: (BM + BN) D operand elements read (or
+  BM BN fp32 dots) and BM BN elements of G written.
+- backward, fused (``fused_backward``, 2 + 2 passes): one launch per operand; each program owns
+  a block of rows, recomputes their tiles against a chunk of the other operand (1 pass), forms
+  G and accumulates G times the other operand in a private fp32 workspace (1 pass): no buffer,
+  no GEMM library, but each tile also reads and writes a BM x D fp32 accumulator, which bounds
+  it by L2 bandwidth.
+
+Inputs in fp32, fp16 or bf16; all arithmetic in fp32; fp32 products use TF32 only when torch
+allows TF32 matmuls. Exponentials are taken in base 2 with log2(e) folded into the scale. Row
+offsets are 64-bit.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -53,24 +66,26 @@ from .tiles import (
     LN2,
     LOG2E,
     MIN_BLOCK,
+    NEG,
     TileConfig,
     accumulate_tile,
-    base2_affine,
     bucket,
     clear_rows,
     column_chunk,
     configs,
     dot_precision,
-    finalize,
     launch,
-    plan_workspace,
-    positive_logits,
+    pairs_of,
+    positive_dots,
     prune_configs,
     similarity_tile,
+    store_parts,
+    sweep_blocks,
+    sweep_rows,
     target_programs,
 )
 
-# Forward programs along rows; each owns a partial column logsumexp of length n_y.
+# Forward programs along rows; each owns a partial column log-sum-exp of length n_y.
 MAX_ROW_SPLIT = 16
 
 # ----------------------------------------------------------------------------------------------
@@ -80,8 +95,10 @@ MAX_ROW_SPLIT = 16
 
 @triton.jit
 def _logaddexp2(a, b):
+    """log2(2^a + 2^b), -inf when both are."""
     hi = tl.maximum(a, b)
-    return hi + tl.log2(1.0 + tl.exp2(tl.minimum(a, b) - hi))
+    lo = tl.minimum(a, b)
+    return tl.where(hi == float("-inf"), hi, hi + tl.log2(1.0 + tl.exp2(lo - hi)))
 
 
 @triton.jit
@@ -90,13 +107,15 @@ def _forward_kernel(
     x_ptr,
     y_ptr,
     scale_ptr,
-    bias_ptr,
-    row_lse_ptr,  # (col_split, n_x) partial row logsumexps, written
-    col_lse_ptr,  # (row_split, n_y) partial column logsumexps, read-modify-written
+    x_ref_ptr,  # (n_x,) fp32: row i's positive dot, the reference of its logits
+    y_ref_ptr,  # (n_y,) fp32: column j's positive dot (0 for a column without one)
+    row_part_ptr,  # (col_split, n_x) partial base-2 m per column chunk, written
+    col_part_ptr,  # (row_split, n_y) partial base-2 m' per row chunk, read-modify-written
     # sizes
     n_x,
     n_y,
     D,
+    offset,
     n_bucket,  # autotune key only
     # strides
     stride_x,
@@ -104,64 +123,156 @@ def _forward_kernel(
     stride_y,
     stride_yd,
     # meta-parameters
-    HAS_BIAS: tl.constexpr,
     COL_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """Row and column logsumexps of S = s x y^T + b: 1 matmul pass of n_x n_y D.
+    """Row (and column) statistics m of S = s x y^T: 1 matmul pass of n_x n_y D.
 
-    Inputs: x (n_x, D) and y (n_y, D) features, s and b as one-element tensors. Program (a, b)
-    handles row blocks a, a + row_split, ... against the b-th contiguous chunk of column blocks:
-    an online (running-max) logsumexp per row over its chunk, written as partial (b, i); for each
-    tile, the column logsumexp merged into partial (a, j). Outputs are base-2 logsumexps of
-    S * log2(e); the caller combines the partials.
+    Program (a, b) handles row blocks a, a + row_split, ... against the b-th chunk of column
+    blocks: the online log-sum-exp over its chunk of each row's logits minus its positive's
+    (positive masked out), written as partial (b, i); with COL_STATS, each tile's column
+    log-sum-exp merged into partial (a, j). Outputs are in base 2; the caller combines them.
     """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     row_split = tl.num_programs(0)
-    scale2, bias2 = base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
-
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
     cb_start, cb_end = column_chunk(n_y, BN)
 
     for rb in range(pid_r, tl.cdiv(n_x, BM), row_split):
         rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
         row_ok = rows < n_x
         x_rows = x_ptr + rows * stride_x
-        # The bias, and -inf on padding rows so that they drop out of the column statistics.
-        row_shift = tl.where(row_ok, bias2, float("-inf"))
-        row_max = tl.full((BM,), float("-inf"), tl.float32)  # running max of each row
-        row_sum = tl.zeros((BM,), tl.float32)  # running sum of 2^(S - row_max)
+        x_ref = tl.load(x_ref_ptr + rows, mask=row_ok, other=0.0)
+        row_pad = tl.where(row_ok, 0.0, float("-inf"))  # padding rows leave the column statistics
+        row_max = tl.full((BM,), NEG, tl.float32)  # running max of each row
+        row_sum = tl.zeros((BM,), tl.float32)  # running sum of 2^(u - row_max)
         for cb in range(cb_start, cb_end):
             cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
             col_ok = cols < n_y
-            s = similarity_tile(
-                x_rows, y_ptr + cols * stride_y, row_ok, col_ok, D, stride_xd, stride_yd, BK,
-                DOT_PRECISION,
-            )  # fmt: skip
+            dots = similarity_tile(x_rows, y_ptr + cols * stride_y, row_ok, col_ok, D, stride_xd,
+                                   stride_yd, BK, DOT_PRECISION)  # fmt: skip
+            pairs = pairs_of(rb * BM, cb * BN, offset, BM, BN)
             col_pad = tl.where(col_ok, 0.0, float("-inf"))
-            s = s * scale2 + row_shift[:, None] + col_pad[None, :]  # (BM, BN), base 2
-
-            new_max = tl.maximum(row_max, tl.max(s, axis=1))
+            # S_ij - S_i,pos in base 2: the difference of the dots first, then one rounding.
+            u = (dots - x_ref[:, None]) * scale2 + col_pad[None, :]
+            u = tl.where(pairs, float("-inf"), u)
+            new_max = tl.maximum(row_max, tl.max(u, axis=1))
             row_sum = row_sum * tl.exp2(row_max - new_max)
-            row_sum += tl.sum(tl.exp2(s - new_max[:, None]), axis=1)
+            row_sum += tl.sum(tl.exp2(u - new_max[:, None]), axis=1)
             row_max = new_max
 
             if COL_STATS:
-                c_max = tl.max(s, axis=0)
-                c_lse = c_max + tl.log2(tl.sum(tl.exp2(s - c_max[None, :]), axis=0))
-                c_ptrs = col_lse_ptr + pid_r.to(tl.int64) * n_y + cols
+                y_ref = tl.load(y_ref_ptr + cols, mask=col_ok, other=0.0)
+                v = (dots - y_ref[None, :]) * scale2 + row_pad[:, None]
+                v = tl.where(pairs, float("-inf"), v)
+                c_max = tl.maximum(tl.max(v, axis=0), NEG)
+                c_lse = c_max + tl.log2(tl.sum(tl.exp2(v - c_max[None, :]), axis=0))
+                c_ptrs = col_part_ptr + pid_r.to(tl.int64) * n_y + cols
                 if rb == pid_r:  # this program's first row block starts the partial afresh
                     old = tl.full((BN,), float("-inf"), tl.float32)
                 else:
                     old = tl.load(c_ptrs, mask=col_ok, other=float("-inf"))
                 tl.store(c_ptrs, _logaddexp2(old, c_lse), mask=col_ok)
-                tl.debug_barrier()  # the next row block re-reads these partials
+        if COL_STATS:
+            tl.debug_barrier()  # the next row block re-reads these partials
 
-        row_lse = row_max + tl.log2(row_sum)
-        tl.store(row_lse_ptr + pid_c.to(tl.int64) * n_x + rows, row_lse, mask=row_ok)
+        row_m = row_max + tl.log2(row_sum)  # -inf for a row without other logits
+        tl.store(row_part_ptr + pid_c.to(tl.int64) * n_x + rows, row_m, mask=row_ok)
+
+
+@triton.jit
+def _softmax_gradient(dots, rows, cols, row_ok, col_ok, pairs, scale2,
+                      a_stats_ptr, n_a, b_stats_ptr, n_b,
+                      A_TERM: tl.constexpr, B_TERM: tl.constexpr):  # fmt: skip
+    """G for a tile of dots (BM, BN) between a's rows and b's rows, in fp32 (module docstring);
+    ``pairs`` marks the tile's positive pairs.
+
+    ``a_stats`` (4, n_a) are the statistics of the softmax over each row of a (its positive's
+    dot, softplus(m) in base 2, the weight w, and w sigmoid(m)); ``b_stats`` (4, n_b) those of
+    the softmax over each row of b. A_TERM and B_TERM select the softmaxes in the loss. Zero
+    outside the tile's valid rows and columns.
+    """
+    g = tl.zeros(dots.shape, tl.float32)
+    at_pair = tl.zeros(dots.shape, tl.float32)
+    if A_TERM:
+        ref = tl.load(a_stats_ptr + rows, mask=row_ok, other=0.0)
+        shift = tl.load(a_stats_ptr + n_a + rows, mask=row_ok, other=0.0)
+        w = tl.load(a_stats_ptr + 2 * n_a + rows, mask=row_ok, other=0.0)
+        w_gap = tl.load(a_stats_ptr + 3 * n_a + rows, mask=row_ok, other=0.0)
+        g += w[:, None] * tl.exp2((dots - ref[:, None]) * scale2 - shift[:, None])
+        at_pair += w_gap[:, None]
+    if B_TERM:
+        ref = tl.load(b_stats_ptr + cols, mask=col_ok, other=0.0)
+        shift = tl.load(b_stats_ptr + n_b + cols, mask=col_ok, other=0.0)
+        w = tl.load(b_stats_ptr + 2 * n_b + cols, mask=col_ok, other=0.0)
+        w_gap = tl.load(b_stats_ptr + 3 * n_b + cols, mask=col_ok, other=0.0)
+        g += w[None, :] * tl.exp2((dots - ref[None, :]) * scale2 - shift[None, :])
+        at_pair += w_gap[None, :]
+    # Padding rows and columns: their dots are 0, so 2^(...) there could overflow.
+    g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+    return tl.where(pairs, -at_pair, g)
+
+
+@triton.jit
+def _gradient_block_kernel(
+    # pointers
+    a_ptr,  # (n_a, D) the block's rows of x
+    b_ptr,  # (n_b, D) the block's rows of y
+    dots_ptr,  # (n_a, n_b) fp32 dots computed by a GEMM (DOTS_GIVEN), or unused
+    scale_ptr,
+    a_stats_ptr,  # (4, n_a) row softmax statistics (see _softmax_gradient)
+    b_stats_ptr,  # (4, n_b) column softmax statistics (B_TERM)
+    g_ptr,  # (n_a, n_b) G, written in g's dtype
+    sums_ptr,  # (1, programs) fp32 partial sums of G_ij <a_i, b_j>, written
+    # sizes
+    n_a,
+    n_b,
+    D,
+    offset,  # a's row i pairs with b's row i + offset
+    n_bucket,  # autotune key only
+    # strides
+    stride_a,
+    stride_ad,
+    stride_b,
+    stride_bd,
+    stride_dots,
+    stride_g,
+    stride_sums,  # unused: one sum
+    # meta-parameters
+    B_TERM: tl.constexpr,
+    DOTS_GIVEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """One BM x BN tile of a block's G (module docstring): 1 matmul pass of n_a n_b D over the
+    grid (none with DOTS_GIVEN, where the dots come from cuBLAS), plus BM BN elements of G
+    written and one partial of dL/ds."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+    row_ok = rows < n_a
+    col_ok = cols < n_b
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if DOTS_GIVEN:
+        dots = tl.load(dots_ptr + rows[:, None] * stride_dots + cols[None, :], mask=tile_ok,
+                       other=0.0)  # fmt: skip
+    else:
+        dots = similarity_tile(a_ptr + rows * stride_a, b_ptr + cols * stride_b, row_ok, col_ok,
+                               D, stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    pairs = pairs_of(pid_m * BM, pid_n * BN, offset, BM, BN)
+    g = _softmax_gradient(dots, rows, cols, row_ok, col_ok, pairs, scale2, a_stats_ptr, n_a,
+                          b_stats_ptr, n_b, True, B_TERM)  # fmt: skip
+    tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=tile_ok)  # fmt: skip
+    tl.store(sums_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(g * dots))
 
 
 @triton.jit
@@ -170,16 +281,15 @@ def _backward_kernel(
     a_ptr,
     b_ptr,
     scale_ptr,
-    bias_ptr,
-    lse_a_ptr,
-    w_a_ptr,  # (n_a,) logsumexp and weight of the softmax over each row of S
-    lse_b_ptr,
-    w_b_ptr,  # (n_b,) logsumexp and weight of the softmax over each column of S
-    acc_ptr,  # (col_split, n_a, D) fp32 workspace: (G b) partials, written
+    acc_ptr,  # (col_split, n_a, D) fp32 workspace: G b partials, written
+    parts_ptr,  # (1, col_split, n_a) partial sums of G_ij <a_i, b_j>, written
+    a_stats_ptr,  # (4, n_a) statistics of the softmax over a's rows (A_TERM)
+    b_stats_ptr,  # (4, n_b) statistics of the softmax over b's rows (B_TERM)
     # sizes
     n_a,
     n_b,
     D,
+    offset,  # a's row i pairs with b's row i + offset
     n_bucket,  # autotune key only
     # strides
     stride_a,
@@ -187,58 +297,46 @@ def _backward_kernel(
     stride_b,
     stride_bd,
     # meta-parameters
-    HAS_BIAS: tl.constexpr,
-    ROW_TERM: tl.constexpr,
-    COL_TERM: tl.constexpr,
+    A_TERM: tl.constexpr,
+    B_TERM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """Accumulate (P b) for a block of rows of a over a chunk of b: 2 matmul passes of n_a n_b D.
+    """Accumulate G b for a block of rows of a over a chunk of b: 2 matmul passes of n_a n_b D.
 
-    S_ij = s <a_i, b_j> + b is recomputed tile by tile and turned into the softmax part of the
-    module docstring's G, P_ij = wa_i exp(S_ij - ra_i) + wb_j exp(S_ij - cb_j) (ROW_TERM and
-    COL_TERM select the terms); the program's private workspace slice collects P_ij b_j over its
-    chunk. The positive pairs' -d_ij terms touch one row of b per row of a, so they are left to
-    ``_finalize_kernel``. Called with (x, y) for dL/dx and with (y, x) for dL/dy.
+    S is recomputed tile by tile and turned into G (``_softmax_gradient``); the program's
+    private workspace slice collects G_ij b_j over its chunk, and its rows' sums of G_ij S_ij / s
+    (dL/ds's terms, from G in fp32). Called with (x, y) for dL/dx and
+    with (y, x) for dL/dy. Per tile: (BM + 2 BN) D operand elements read, and a BM x D fp32
+    accumulator read and written.
     """
     rb = tl.program_id(0)
     pid_c = tl.program_id(1)
-    scale2, bias2 = base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
-
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
     rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
     row_ok = rows < n_a
     a_rows = a_ptr + rows * stride_a
-    w_a = tl.zeros((BM,), tl.float32)
-    if ROW_TERM:
-        lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
-        w_a = tl.load(w_a_ptr + rows, mask=row_ok, other=0.0)
     acc_blk = acc_ptr + (pid_c.to(tl.int64) * n_a + rb * BM) * D  # this program's workspace
 
+    g_dots = tl.zeros((BM,), tl.float32)
     cb_start, cb_end = column_chunk(n_b, BN)
     if cb_start >= cb_end:
         clear_rows(acc_blk, row_ok, D, BM, BD)
     for cb in range(cb_start, cb_end):
         cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
         col_ok = cols < n_b
-        b_rows = b_ptr + cols * stride_b
-        s = similarity_tile(a_rows, b_rows, row_ok, col_ok, D, stride_ad, stride_bd, BK,
-                             DOT_PRECISION)  # fmt: skip
-        # -inf on padding columns: their weights must be exactly 0 (a finite S there could
-        # still overflow exp). Padding rows have zero weights or are never stored.
-        s = s * scale2 + tl.where(col_ok, bias2, float("-inf"))[None, :]
-        g = tl.zeros((BM, BN), tl.float32)
-        w_b = tl.zeros((BN,), tl.float32)
-        if ROW_TERM:
-            g += w_a[:, None] * tl.exp2(s - lse_a[:, None])
-        if COL_TERM:
-            lse_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=float("inf")) * LOG2E
-            w_b = tl.load(w_b_ptr + cols, mask=col_ok, other=0.0)
-            g += w_b[None, :] * tl.exp2(s - lse_b[None, :])
+        dots = similarity_tile(a_rows, b_ptr + cols * stride_b, row_ok, col_ok, D, stride_ad,
+                               stride_bd, BK, DOT_PRECISION)  # fmt: skip
+        pairs = pairs_of(rb * BM, cb * BN, offset, BM, BN)
+        g = _softmax_gradient(dots, rows, cols, row_ok, col_ok, pairs, scale2, a_stats_ptr, n_a,
+                              b_stats_ptr, n_b, A_TERM, B_TERM)  # fmt: skip
+        g_dots += tl.sum(g * dots, axis=1)
         accumulate_tile(g, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b, stride_bd,
                         cb == cb_start, BM, BN, BD, DOT_PRECISION)  # fmt: skip
+    store_parts(parts_ptr, g_dots, 0, rows, row_ok, n_a)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +356,16 @@ _FORWARD_CONFIGS = configs(
         (64, 64, 32, 4, 2),
     ],
 )
+_BLOCK_CONFIGS = configs(
+    ("BM", "BN", "BK"),
+    [  # (BM, BN, BK, warps, stages)
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 3),
+        (128, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+    ],
+)
 _BACKWARD_CONFIGS = configs(
     ("BM", "BN", "BK", "BD"),
     [  # (BM, BN, BK, BD, warps, stages)
@@ -272,15 +380,20 @@ _BACKWARD_CONFIGS = configs(
         (64, 64, 32, 64, 4, 2),
     ],
 )
-_KEY = ["D", "n_bucket", "HAS_BIAS", "DOT_PRECISION"]
+_KEY = ["D", "n_bucket", "DOT_PRECISION"]
 _forward_tuned = triton.autotune(
     _FORWARD_CONFIGS,
     key=_KEY + ["COL_STATS"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_forward_kernel)
+_block_tuned = triton.autotune(
+    _BLOCK_CONFIGS,
+    key=_KEY + ["B_TERM", "DOTS_GIVEN"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)(_gradient_block_kernel)
 _backward_tuned = triton.autotune(
     _BACKWARD_CONFIGS,
-    key=_KEY + ["ROW_TERM", "COL_TERM"],
+    key=_KEY + ["A_TERM", "B_TERM"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_backward_kernel)
 
@@ -289,30 +402,40 @@ _backward_tuned = triton.autotune(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def column_references(pdot: torch.Tensor, n_y: int, offset: int) -> torch.Tensor:
+    """Each column's reference dot: its positive pair's, 0 for columns without one."""
+    ref = torch.zeros(n_y, dtype=pdot.dtype, device=pdot.device)
+    ref[offset : offset + pdot.shape[0]] = pdot
+    return ref
+
 
 def contrastive_forward(
     x: torch.Tensor,
     y: torch.Tensor,
     scale: torch.Tensor,
-    bias: torch.Tensor | None,
     offset: int,
     both_directions: bool,
     config: TileConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Statistics of S = scale * x @ y.T + bias, computed without materializing S.
+) -> Stats:
+    """Statistics of S = scale * x @ y.T, computed without materializing S.
 
     Args:
         x: (n_x, D) and y: (n_y, D), same dtype (fp32/fp16/bf16) and device; any strides.
-        scale, bias: one-element tensors on the same device (bias may be None).
+        scale: a one-element tensor on the same device.
         offset: row i's positive is column i + offset; needs n_x + offset <= n_y.
-        both_directions: also compute the column logsumexps.
+        both_directions: also compute the column statistics.
         config: fixed tiles and splits; None autotunes (fixed small tiles under the interpreter).
 
     Returns:
-        row_lse (n_x,), col_lse (n_y,) or None, positive logits S_i,i+off (n_x,); all fp32.
+        (pdot, m, m'): the positive pairs' dots <x_i, y_i+off> (n_x,), the rows' m (n_x,) and
+        the columns' m' (n_y,) or None (module docstring); all fp32.
     """
     n_x, D = x.shape
     n_y = y.shape[0]
+    pdot = positive_dots(x, y, offset)
     target = target_programs(x.device)
     row_blocks, col_blocks = triton.cdiv(n_x, MIN_BLOCK), triton.cdiv(n_y, MIN_BLOCK)
     row_split = min(row_blocks, MAX_ROW_SPLIT) if both_directions else row_blocks
@@ -324,107 +447,141 @@ def contrastive_forward(
     kw = {"device": x.device, "dtype": torch.float32}
     row_part = torch.full((col_split, n_x), float("-inf"), **kw)
     col_part = torch.full((row_split, n_y), float("-inf"), **kw) if both_directions else None
-    # fmt: off
-    args = (
-        x, y, scale, scale if bias is None else bias, row_part,
-        row_part if col_part is None else col_part,
-        n_x, n_y, D, bucket(max(n_x, n_y)),
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+    args = dict(
+        x_ptr=x,
+        y_ptr=y,
+        scale_ptr=scale,
+        x_ref_ptr=pdot,
+        y_ref_ptr=column_references(pdot, n_y, offset),
+        row_part_ptr=row_part,
+        col_part_ptr=row_part if col_part is None else col_part,
+        n_x=n_x,
+        n_y=n_y,
+        D=D,
+        offset=offset,
+        n_bucket=bucket(max(n_x, n_y)),
+        stride_x=x.stride(0),
+        stride_xd=x.stride(1),
+        stride_y=y.stride(0),
+        stride_yd=y.stride(1),
+        COL_STATS=both_directions,
+        DOT_PRECISION=dot_precision(x.dtype),
     )
-    # fmt: on
-    meta = {
-        "HAS_BIAS": bias is not None,
-        "COL_STATS": both_directions,
-        "DOT_PRECISION": dot_precision(x.dtype),
-    }
-    blocks = {"BM": "block_m", "BN": "block_n", "BK": "block_k"}
     grid = lambda meta: (row_split, col_split)  # noqa: E731
-    launch(_forward_kernel, _forward_tuned, grid, config, args, meta, blocks)
-
-    positives = positive_logits(x, y, offset, scale, bias)
-    row_lse = torch.logsumexp(row_part * LN2, dim=0)
-    col_lse = torch.logsumexp(col_part * LN2, dim=0) if col_part is not None else None
-    return row_lse, col_lse, positives
+    launch(_forward_kernel, _forward_tuned, grid, config, args)
+    row = torch.logsumexp(row_part * LN2, dim=0)
+    col = torch.logsumexp(col_part * LN2, dim=0) if col_part is not None else None
+    return pdot, row, col
 
 
-def _grad_rows(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    lse_a: torch.Tensor | None,
-    w_a: torch.Tensor | None,
-    lse_b: torch.Tensor | None,
-    w_b: torch.Tensor | None,
-    offset: int,
-    config: TileConfig | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient s G b of every row of a and the per-row terms of dL/ds.
-
-    a's row i is paired with b's row i + offset; (lse_a, w_a) is the softmax over a's rows
-    (both None: not in the loss), (lse_b, w_b) the one over b's rows.
-    """
-    n_a, D = a.shape
-    n_b = b.shape[0]
-    grad = torch.empty((n_a, D), dtype=a.dtype, device=a.device)
-    dscale = torch.empty(n_a, dtype=torch.float32, device=a.device)
-    col_split, slice_rows, workspace = plan_workspace(n_a, n_b, D, a.device, config)
-    meta = {
-        "HAS_BIAS": bias is not None,
-        "ROW_TERM": lse_a is not None,
-        "COL_TERM": lse_b is not None,
-        "DOT_PRECISION": dot_precision(a.dtype),
-    }
-    blocks = {"BM": "block_m", "BN": "block_n", "BK": "block_k", "BD": "block_d"}
-    for start in range(0, n_a, slice_rows):
-        rows = slice(start, min(start + slice_rows, n_a))
-        n_rows = rows.stop - start
-        lse_rows = lse_a[rows] if lse_a is not None else a  # a: placeholder, never read
-        w_rows = w_a[rows] if w_a is not None else None
-        # fmt: off
-        args = (
-            a[rows], b, scale, scale if bias is None else bias,
-            lse_rows, a if w_rows is None else w_rows, a if lse_b is None else lse_b,
-            a if w_b is None else w_b, workspace, n_rows, n_b, D, bucket(max(n_a, n_b)),
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        )
-        # fmt: on
-        grid = lambda meta, n=n_rows: (triton.cdiv(n, meta["BM"]), col_split)  # noqa: E731
-        launch(_backward_kernel, _backward_tuned, grid, config, args, meta, blocks)
-        finalize(workspace, col_split, a[rows], b, scale, w_rows, w_b, offset + start,
-                 grad[rows], dscale[rows])  # fmt: skip
-    return grad, dscale
+def _side_stats(ref: torch.Tensor, m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(4, n) fp32 statistics of one softmax for the gradient kernels: the reference dot,
+    softplus(m) in base 2, the weight, and the weight times 1 - p_pair = sigmoid(m)."""
+    return torch.stack([ref, F.softplus(m) / LN2, w, w * torch.sigmoid(m)]).contiguous()
 
 
-def contrastive_backward(
+def _stats_by_side(stats: Stats, w_x, w_y, n_y: int, offset: int):
+    pdot, row, col = stats
+    x_side = _side_stats(pdot, row, w_x)
+    y_side = None
+    if col is not None:
+        y_side = _side_stats(column_references(pdot, n_y, offset), col, w_y)
+    return x_side, y_side
+
+
+def blocked_backward(
     x: torch.Tensor,
     y: torch.Tensor,
     scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    row_lse: torch.Tensor,
-    col_lse: torch.Tensor | None,
+    stats: Stats,
     w_x: torch.Tensor,
     w_y: torch.Tensor | None,
+    weight: torch.Tensor,
+    offset: int,
+    need_dx: bool,
+    need_dy: bool,
+    dots_by_gemm: bool = False,
+    block_bytes: int | None = None,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Gradients of L by bounded blocks (module docstring): G from ``_gradient_block_kernel``,
+    the products from cuBLAS.
+
+    Args:
+        x, y, scale, offset: as in ``contrastive_forward``; stats: its outputs.
+        w_x (n_x,), w_y (n_y,) or None: fp32 relative loss weights, O(1) (1 on the rows and on
+            the columns that hold a positive), and weight: the 0-dim fp32 factor they share
+            (dL_out / (2 n_x) for CLIP's loss). G is formed with the relative weights, so that
+            its entries are O(1) whatever dL_out is, and the products are scaled by weight.
+        need_dx, need_dy: which feature gradients to produce. dL/ds comes with either.
+        dots_by_gemm: cuBLAS computes each block's dots in fp32 and the kernel reads them.
+        block_bytes: the G buffer's bound (``blocks.default_block_bytes`` when None).
+
+    Returns:
+        dx (n_x, D) in x's dtype or None, dy (n_y, D) in y's dtype or None, dscale (0-dim fp32).
+    """
+    x_side, y_side = _stats_by_side(stats, w_x, w_y, y.shape[0], offset)
+
+    def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
+        return dict(
+            a_stats_ptr=x_side[:, r0:r1].contiguous(),
+            b_stats_ptr=x_side if y_side is None else y_side[:, c0:c1].contiguous(),
+            offset=offset + r0 - c0,
+            B_TERM=y_side is not None,
+        )
+
+    dx, dy, sums = sweep_blocks(
+        _gradient_block_kernel,
+        _block_tuned,
+        x,
+        y,
+        scale,
+        scale * weight,
+        config,
+        args_of,
+        n_sums=1,
+        need_dx=need_dx,
+        need_dy=need_dy,
+        dots_by_gemm=dots_by_gemm,
+        block_bytes=block_bytes,
+    )
+    return dx, dy, sums[0] * weight
+
+
+def fused_backward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    stats: Stats,
+    w_x: torch.Tensor,
+    w_y: torch.Tensor | None,
+    weight: torch.Tensor,
     offset: int,
     need_dx: bool,
     need_dy: bool,
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Gradients of L (module docstring) by recomputation from the saved logsumexps.
+    """Gradients of L by the fused row sweeps (module docstring); arguments and returns as in
+    ``blocked_backward``."""
+    x_side, y_side = _stats_by_side(stats, w_x, w_y, y.shape[0], offset)
 
-    Args:
-        x, y, scale, bias, offset: as in ``contrastive_forward``.
-        row_lse (n_x,), col_lse (n_y,) or None: its outputs (None: one direction only).
-        w_x (n_x,), w_y (n_y,) or None: fp32 loss weights, already multiplied by dL_out.
-        need_dx, need_dy: which feature gradients to produce. dL/ds comes with either launch.
+    def sweep(a, b, a_side, b_side, off):
+        def args_of(rows):
+            return dict(
+                a_stats_ptr=a if a_side is None else a_side[:, rows].contiguous(),
+                b_stats_ptr=a if b_side is None else b_side,
+                offset=off + rows.start,
+                A_TERM=a_side is not None,
+                B_TERM=b_side is not None,
+            )
 
-    Returns:
-        dx (n_x, D) in x's dtype or None, dy (n_y, D) in y's dtype or None, dscale (0-dim fp32).
-    """
-    dx = dy = dscale = None
-    if need_dx or not need_dy:
-        dx, dscale = _grad_rows(x, y, scale, bias, row_lse, w_x, col_lse, w_y, offset, config)
+        tuned = _backward_tuned
+        return sweep_rows(_backward_kernel, tuned, a, b, scale, config, args_of, 1, scale * weight)
+
+    dx = dy = sums = None
+    if need_dx or not need_dy:  # dL/ds comes with either sweep
+        dx, sums = sweep(x, y, x_side, y_side, offset)
     if need_dy:
-        dy, dscale_y = _grad_rows(y, x, scale, bias, col_lse, w_y, row_lse, w_x, -offset, config)
-        dscale = dscale if dscale is not None else dscale_y
-    return (dx if need_dx else None), dy, dscale.sum()
+        dy, sums_y = sweep(y, x, y_side, x_side, -offset)
+        sums = sums if sums is not None else sums_y
+    return (dx if need_dx else None), dy, sums[0] * weight

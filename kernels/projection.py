@@ -454,18 +454,28 @@ def projection_forward(
     block_o = output_block(n_out)
     has_bias = bias is not None
     bias = bias.contiguous() if has_bias else weight  # the kernel reads b at unit stride
-    # fmt: off
-    args = (
-        x, weight, bias, y, norm,
-        n_rows, n_in, n_out, bucket(n_rows), eps,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-    )
-    # fmt: on
     meta = {"HAS_BIAS": has_bias, "WIDE": n_out > block_o, "BO": block_o}
     meta["DOT_PRECISION"] = dot_precision(x.dtype)
+    args = dict(
+        x_ptr=x,
+        w_ptr=weight,
+        b_ptr=bias,
+        y_ptr=y,
+        norm_ptr=norm,
+        n_rows=n_rows,
+        n_in=n_in,
+        n_out=n_out,
+        n_bucket=bucket(n_rows),
+        eps=eps,
+        stride_x=x.stride(0),
+        stride_xd=x.stride(1),
+        stride_w=weight.stride(0),
+        stride_wd=weight.stride(1),
+        **meta,
+    )
     grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]),)  # noqa: E731
     config = _forward_config(config, meta, x)
-    launch(_forward_kernel, _forward_tuned, grid, config, args, meta,
+    launch(_forward_kernel, _forward_tuned, grid, config, args,
            {"BM": "block_m", "BI": "block_k"})  # fmt: skip
     return y, norm
 
@@ -502,16 +512,28 @@ def projection_backward(
     n_bucket, precision = bucket(n_rows), dot_precision(y.dtype)
 
     w = weight if need_dx else y  # placeholder pointers for what the flags leave untouched
-    # fmt: off
-    args = (
-        grad, y, norm, w, yg, yg if dx is None else dx, n_rows, n_in, n_out, n_bucket, eps,
-        grad.stride(0), grad.stride(1), w.stride(0), w.stride(1),
+    args = dict(
+        g_ptr=grad,
+        y_ptr=y,
+        norm_ptr=norm,
+        w_ptr=w,
+        yg_ptr=yg,
+        dx_ptr=yg if dx is None else dx,
+        n_rows=n_rows,
+        n_in=n_in,
+        n_out=n_out,
+        n_bucket=n_bucket,
+        eps=eps,
+        stride_g=grad.stride(0),
+        stride_gd=grad.stride(1),
+        stride_w=w.stride(0),
+        stride_wd=w.stride(1),
+        DX=need_dx,
+        DOT_PRECISION=precision,
     )
-    # fmt: on
     blocks_i = lambda meta: triton.cdiv(n_in, meta["BI"]) if need_dx else 1  # noqa: E731
     grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]) * blocks_i(meta),)  # noqa: E731
-    meta = {"DX": need_dx, "DOT_PRECISION": precision}
-    launch(_dx_kernel, _dx_tuned, grid, config, args, meta, _BACKWARD_BLOCKS)
+    launch(_dx_kernel, _dx_tuned, grid, config, args, _BACKWARD_BLOCKS)
     if not (need_dw or need_db):
         return dx, None, None
 
@@ -519,16 +541,30 @@ def projection_backward(
     dw = torch.empty((split, n_out, n_in), **f32) if need_dw else yg
     db = torch.empty((split, n_out), **f32) if need_db else yg
     inputs = x if need_dw else y
-    # fmt: off
-    args = (
-        grad, y, norm, yg, inputs, dw, db, n_rows, n_in, n_out, n_bucket, eps,
-        grad.stride(0), grad.stride(1), inputs.stride(0), inputs.stride(1),
+    args = dict(
+        g_ptr=grad,
+        y_ptr=y,
+        norm_ptr=norm,
+        yg_ptr=yg,
+        x_ptr=inputs,
+        dw_ptr=dw,
+        db_ptr=db,
+        n_rows=n_rows,
+        n_in=n_in,
+        n_out=n_out,
+        n_bucket=n_bucket,
+        eps=eps,
+        stride_g=grad.stride(0),
+        stride_gd=grad.stride(1),
+        stride_x=inputs.stride(0),
+        stride_xd=inputs.stride(1),
+        DW=need_dw,
+        DB=need_db,
+        DOT_PRECISION=precision,
     )
-    # fmt: on
     blocks_i = lambda meta: triton.cdiv(n_in, meta["BI"]) if need_dw else 1  # noqa: E731
     grid = lambda meta: (triton.cdiv(n_out, meta["BO"]) * blocks_i(meta), split)  # noqa: E731
-    meta = {"DW": need_dw, "DB": need_db, "DOT_PRECISION": precision}
-    launch(_dw_kernel, _dw_tuned, grid, config, args, meta, _BACKWARD_BLOCKS)
+    launch(_dw_kernel, _dw_tuned, grid, config, args, _BACKWARD_BLOCKS)
     dw = dw.sum(0).to(y.dtype) if need_dw else None
     db = db.sum(0).to(y.dtype) if need_db else None
     return dx, dw, db

@@ -3,28 +3,38 @@
 Math. With S_ij = s * <x_i, y_j> + b (x: (n_x, D), y: (n_y, D), s the exponentiated logit scale,
 b the logit bias) and z_ij = +1 for the positive pairs j = i + offset, -1 otherwise,
 
-    L = (1/n_x) sum_ij -log sigmoid(z_ij S_ij) = (1/n_x) [sum_ij softplus(S_ij) - sum_pos S_pos]
+    L = (1/n_x) sum_ij -log sigmoid(z_ij S_ij) = (1/n_x) sum_ij softplus(-z_ij S_ij),
 
-(softplus(-S) = softplus(S) - S). A "negatives only" block (other ranks' texts) has no positives.
-Every pair is independent, so with G_ij = (sigmoid(S_ij) - d_ij) / n_x, d_ij = [j == i + off]:
+each term a softplus of its own logit (softplus(-S) for a pair, softplus(S) otherwise), never
+softplus(S) - S: a confident pair's loss, softplus(-15) = 3.06e-7, keeps its relative precision
+and no sum is ever negative. A "negatives only" block (other ranks' texts) has no pairs. Every
+pair is independent, so with
+
+    G_ij = sigmoid(S_ij) / n_x  for a negative,   G_ij = -sigmoid(-S_ij) / n_x  for a pair
+
+(sigmoid(S) - 1 = -sigmoid(-S), formed without the subtraction),
 
     dL/dx = s G y,  dL/dy = s G^T x,  dL/ds = sum_ij G_ij <x_i, y_j>,  dL/db = sum_ij G_ij.
 
-softplus and sigmoid share one exponential, e = 2^(-|S log2 e|), and are stable for any |S|.
+softplus and sigmoid share one exponential, e = exp(-|z S|), and ``tiles.log1p_unit``.
 
 Design and cost, in matmul passes of n_x * n_y * D multiply-adds. Nothing needs a statistic of a
-whole row first, so the gradients come out of the same sweeps as the loss, during the forward
-(the backward only scales them by dL_out). The floor is 3 passes (S, G y, G^T x); this design
-does 4: one sweep owning blocks of x's rows yields the loss, sum G and G y (2 passes), a second
-owning blocks of y's rows yields G^T x (2 passes), each accumulating into a private fp32
-workspace: deterministic, no atomics. One sweep for both products would save a pass but needs
-either a register accumulator of D floats per row (too large for D >= 512) or atomic additions
-into a gradient on every tile, which cost more than the pass. Without gradients (evaluation),
-the loss alone is 1 pass. The positive pairs' terms are O(N D): their logits are row dot
-products, and their -d_ij gradient terms are added in ``tiles.finalize_kernel``.
+whole row first, so the gradients come out of the forward (the backward only scales them by
+dL_out). The floor is 3 passes (S, G y, G^T x):
 
+- bounded blocks (``method="blocks"``, 3 passes): for each block of R rows x C columns,
+  ``_gradient_block_kernel`` computes S, the block's loss, dL/ds and dL/db partials, and writes
+  G in the features' dtype to a bounded buffer (1 pass); cuBLAS adds G y and G^T x into fp32
+  accumulators (2 passes at GEMM speed). ``method="blocks-mm"`` lets cuBLAS compute the dots.
+  Per BM x BN tile: (BM + BN) D operand elements read and BM BN elements of G written.
+- fused sweeps (``method="fused"``, 4 passes): one sweep owning blocks of x's rows yields the
+  loss, sum G and G y (2 passes), a second owning blocks of y's rows yields G^T x (2 passes),
+  each accumulating into a private fp32 workspace (deterministic, no atomics; per tile also a
+  BM x D fp32 accumulator read and written, which bounds it by L2 bandwidth).
+
+Without gradients (evaluation), the loss alone is 1 pass (``_sweep_kernel`` without GRAD).
 Inputs in fp32, fp16 or bf16; all arithmetic in fp32; fp32 products in TF32 only when torch
-allows it. Extra memory: gradients (O(N D)), O(N) partial sums and the bounded workspace.
+allows it. Extra memory: gradients (O(N D)), O(N) partial sums and the bounded buffer.
 """
 
 from __future__ import annotations
@@ -34,40 +44,63 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    LN2,
+    LOG2E,
     TileConfig,
     accumulate_tile,
-    base2_affine,
-    bucket,
     clear_rows,
     column_chunk,
     configs,
-    dot_precision,
-    finalize,
-    launch,
-    plan_workspace,
-    positive_logits,
+    pairs_of,
     prune_configs,
     similarity_tile,
+    softplus_sigmoid,
+    store_parts,
+    sweep_blocks,
+    sweep_rows,
 )
+
+METHODS = ("fused", "blocks", "blocks-mm")
 
 
 @triton.jit
-def _siglip_kernel(
+def _siglip_terms(dots, row_ok, col_ok, pairs, scale2, bias2, HAS_PAIRS: tl.constexpr):
+    """(n_x G, the loss terms softplus(-z S)) of a tile of dots, fp32, 0 outside the valid tile.
+    G is kept times n_x, O(1) entries: the launchers divide its products and sums by n_x."""
+    z2 = dots * scale2 + bias2  # S in base 2
+    if HAS_PAIRS:
+        z2 = tl.where(pairs, -z2, z2)
+    softplus, sigmoid = softplus_sigmoid(z2)
+    if HAS_PAIRS:
+        sigmoid = tl.where(pairs, -sigmoid, sigmoid)
+    ok = row_ok[:, None] & col_ok[None, :]
+    return tl.where(ok, sigmoid, 0.0), tl.where(ok, softplus, 0.0)
+
+
+@triton.jit
+def _base2_affine(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """(s, b) times log2(e): the base-2 logits are <a_i, b_j> * scale2 + bias2."""
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    bias2 = 0.0
+    if HAS_BIAS:
+        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
+    return scale2, bias2
+
+
+@triton.jit
+def _sweep_kernel(
     # pointers
     a_ptr,
     b_ptr,
     scale_ptr,
     bias_ptr,
-    loss_ptr,  # (col_split, n_a) partial sums of softplus(S) in base 2 (LOSS), written
-    sig_ptr,  # (col_split, n_a) partial sums of sigmoid(S) (LOSS and GRAD), written
-    acc_ptr,  # (col_split, n_a, D) fp32 workspace: (sigmoid(S) b) / n_x partials (GRAD), written
+    acc_ptr,  # (col_split, n_a, D) fp32 workspace: n_x G b partials (GRAD), written
+    parts_ptr,  # (3, col_split, n_a) partial sums of n_x G_ij <a_i, b_j>, the loss terms, n_x G
     # sizes
     n_a,
     n_b,
     D,
+    offset,  # a's row i pairs with b's row i + offset (HAS_PAIRS)
     n_bucket,  # autotune key only
-    inv_n,  # 1 / n_x, the loss's normalization
     # strides
     stride_a,
     stride_ad,
@@ -75,6 +108,7 @@ def _siglip_kernel(
     stride_bd,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
+    HAS_PAIRS: tl.constexpr,
     LOSS: tl.constexpr,
     GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -86,20 +120,22 @@ def _siglip_kernel(
     """One sweep of a block of a's rows over a chunk of b's rows: 1 matmul pass of n_a n_b D,
     plus 1 more with GRAD.
 
-    Inputs: a (n_a, D), b (n_b, D), s and b as one-element tensors; S_ij = s <a_i, b_j> + b.
-    LOSS: per-row partial sums of softplus(S) (base 2) and of sigmoid(S). GRAD: the workspace
-    collects sum_j sigmoid(S_ij) b_j / n_x. Called with (x, y) and LOSS (+GRAD), and with (y, x)
-    and GRAD alone for dL/dy (S is symmetric in the two operands).
+    Per-row partial sums of n_x G_ij <a_i, b_j>, the loss terms and n_x G (LOSS; the first
+    also with GRAD alone). GRAD: the workspace collects sum_j n_x G_ij b_j. Called with (x, y)
+    and LOSS (+GRAD), and with (y, x) and GRAD alone for dL/dy (S is symmetric in the two
+    operands). Per tile: (BM + BN) D operand elements read, and with GRAD BN D more and a
+    BM x D fp32 accumulator read and written.
     """
     rb = tl.program_id(0)
     pid_c = tl.program_id(1)
-    scale2, bias2 = base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
+    scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
     rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
     row_ok = rows < n_a
     a_rows = a_ptr + rows * stride_a
     acc_blk = acc_ptr + (pid_c.to(tl.int64) * n_a + rb * BM) * D  # this program's workspace
-    softplus_sum = tl.zeros((BM,), tl.float32)
-    sigmoid_sum = tl.zeros((BM,), tl.float32)
+    g_dots = tl.zeros((BM,), tl.float32)
+    loss_sum = tl.zeros((BM,), tl.float32)
+    g_sum = tl.zeros((BM,), tl.float32)
 
     cb_start, cb_end = column_chunk(n_b, BN)
     if GRAD and cb_start >= cb_end:
@@ -107,26 +143,84 @@ def _siglip_kernel(
     for cb in range(cb_start, cb_end):
         cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
         col_ok = cols < n_b
-        s = similarity_tile(a_rows, b_ptr + cols * stride_b, row_ok, col_ok, D, stride_ad,
-                            stride_bd, BK, DOT_PRECISION)  # fmt: skip
-        # Base-2 logits; -inf on padding columns makes their softplus and sigmoid exactly 0.
-        s = s * scale2 + tl.where(col_ok, bias2, float("-inf"))[None, :]
-        e = tl.exp2(-tl.abs(s))  # exp(-|S|), in (0, 1]
-        sigmoid = tl.where(s >= 0, 1.0, e) / (1.0 + e)
+        dots = similarity_tile(a_rows, b_ptr + cols * stride_b, row_ok, col_ok, D, stride_ad,
+                               stride_bd, BK, DOT_PRECISION)  # fmt: skip
+        pairs = pairs_of(rb * BM, cb * BN, offset, BM, BN)
+        g, loss = _siglip_terms(dots, row_ok, col_ok, pairs, scale2, bias2, HAS_PAIRS)
+        g_dots += tl.sum(g * dots, axis=1)
         if LOSS:
-            softplus_sum += tl.sum(tl.maximum(s, 0.0) + tl.log2(1.0 + e), axis=1)
-            sigmoid_sum += tl.sum(sigmoid, axis=1)
+            loss_sum += tl.sum(loss, axis=1)
+            g_sum += tl.sum(g, axis=1)
         if GRAD:
-            accumulate_tile(sigmoid * inv_n, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b,
-                            stride_bd, cb == cb_start, BM, BN, BD, DOT_PRECISION)  # fmt: skip
+            accumulate_tile(g, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b, stride_bd,
+                            cb == cb_start, BM, BN, BD, DOT_PRECISION)  # fmt: skip
 
+    store_parts(parts_ptr, g_dots, 0, rows, row_ok, n_a)
     if LOSS:
-        partial = pid_c.to(tl.int64) * n_a + rows
-        tl.store(loss_ptr + partial, softplus_sum, mask=row_ok)
-        tl.store(sig_ptr + partial, sigmoid_sum, mask=row_ok)
+        store_parts(parts_ptr, loss_sum, 1, rows, row_ok, n_a)
+        store_parts(parts_ptr, g_sum, 2, rows, row_ok, n_a)
 
 
-_CONFIGS = configs(
+@triton.jit
+def _gradient_block_kernel(
+    # pointers
+    a_ptr,  # (n_a, D) the block's rows of x
+    b_ptr,  # (n_b, D) the block's rows of y
+    dots_ptr,  # (n_a, n_b) fp32 dots computed by a GEMM (DOTS_GIVEN), or unused
+    scale_ptr,
+    bias_ptr,
+    g_ptr,  # (n_a, n_b) G, written in g's dtype
+    sums_ptr,  # (3, programs) fp32 partial sums of n_x G_ij <a_i, b_j>, the loss terms, n_x G
+    # sizes
+    n_a,
+    n_b,
+    D,
+    offset,  # a's row i pairs with b's row i + offset (HAS_PAIRS)
+    n_bucket,  # autotune key only
+    # strides
+    stride_a,
+    stride_ad,
+    stride_b,
+    stride_bd,
+    stride_dots,
+    stride_g,
+    stride_sums,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    HAS_PAIRS: tl.constexpr,
+    DOTS_GIVEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """One BM x BN tile of a block's G and its partial sums (module docstring): 1 matmul pass
+    of n_a n_b D over the grid (none with DOTS_GIVEN), plus BM BN elements of G written."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+    row_ok = rows < n_a
+    col_ok = cols < n_b
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if DOTS_GIVEN:
+        dots = tl.load(dots_ptr + rows[:, None] * stride_dots + cols[None, :], mask=tile_ok,
+                       other=0.0)  # fmt: skip
+    else:
+        dots = similarity_tile(a_ptr + rows * stride_a, b_ptr + cols * stride_b, row_ok, col_ok,
+                               D, stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+    scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
+    pairs = pairs_of(pid_m * BM, pid_n * BN, offset, BM, BN)
+    g, loss = _siglip_terms(dots, row_ok, col_ok, pairs, scale2, bias2, HAS_PAIRS)
+    tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=tile_ok)  # fmt: skip
+    program = pid_m * tl.num_programs(1) + pid_n
+    tl.store(sums_ptr + program, tl.sum(g * dots))
+    tl.store(sums_ptr + stride_sums + program, tl.sum(loss))
+    tl.store(sums_ptr + 2 * stride_sums + program, tl.sum(g))
+
+
+_SWEEP_CONFIGS = configs(
     ("BM", "BN", "BK", "BD"),
     [  # (BM, BN, BK, BD, warps, stages)
         (64, 128, 64, 128, 8, 3),
@@ -138,67 +232,49 @@ _CONFIGS = configs(
         (64, 64, 32, 64, 4, 2),
     ],
 )
-_siglip_tuned = triton.autotune(
-    _CONFIGS,
-    key=["D", "n_bucket", "HAS_BIAS", "LOSS", "GRAD", "DOT_PRECISION"],
+_BLOCK_CONFIGS = configs(
+    ("BM", "BN", "BK"),
+    [  # (BM, BN, BK, warps, stages)
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 3),
+        (128, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+    ],
+)
+_sweep_tuned = triton.autotune(
+    _SWEEP_CONFIGS,
+    key=["D", "n_bucket", "HAS_BIAS", "HAS_PAIRS", "LOSS", "GRAD", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_configs},
-)(_siglip_kernel)
+)(_sweep_kernel)
+_block_tuned = triton.autotune(
+    _BLOCK_CONFIGS,
+    key=["D", "n_bucket", "HAS_BIAS", "HAS_PAIRS", "DOTS_GIVEN", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)(_gradient_block_kernel)
 
 
-def _sweep(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    n_x: int,
-    offset: int | None,
-    loss: bool,
-    grad: bool,
-    config: TileConfig | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Sweep a's rows against b; a's row i pairs with b's row i + offset (None: no pairs).
+def _sweep(a, b, scale, bias, n_x, offset, loss, grad, config):
+    """Sweep a's rows against b (a's row i pairs with b's row i + offset; None: no pairs).
 
-    Returns the sums over all pairs of softplus(S) (base 2) and sigmoid(S), a (2,) tensor, if
-    ``loss``; dL/da (n_a, D) and the row terms of dL/ds (n_a,) if ``grad``.
+    Returns dL/da (n_a, D) if ``grad`` (else None) and the (3,) sums over all pairs of
+    G_ij <a_i, b_j>, the loss terms and G (the last two only with ``loss``).
     """
-    n_a, D = a.shape
-    n_b = b.shape[0]
-    col_split, slice_rows, workspace = plan_workspace(n_a, n_b, D, a.device, config, grad)
-    f32 = {"dtype": torch.float32, "device": a.device}
-    totals = torch.zeros(2, **f32) if loss else None
-    da = torch.empty((n_a, D), dtype=a.dtype, device=a.device) if grad else None
-    dscale = torch.empty(n_a, **f32) if grad else None
-    pair_weight = torch.full((n_a,), 1 / n_x, **f32) if grad and offset is not None else None
-    meta = {
-        "HAS_BIAS": bias is not None,
-        "LOSS": loss,
-        "GRAD": grad,
-        "DOT_PRECISION": dot_precision(a.dtype),
-    }
-    blocks = {"BM": "block_m", "BN": "block_n", "BK": "block_k", "BD": "block_d"}
-    for start in range(0, n_a, slice_rows):
-        rows = slice(start, min(start + slice_rows, n_a))
-        n_rows = rows.stop - start
-        sums = torch.empty((2, col_split, n_rows), **f32) if loss else None
-        unused = a  # placeholder pointer for buffers the flags leave untouched
-        # fmt: off
-        args = (
-            a[rows], b, scale, scale if bias is None else bias,
-            sums[0] if loss else unused, sums[1] if loss else unused, workspace if grad else unused,
-            n_rows, n_b, D, bucket(max(n_a, n_b)), 1 / n_x,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+
+    def args_of(rows):
+        return dict(
+            bias_ptr=scale if bias is None else bias,
+            offset=0 if offset is None else offset + rows.start,
+            HAS_BIAS=bias is not None,
+            HAS_PAIRS=offset is not None,
+            LOSS=loss,
+            GRAD=grad,
         )
-        # fmt: on
-        grid = lambda meta, n=n_rows: (triton.cdiv(n, meta["BM"]), col_split)  # noqa: E731
-        launch(_siglip_kernel, _siglip_tuned, grid, config, args, meta, blocks)
-        if loss:
-            totals += sums.sum(dim=(1, 2))
-        if grad:
-            weight = pair_weight[rows] if pair_weight is not None else None
-            off = 0 if offset is None else offset + start
-            finalize(workspace, col_split, a[rows], b, scale, weight, None, off, da[rows],
-                     dscale[rows])  # fmt: skip
-    return totals, da, dscale
+
+    grad_scale = scale / n_x if grad else None
+    tuned = _sweep_tuned
+    da, sums = sweep_rows(_sweep_kernel, tuned, a, b, scale, config, args_of, 3, grad_scale)
+    return da, sums / n_x
 
 
 def siglip_forward(
@@ -210,6 +286,8 @@ def siglip_forward(
     need_dx: bool,
     need_dy: bool,
     need_dparams: bool,
+    method: str = "blocks",
+    block_bytes: int | None = None,
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
            torch.Tensor | None]:  # fmt: skip
@@ -220,6 +298,9 @@ def siglip_forward(
         scale, bias: one-element tensors on that device (bias may be None).
         offset: x_i's positive is y_{i + offset} (n_x + offset <= n_y); None: negatives only.
         need_dx, need_dy: produce dL/dx, dL/dy. need_dparams: dL/dscale and dL/dbias.
+        method: "blocks", "blocks-mm" or "fused" (module docstring); the loss alone is always
+            the 1-pass sweep.
+        block_bytes: the G buffer's bound (``blocks.default_block_bytes`` when None).
         config: fixed tiles and splits; None autotunes (fixed small tiles under the interpreter).
 
     Returns:
@@ -227,20 +308,50 @@ def siglip_forward(
         requested.
     """
     n_x = x.shape[0]
-    # dL/ds comes with either gradient sweep: with dL/dy's if that one runs anyway.
-    grad_x = need_dx or (need_dparams and not need_dy)
-    totals, dx, dscale = _sweep(x, y, scale, bias, n_x, offset, True, grad_x, config)
-    loss = totals[0] * LN2
-    n_pos = 0
-    if offset is not None:
-        loss = loss - positive_logits(x, y, offset, scale, bias).sum()
-        n_pos = n_x
+    if not (need_dx or need_dy or need_dparams):
+        _, sums = _sweep(x, y, scale, bias, n_x, offset, True, False, config)
+        return sums[1], None, None, None, None
+    if method == "fused":
+        return _fused(x, y, scale, bias, offset, need_dx, need_dy, need_dparams, config)
+
+    def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
+        return dict(
+            bias_ptr=scale if bias is None else bias,
+            offset=0 if offset is None else offset + r0 - c0,
+            HAS_BIAS=bias is not None,
+            HAS_PAIRS=offset is not None,
+        )
+
+    dx, dy, sums = sweep_blocks(
+        _gradient_block_kernel,
+        _block_tuned,
+        x,
+        y,
+        scale,
+        scale / n_x,
+        config,
+        args_of,
+        n_sums=3,
+        need_dx=need_dx,
+        need_dy=need_dy,
+        dots_by_gemm=method == "blocks-mm",
+        block_bytes=block_bytes,
+    )
+    dscale, loss, dbias = (sums / n_x).unbind()
+    if not need_dparams:
+        dscale = dbias = None
+    return loss, dx, dy, dscale, dbias
+
+
+def _fused(x, y, scale, bias, offset, need_dx, need_dy, need_dparams, config):
+    """``siglip_forward`` by the fused sweeps."""
+    n_x = x.shape[0]
+    dx, sums = _sweep(x, y, scale, bias, n_x, offset, True, need_dx, config)  # loss, dL/ds, dL/db
     dy = None
     if need_dy:
         y_offset = None if offset is None else -offset
-        _, dy, dscale_y = _sweep(y, x, scale, bias, n_x, y_offset, False, True, config)
-        dscale = dscale if grad_x else dscale_y
+        dy, _ = _sweep(y, x, scale, bias, n_x, y_offset, False, True, config)
+    dscale, loss, dbias = sums.unbind()
     if not need_dparams:
-        return loss / n_x, (dx if need_dx else None), dy, None, None
-    dbias = (totals[1] - n_pos) / n_x
-    return loss / n_x, (dx if need_dx else None), dy, dscale.sum(), dbias
+        return loss, dx, dy, None, None
+    return loss, dx, dy, dscale, dbias

@@ -252,22 +252,33 @@ def similarity_forward(
     n_b = b.shape[0]
     out = torch.empty((n_a, n_b), device=a.device, dtype=out_dtype)
     normalize = inv_a is not None
-    # fmt: off
-    args = (
-        a, b, out, scale, scale if bias is None else bias,
-        inv_a if normalize else scale, inv_b if normalize else scale,
-        n_a, n_b, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-        out.stride(1),
+    args = dict(
+        a_ptr=a,
+        b_ptr=b,
+        out_ptr=out,
+        scale_ptr=scale,
+        bias_ptr=scale if bias is None else bias,
+        inv_a_ptr=inv_a if normalize else scale,
+        inv_b_ptr=inv_b if normalize else scale,
+        n_a=n_a,
+        n_b=n_b,
+        D=D,
+        stride_a=a.stride(0),
+        stride_ad=a.stride(1),
+        stride_b=b.stride(0),
+        stride_bd=b.stride(1),
+        stride_o=out.stride(0),
+        stride_on=out.stride(1),
+        HAS_BIAS=bias is not None,
+        NORMALIZE=normalize,
+        DOT_PRECISION=dot_precision(a.dtype),
+        GROUP=8,
     )
-    # fmt: on
-    meta = {"HAS_BIAS": bias is not None, "NORMALIZE": normalize, "GROUP": 8}
-    meta["DOT_PRECISION"] = dot_precision(a.dtype)
-    blocks = {"BM": "block_m", "BN": "block_n", "BK": "block_k"}
 
     def grid(meta):
         return (triton.cdiv(n_a, meta["BM"]) * triton.cdiv(n_b, meta["BN"]),)
 
-    launch(_similarity_kernel, _similarity_tuned, grid, config, args, meta, blocks)
+    launch(_similarity_kernel, _similarity_tuned, grid, config, args)
     return out
 
 
@@ -303,15 +314,30 @@ def topk_forward(
     )
     packed = torch.empty((col_split, n_q, width), device=q.device, dtype=torch.int64)
     normalize = inv_q is not None
-    # fmt: off
     _topk_kernel[(triton.cdiv(n_q, config.block_m), col_split)](
-        q, keys, scale, inv_q if normalize else scale, inv_k if normalize else scale, packed,
-        n_q, n_k, D, k, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-        NORMALIZE=normalize, DOT_PRECISION=dot_precision(q.dtype), K=width,
-        BM=config.block_m, BN=block_n, BK=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        q_ptr=q,
+        k_ptr=keys,
+        scale_ptr=scale,
+        inv_q_ptr=inv_q if normalize else scale,
+        inv_k_ptr=inv_k if normalize else scale,
+        out_ptr=packed,
+        n_q=n_q,
+        n_k=n_k,
+        D=D,
+        k=k,
+        stride_q=q.stride(0),
+        stride_qd=q.stride(1),
+        stride_k=keys.stride(0),
+        stride_kd=keys.stride(1),
+        NORMALIZE=normalize,
+        DOT_PRECISION=dot_precision(q.dtype),
+        K=width,
+        BM=config.block_m,
+        BN=block_n,
+        BK=config.block_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
-    # fmt: on
     # The chunks' lists merged in the packed order, which ranks ties (-inf included) by index.
     packed = packed.permute(1, 0, 2).reshape(n_q, col_split * width).topk(k, dim=1).values
     key = (packed >> 32).to(torch.int32)

@@ -1,11 +1,13 @@
-"""Building blocks shared by fastclip's pairwise kernels: similarity tiles, work splits, the
-row-gradient epilogue, launch configuration.
+"""Building blocks shared by fastclip's pairwise kernels: similarity tiles, the numerics of the
+losses' epilogues, the fused backward's row sweep, launch configuration.
 
 The pairwise losses (InfoNCE in ``contrastive.py``, SigLIP in ``siglip.py``) score every row of
 ``a`` (n_a, D) against every row of ``b`` (n_b, D) tile by tile. Their gradients have the shape
-dL/da = s * (P b - w (.) b[partner]) where P is dense (recomputed per tile, accumulated in an fp32
-workspace by the loss's own kernel) and the second term pairs each row with one partner row;
-``finalize_kernel`` adds that term, scales, casts, and emits the row terms of dL/ds.
+dL/da = s G b, with G = dL/dS formed per tile in fp32 with the positive pairs' -d_ij already
+folded in. The fused backward accumulates G b in a private fp32 workspace per program
+(``sweep_rows``); ``finalize_kernel`` sums the programs' partials, scales, casts and emits the row
+terms of dL/ds. The bounded-block backward (``blocks.py``) instead writes G to a buffer and lets
+cuBLAS form the products.
 """
 
 from __future__ import annotations
@@ -19,13 +21,21 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
+from .blocks import blocked_gradients, default_block_bytes, matmul_f32, plan_blocks
+
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * LOG2E)
+LN2_C = tl.constexpr(math.log(2.0))
 LN2 = math.log(2.0)
+# A finite "minus infinity" for running maxima: max(-inf, -inf) - -inf would be NaN, and a row
+# whose every logit is masked (a lone pair) must come out as an empty sum, 2^NEG = 0.
+NEG = tl.constexpr(-1e30)
 # A gradient's fp32 accumulator never exceeds this; larger problems run in row slices.
 WORKSPACE_BYTES = 256 * 2**20
 # Smallest block in any config: the work splits are sized with it.
 MIN_BLOCK = 64
-# Row-wise kernels (positive logits, finalize): rows per program.
+# Smallest tile of a bounded-block kernel's configs (the interpreter's): sizes its sums.
+BLOCKS_MIN = 16
+# Row-wise kernels (positive dots, finalize): rows per program.
 ROWS = 32
 
 
@@ -33,14 +43,18 @@ ROWS = 32
 class TileConfig:
     """Fixed launch parameters: for tests, the interpreter and FASTCLIP_AUTOTUNE=0.
 
-    Every block is >= 16, the smallest shape ``tl.dot`` compiles. ``row_split`` and ``col_split``
-    set how many programs share the rows and the columns; None sizes them to the device.
+    The names mean the same in every kernel: ``block_m`` rows of the owned operand per tile,
+    ``block_n`` rows of the other operand (columns of S) per tile, ``block_k`` the feature chunk
+    of the similarity product, ``block_d`` the feature chunk of a gradient product and its
+    accumulator. Every block is >= 16, the smallest shape ``tl.dot`` compiles. ``row_split`` and
+    ``col_split`` set how many programs share the rows and the columns; None sizes them to the
+    device.
     """
 
-    block_m: int = 64  # rows of x (or of the owned operand in the backward) per tile
-    block_n: int = 64  # columns per tile
-    block_k: int = 64  # feature chunk of the similarity product
-    block_d: int = 64  # feature chunk of the gradient product and its accumulator
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    block_d: int = 64
     num_warps: int = 4
     num_stages: int = 2
     row_split: int | None = None
@@ -48,6 +62,8 @@ class TileConfig:
 
 
 INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_stages=1)
+# Kernel meta-parameter names of the TileConfig fields.
+BLOCKS = {"BM": "block_m", "BN": "block_n", "BK": "block_k", "BD": "block_d"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,13 +89,41 @@ def similarity_tile(a_rows, b_rows, a_ok, b_ok, D, stride_ad, stride_bd, BK: tl.
 
 
 @triton.jit
-def base2_affine(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
-    """(s, b) times log2(e): the base-2 logits are <a_i, b_j> * scale2 + bias2."""
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    bias2 = 0.0
-    if HAS_BIAS:
-        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
-    return scale2, bias2
+def pairs_of(row0, col0, offset, BM: tl.constexpr, BN: tl.constexpr):
+    """(BM, BN) mask of the positive pairs in the tile whose first row and column are row0 and
+    col0 (row i's partner is column i + offset): the tile's own int32 column-minus-row offsets
+    against one scalar, not a 64-bit index per element."""
+    delta = tl.minimum(tl.maximum(row0 + offset - col0, -BM), BN).to(tl.int32)
+    return (tl.arange(0, BN)[None, :] - tl.arange(0, BM)[:, None]) == delta
+
+
+@triton.jit
+def log1p_unit(e):
+    """log(1 + e) for e in [0, 1] to a few ulps, without log1p (the interpreter lacks libdevice,
+    and a fast log2(1 + e) loses e's low bits when e is small): 2 atanh(t) with t = e / (2 + e)
+    <= 1/3, a series in t^2 <= 1/9 whose 8 terms reach fp32 precision."""
+    t = e / (2.0 + e)
+    w = t * t
+    p = 1.0 / 15.0
+    p = p * w + 1.0 / 13.0
+    p = p * w + 1.0 / 11.0
+    p = p * w + 1.0 / 9.0
+    p = p * w + 1.0 / 7.0
+    p = p * w + 1.0 / 5.0
+    p = p * w + 1.0 / 3.0
+    p = p * w + 1.0
+    return 2.0 * t * p
+
+
+@triton.jit
+def softplus_sigmoid(z2):
+    """(softplus(z), sigmoid(z)) of z = z2 / log2(e), from one exponential e = exp(-|z|):
+    softplus = max(z, 0) + log1p(e), sigmoid = (1 or e) / (1 + e); both keep full relative
+    precision in either tail (softplus(-15) = 3.06e-7, not 0 or a negative)."""
+    e = tl.exp2(-tl.abs(z2))
+    softplus = tl.maximum(z2, 0.0) * LN2_C + log1p_unit(e)
+    sigmoid = tl.where(z2 >= 0, 1.0, e) / (1.0 + e)
+    return softplus, sigmoid
 
 
 @triton.jit
@@ -134,63 +178,39 @@ def clear_rows(acc_blk, row_ok, D, BM: tl.constexpr, BD: tl.constexpr):
 @triton.jit
 def finalize_kernel(
     # pointers
-    acc_ptr,  # (col_split, n_a, D) fp32 partials of P b
-    a_ptr,
-    b_ptr,
-    scale_ptr,
-    w_a_ptr,
-    w_b_ptr,  # loss weights, as in _backward_kernel
+    acc_ptr,  # (col_split, n_a, D) fp32 partials of G b
+    scale_ptr,  # the gradient's scale
     grad_ptr,  # (n_a, D) contiguous gradient, written
-    dscale_ptr,  # (n_a,) per-row terms of dL/ds, written
     # sizes
     n_a,
-    n_b,
     D,
-    offset,
     col_split,
-    # strides
-    stride_a,
-    stride_ad,
-    stride_b,
-    stride_bd,
     # meta-parameters
-    ROW_TERM: tl.constexpr,
-    COL_TERM: tl.constexpr,
     BM: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """(G b)_i = sum of the partials - (wa_i + wb_k) b_k for a_i's partner k = i + offset.
-
-    Writes the gradient s (G b)_i and <(G b)_i, a_i>, whose sum over i is dL/ds. O(n_a D) work,
-    no N^2 D pass.
-    """
+    """The gradient s (G b)_i, (G b)_i the sum of the column chunks' partials, cast to the
+    gradient's dtype. O(n_a D) work, no N^2 D pass."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < n_a
-    partner = rows + offset
-    paired = row_ok & (partner >= 0) & (partner < n_b)
-    weight = tl.zeros((BM,), tl.float32)  # d_ij's weight wa_i + wb_k
-    if ROW_TERM:
-        weight += tl.load(w_a_ptr + rows, mask=paired, other=0.0)
-    if COL_TERM:
-        weight += tl.load(w_b_ptr + partner, mask=paired, other=0.0)
     scale = tl.load(scale_ptr).to(tl.float32)
-    dscale = tl.zeros((BM,), tl.float32)
     for d0 in range(0, D, BD):
         ds = d0 + tl.arange(0, BD)
-        d_ok = ds[None, :] < D
+        ok = row_ok[:, None] & (ds[None, :] < D)
         acc = tl.zeros((BM, BD), tl.float32)
         for c in range(0, col_split):
             partial = acc_ptr + (c * n_a + rows[:, None]) * D + ds[None, :]  # c * n_a < 2**31
-            acc += tl.load(partial, mask=row_ok[:, None] & d_ok, other=0.0)
-        b = tl.load(b_ptr + partner[:, None] * stride_b + ds[None, :] * stride_bd,
-                    mask=paired[:, None] & d_ok, other=0.0)  # fmt: skip
-        acc -= weight[:, None] * b.to(tl.float32)
-        a = tl.load(a_ptr + rows[:, None] * stride_a + ds[None, :] * stride_ad,
-                    mask=row_ok[:, None] & d_ok, other=0.0)  # fmt: skip
-        dscale += tl.sum(acc * a.to(tl.float32), axis=1)
+            acc += tl.load(partial, mask=ok, other=0.0)
         grad = (acc * scale).to(grad_ptr.dtype.element_ty)
-        tl.store(grad_ptr + rows[:, None] * D + ds[None, :], grad, mask=row_ok[:, None] & d_ok)
-    tl.store(dscale_ptr + rows, dscale, mask=row_ok)
+        tl.store(grad_ptr + rows[:, None] * D + ds[None, :], grad, mask=ok)
+
+
+@triton.jit
+def store_parts(parts_ptr, sums, k, rows, row_ok, n_a):
+    """Store a program's per-row partial sum number k, (BM,), in the (n_parts, col_split, n_a)
+    buffer of ``sweep_rows``."""
+    chunk = tl.program_id(1).to(tl.int64)
+    tl.store(parts_ptr + (k * tl.num_programs(1) + chunk) * n_a + rows, sums, mask=row_ok)
 
 
 @triton.jit
@@ -198,7 +218,7 @@ def row_dot_kernel(
     x_ptr, y_ptr, out_ptr, n, D, stride_x, stride_xd, stride_y, stride_yd,
     BM: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
-    """out_i = <x_i, y_i> in fp32, for the positive pairs' logits (y already offset by the
+    """out_i = <x_i, y_i> in fp32, for the positive pairs' dots (y already offset by the
     caller). O(n D) work, no N^2 D pass."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < n
@@ -254,20 +274,19 @@ def autotuning() -> bool:
     return not interpreting() and os.environ.get("FASTCLIP_AUTOTUNE", "1") != "0"
 
 
-def launch(kernel, tuned, grid, config: TileConfig | None, args: tuple, meta: dict, blocks):
-    """Launch the autotuned kernel, or the plain one with a fixed config.
+def launch(kernel, tuned, grid, config: TileConfig | None, args: dict, blocks=BLOCKS) -> None:
+    """Launch the autotuned kernel, or the plain one with a fixed config; ``args`` are the
+    kernel's arguments by name, ``blocks`` maps its block meta-parameters to TileConfig fields.
 
     Fixed configs: the one given; the interpreter's small tiles; ``TileConfig()`` when the
     environment sets FASTCLIP_AUTOTUNE=0 (no tuning runs, e.g. for short jobs).
     """
     if config is None and autotuning():
-        tuned[grid](*args, **meta)
+        tuned[grid](**args)
         return
     config = config or (INTERPRETER_CONFIG if interpreting() else TileConfig())
     sizes = {name: getattr(config, field) for name, field in blocks.items()}
-    kernel[grid(sizes)](
-        *args, **meta, **sizes, num_warps=config.num_warps, num_stages=config.num_stages
-    )
+    kernel[grid(sizes)](**args, **sizes, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def target_programs(device: torch.device) -> int:
@@ -299,63 +318,183 @@ def bucket(n: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def positive_logits(
-    x: torch.Tensor, y: torch.Tensor, offset: int, scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """S_i,i+offset = scale <x_i, y_i+offset> + bias for every row of x: (n_x,) fp32."""
+def positive_dots(x: torch.Tensor, y: torch.Tensor, offset: int) -> torch.Tensor:
+    """<x_i, y_i+offset> for every row of x: (n_x,) fp32."""
     n, D = x.shape
     partners = y[offset : offset + n]
     dots = torch.empty(n, device=x.device, dtype=torch.float32)
-    # fmt: off
     row_dot_kernel[(triton.cdiv(n, ROWS),)](
-        x, partners, dots, n, D, x.stride(0), x.stride(1), partners.stride(0), partners.stride(1),
-        BM=ROWS, BD=row_block_d(D),
+        x_ptr=x,
+        y_ptr=partners,
+        out_ptr=dots,
+        n=n,
+        D=D,
+        stride_x=x.stride(0),
+        stride_xd=x.stride(1),
+        stride_y=partners.stride(0),
+        stride_yd=partners.stride(1),
+        BM=ROWS,
+        BD=row_block_d(D),
     )
-    # fmt: on
-    logits = dots * scale.reshape(()).float()
-    return logits + bias.reshape(()).float() if bias is not None else logits
+    return dots
 
 
-def plan_workspace(
-    n_a: int, n_b: int, D: int, device: torch.device, config: TileConfig | None, used: bool = True
-) -> tuple[int, int, torch.Tensor]:
-    """Column chunks per row block, rows per launch, and the fp32 workspace they need.
-
-    Enough column chunks to fill the GPU when n_a is small; rows processed in slices so that the
-    (col_split, slice_rows, D) workspace stays within WORKSPACE_BYTES. ``used=False``: a sweep
-    that accumulates nothing, all rows at once and an empty workspace.
-    """
+def split_columns(n_a: int, n_b: int, device: torch.device, config: TileConfig | None) -> int:
+    """Column chunks per row block: enough programs to fill the GPU when n_a is small."""
+    if config is not None and config.col_split:
+        return config.col_split
     col_blocks = triton.cdiv(n_b, MIN_BLOCK)
     row_blocks = triton.cdiv(n_a, MIN_BLOCK)
-    col_split = min(col_blocks, max(1, triton.cdiv(target_programs(device), row_blocks)))
-    if config is not None and config.col_split:
-        col_split = config.col_split
-    slice_rows = min(n_a, max(MIN_BLOCK, WORKSPACE_BYTES // (4 * D * col_split)))
-    if not used:
-        slice_rows, D = n_a, 0
-    workspace = torch.zeros((col_split, slice_rows, D), dtype=torch.float32, device=device)
-    return col_split, slice_rows, workspace
+    return min(col_blocks, max(1, triton.cdiv(target_programs(device), row_blocks)))
 
 
-def finalize(
-    workspace: torch.Tensor,
-    col_split: int,
+def sweep_rows(
+    kernel,
+    tuned,
     a: torch.Tensor,
     b: torch.Tensor,
     scale: torch.Tensor,
-    w_a: torch.Tensor | None,
-    w_b: torch.Tensor | None,
-    offset: int,
-    grad: torch.Tensor,
-    dscale: torch.Tensor,
-) -> None:
-    """Launch ``finalize_kernel`` on rows a (a slice, paired with b's row i + offset): writes
-    grad (n_a, D) and the row terms dscale (n_a,). w_a/w_b weigh the pairing (None: absent)."""
+    config: TileConfig | None,
+    args_of,
+    n_parts: int,
+    grad_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Drive a row-owning sweep of a's rows against b: the fused backward of both losses.
+
+    Each program owns a block of a's rows and a chunk of b's column blocks (``split_columns``),
+    and accumulates G b over its chunk in a private slice of an fp32 workspace: deterministic,
+    no atomics. Rows run in slices whose (col_split, rows, D) workspace stays within
+    WORKSPACE_BYTES; ``finalize_kernel`` then sums each slice's partials into the gradient.
+
+    ``args_of(rows)`` returns the kernel's own arguments for the row slice ``rows`` (its loss
+    statistics, pairing, flags); the driver adds a, b, scale, the workspace and a buffer of
+    ``n_parts`` per-row partial sums (``store_parts``) as ``a_ptr``, ``b_ptr``, ``scale_ptr``,
+    ``acc_ptr``, ``parts_ptr``, with sizes, strides and DOT_PRECISION. ``grad_scale`` (one
+    element: the logit scale times the factor the loss kept out of G) scales the gradient;
+    None: a sweep that accumulates nothing (its sums alone), all rows at once.
+
+    Returns dL/da = grad_scale * G b (n_a, D) in a's dtype, or None, and the (n_parts,) totals
+    of the partial sums.
+    """
+    gradient = grad_scale is not None
     n_a, D = a.shape
-    # fmt: off
-    finalize_kernel[(triton.cdiv(n_a, ROWS),)](
-        workspace, a, b, scale, a if w_a is None else w_a, a if w_b is None else w_b, grad, dscale,
-        n_a, b.shape[0], D, offset, col_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        ROW_TERM=w_a is not None, COL_TERM=w_b is not None, BM=ROWS, BD=row_block_d(D),
-    )
-    # fmt: on
+    n_b = b.shape[0]
+    col_split = split_columns(n_a, n_b, a.device, config)
+    slice_rows = min(n_a, max(MIN_BLOCK, WORKSPACE_BYTES // (4 * D * col_split)))
+    if not gradient:
+        slice_rows = n_a
+    f32 = {"dtype": torch.float32, "device": a.device}
+    workspace = torch.zeros((col_split, slice_rows, D if gradient else 0), **f32)
+    grad = torch.empty((n_a, D), dtype=a.dtype, device=a.device) if gradient else None
+    totals = torch.zeros(n_parts, **f32)
+    for start in range(0, n_a, slice_rows):
+        rows = slice(start, min(start + slice_rows, n_a))
+        n_rows = rows.stop - start
+        parts = torch.empty((n_parts, col_split, n_rows), **f32)
+        common = dict(
+            a_ptr=a[rows],
+            b_ptr=b,
+            scale_ptr=scale,
+            acc_ptr=workspace,
+            parts_ptr=parts,
+            n_a=n_rows,
+            n_b=n_b,
+            D=D,
+            n_bucket=bucket(max(n_a, n_b)),
+            stride_a=a.stride(0),
+            stride_ad=a.stride(1),
+            stride_b=b.stride(0),
+            stride_bd=b.stride(1),
+            DOT_PRECISION=dot_precision(a.dtype),
+        )
+        grid = lambda meta, n=n_rows: (triton.cdiv(n, meta["BM"]), col_split)  # noqa: E731
+        launch(kernel, tuned, grid, config, {**common, **args_of(rows)})
+        totals += parts.sum(dim=(1, 2))
+        if gradient:
+            finalize_kernel[(triton.cdiv(n_rows, ROWS),)](
+                acc_ptr=workspace,
+                scale_ptr=grad_scale,
+                grad_ptr=grad[rows],
+                n_a=n_rows,
+                D=D,
+                col_split=col_split,
+                BM=ROWS,
+                BD=row_block_d(D),
+            )
+    return grad, totals
+
+
+def sweep_blocks(
+    kernel,
+    tuned,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    grad_scale: torch.Tensor,
+    config: TileConfig | None,
+    args_of,
+    n_sums: int,
+    need_dx: bool,
+    need_dy: bool,
+    dots_by_gemm: bool = False,
+    block_bytes: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Drive a bounded-block gradient (``blocks.blocked_gradients``) whose G comes from a
+    Triton kernel, one BM x BN tile per program: the fast backward of both losses.
+
+    The driver owns the buffers (G in x's dtype, the fp32 dots when ``dots_by_gemm`` lets cuBLAS
+    compute them, the programs' partial sums) and passes the kernel the block's operands as
+    ``a_ptr`` (x's rows) and ``b_ptr`` (y's rows), ``dots_ptr``, ``scale_ptr``, ``g_ptr`` and
+    ``sums_ptr`` (n_sums, programs) with sizes, strides, DOTS_GIVEN and DOT_PRECISION;
+    ``args_of(r0, r1, c0, c1)`` adds the loss's own (statistics, pairing, flags).
+
+    Returns grad_scale * G y, grad_scale * G^T x (each None unless needed) and the (n_sums,)
+    totals of the sums.
+    """
+    n_x, D = x.shape
+    n_y = y.shape[0]
+    element = x.element_size() + (4 if dots_by_gemm else 0)
+    R, C = plan_blocks(n_x, n_y, element, block_bytes or default_block_bytes(x.device))
+    f32 = {"dtype": torch.float32, "device": x.device}
+    g_buffer = torch.empty(R * C, dtype=x.dtype, device=x.device)
+    dots_buffer = torch.empty(R * C if dots_by_gemm else 0, **f32)
+    sums = torch.empty((n_sums, triton.cdiv(R, BLOCKS_MIN) * triton.cdiv(C, BLOCKS_MIN)), **f32)
+
+    def form(r0: int, r1: int, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n_a, n_b = r1 - r0, c1 - c0
+        a, b = x[r0:r1], y[c0:c1]
+        g = g_buffer[: n_a * n_b].view(n_a, n_b)
+        dots = dots_buffer[: n_a * n_b].view(n_a, n_b) if dots_by_gemm else g
+        if dots_by_gemm:
+            matmul_f32(a, b.T, out=dots)
+        common = dict(
+            a_ptr=a,
+            b_ptr=b,
+            dots_ptr=dots,
+            scale_ptr=scale,
+            g_ptr=g,
+            sums_ptr=sums,
+            n_a=n_a,
+            n_b=n_b,
+            D=D,
+            n_bucket=bucket(max(n_x, n_y)),
+            stride_a=a.stride(0),
+            stride_ad=a.stride(1),
+            stride_b=b.stride(0),
+            stride_bd=b.stride(1),
+            stride_dots=dots.stride(0),
+            stride_g=g.stride(0),
+            stride_sums=sums.stride(0),
+            DOTS_GIVEN=dots_by_gemm,
+            DOT_PRECISION=dot_precision(x.dtype),
+        )
+        programs = []
+
+        def grid(meta):  # the launched config's program count: the sums to read back
+            programs.append(triton.cdiv(n_a, meta["BM"]) * triton.cdiv(n_b, meta["BN"]))
+            return triton.cdiv(n_a, meta["BM"]), triton.cdiv(n_b, meta["BN"])
+
+        launch(kernel, tuned, grid, config, {**common, **args_of(r0, r1, c0, c1)})
+        return g, sums[:, : programs[-1]].sum(dim=1)
+
+    return blocked_gradients(x, y, grad_scale, form, need_dx, need_dy, n_sums, (R, C))

@@ -16,16 +16,19 @@ import fastclip.kernels.projection as kproj
 import fastclip.kernels.siglip as ks
 import fastclip.kernels.similarity as ksim
 from fastclip import infonce, siglip_loss
-from fastclip.reference import clip_loss_reference, siglip_loss_reference
+from fastclip.reference import clip_loss_exact, siglip_loss_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
+# The losses' implementations (``fastclip.backends``): each test of a loss runs them all.
+LOSS_BACKENDS = ["torch", "blocks", "blocks-mm", "fused"]
 # The kernel modules' entry points, each taking a ``config=`` TileConfig.
 KERNEL_ENTRY_POINTS = [
     (kc, "contrastive_forward"),
-    (kc, "contrastive_backward"),
+    (kc, "blocked_backward"),
+    (kc, "fused_backward"),
     (ks, "siglip_forward"),
 ]
 # forced_tiles patches these too; they have no PyTorch-path twins under the same names.
@@ -130,16 +133,19 @@ def make_inputs(
     ]
 
 
-def check(ours, ref, backend, dtype, offset=0, both=True, vanishing=False):
+def check(ours, ref, backend, dtype, offset=0, both=True, vanishing=False, block_bytes=None):
     """The fused InfoNCE against its reference: loss and every gradient (see ``compare``)."""
-    loss = infonce(*ours, offset=offset, both_directions=both, backend=backend)
-    expected = clip_loss_reference(*ref, offset=offset, both_directions=both)
+    kw = {"backend": backend, "block_bytes": block_bytes}
+    loss = infonce(*ours, offset=offset, both_directions=both, **kw)
+    expected = clip_loss_exact(*ref, offset=offset, both_directions=both)
     compare(loss, expected, ours, ref, dtype, vanishing, d_bias_size=1e-6)  # d_bias is exactly 0
 
 
-def check_siglip(ours, ref, backend, dtype, offset=0, negatives_only=False, vanishing=False):
+def check_siglip(ours, ref, backend, dtype, offset=0, negatives_only=False, vanishing=False,
+                 block_bytes=None):  # fmt: skip
     """The fused SigLIP loss against its reference: loss and every gradient (see ``compare``)."""
-    loss = siglip_loss(*ours, offset=offset, negatives_only=negatives_only, backend=backend)
+    kw = {"backend": backend, "block_bytes": block_bytes}
+    loss = siglip_loss(*ours, offset=offset, negatives_only=negatives_only, **kw)
     expected = siglip_loss_reference(*ref, offset=None if negatives_only else offset)
     # d_bias = (sum_ij sigmoid(S_ij) - n_positives) / n_img, of O(1) like the loss.
     compare(loss, expected, ours, ref, dtype, vanishing, d_bias_size=1.0)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, KERNEL_ENTRY_POINTS, assert_close, make_inputs
+from helpers import DEVICE, KERNEL_ENTRY_POINTS, LOSS_BACKENDS, assert_close, make_inputs
 
 from fastclip import ClipLoss, SigLipLoss, chunked, clip_loss, siglip_loss
 from fastclip.reference import clip_loss_reference, siglip_loss_reference
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = LOSS_BACKENDS
 CALLS = {
     "clip_loss": clip_loss,
     "ClipLoss": ClipLoss(),
@@ -33,8 +33,8 @@ def no_launch(monkeypatch):
     def launched(*args, **kwargs):
         raise AssertionError("a kernel ran before the bad argument was rejected")
 
-    # The PyTorch path has the kernels' entry points under the same names.
-    for ops, name in KERNEL_ENTRY_POINTS + [(chunked, n) for _, n in KERNEL_ENTRY_POINTS]:
+    torch_path = [(chunked, n) for n in ("contrastive_forward", "contrastive_backward")]
+    for ops, name in KERNEL_ENTRY_POINTS + torch_path + [(chunked, "siglip_forward")]:
         monkeypatch.setattr(ops, name, launched)
 
 
@@ -88,7 +88,7 @@ BAD_INPUTS = {
     "devices-differ": (
         lambda: (features(), features(device="meta"), 1.0, None),
         ValueError,
-        "image_features is on .* but text_features is on meta",
+        "text_features is on the meta device",
     ),
     "dtypes-differ": (
         lambda: (features(), features(dtype=torch.float64), 1.0, None),
@@ -150,6 +150,21 @@ BAD_INPUTS = {
         TypeError,
         "logit_bias must be a tensor or a number",
     ),
+    "bias-nan": (
+        lambda: (features(), features(), 1.0, torch.tensor(float("nan"), device=DEVICE)),
+        ValueError,
+        "logit_bias must be finite",
+    ),
+    "bias-inf": (
+        lambda: (features(), features(), 1.0, float("-inf")),
+        ValueError,
+        "logit_bias must be finite",
+    ),
+    "all-on-meta": (
+        lambda: (features(device="meta"), features(device="meta"), 1.0, None),
+        ValueError,
+        "image_features is on the meta device",
+    ),
 }
 
 
@@ -159,6 +174,15 @@ def test_bad_inputs_raise_naming_the_argument(no_launch, call, case):
     make_args, error, match = case
     with pytest.raises(error, match=match):
         call(*make_args())
+
+
+@each_loss
+@pytest.mark.parametrize("block_bytes", [0, -5, 2.5, "1M"])
+def test_bad_block_bytes(no_launch, module, loss, reference, block_bytes):
+    with pytest.raises((TypeError, ValueError), match="block_bytes must be"):
+        loss(features(), features(), 1.0, block_bytes=block_bytes)
+    with pytest.raises((TypeError, ValueError), match="block_bytes must be"):
+        module(block_bytes=block_bytes)
 
 
 @each_loss

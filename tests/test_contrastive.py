@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CUDA, DEVICE, assert_close, check, make_inputs, needs_cuda
+from helpers import CUDA, DEVICE, LOSS_BACKENDS, assert_close, check, make_inputs, needs_cuda
 
+import fastclip.backends as fb
 import fastclip.kernels.contrastive as kc
 import fastclip.kernels.tiles as kt
-from fastclip import chunked, clip_loss, infonce
-from fastclip.checks import select_backend
+from fastclip import clip_loss, infonce
 from fastclip.measure import peak_memory_bytes
-from fastclip.reference import clip_loss_reference
+from fastclip.reference import clip_loss_exact, clip_loss_reference
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = LOSS_BACKENDS
 SMALL = kc.TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_stages=1)
+# A G buffer of 24 x 24 fp32 entries: the bounded-block backends run many blocks, ragged ones.
+TINY_BLOCKS = 24 * 24 * 8
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -34,6 +36,16 @@ def test_shapes(backend, tiles, n_img, n_txt, offset, both):
     tiles(SMALL)
     ours, ref = make_inputs(n_img, n_txt, 24, seed=n_img + n_txt)
     check(ours, ref, backend, torch.float32, offset, both)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_img, n_txt, offset, both", [(70, 70, 0, True), (45, 83, 30, False)])
+def test_many_small_blocks(backend, tiles, n_img, n_txt, offset, both):
+    """A G buffer far smaller than the problem: blocks of 16-24 rows and columns, ragged at the
+    edges, the positives crossing block boundaries (PyTorch path too: the same driver)."""
+    tiles(SMALL)
+    ours, ref = make_inputs(n_img, n_txt, 24, seed=n_img)
+    check(ours, ref, backend, torch.float32, offset, both, block_bytes=TINY_BLOCKS)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -61,7 +73,7 @@ def test_no_bias_and_python_scale(backend, tiles):
     ours, ref = make_inputs(21, 21, 16, bias=None)
     x, y = ours[0], ours[1]
     loss = clip_loss(x, y, 7.5, backend=backend)
-    expected = clip_loss_reference(ref[0], ref[1], 7.5)
+    expected = clip_loss_exact(ref[0], ref[1], 7.5)
     assert_close(loss, expected, torch.float32, "loss")
     loss.backward()
     expected.backward()
@@ -117,24 +129,28 @@ def test_non_finite_features_give_non_finite_loss(backend, tiles):
     ids=["auto-split", "split-2x3", "one-program", "oversplit"],
 )
 def test_kernel_statistics(config):
-    """Row/column logsumexps and positive logits straight from the forward kernel."""
+    """Positive dots and the rows' and columns' m straight from the forward kernel."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(50, 40, generator=gen, dtype=torch.float64)
     y = torch.randn(70, 40, generator=gen, dtype=torch.float64)
-    scale, bias, offset = torch.tensor(3.0), torch.tensor(-1.0), 11
-    s = 3.0 * x @ y.T - 1.0
-    row, col, pos = kc.contrastive_forward(
-        x.float().to(DEVICE),
-        y.float().to(DEVICE),
-        scale.to(DEVICE),
-        bias.to(DEVICE),
-        offset,
-        True,
-        config,
+    offset, rows = 11, torch.arange(50)
+    s = 3.0 * x @ y.T
+    pos = s[rows, rows + offset]
+    pdot, row, col = kc.contrastive_forward(
+        x.float().to(DEVICE), y.float().to(DEVICE), torch.tensor(3.0, device=DEVICE), offset,
+        True, config,
+    )  # fmt: skip
+    others = (s - pos[:, None]).index_put(
+        (rows, rows + offset), torch.tensor(-torch.inf, dtype=torch.float64)
     )
-    assert_close(row, torch.logsumexp(s, 1), torch.float32, "row logsumexp")
-    assert_close(col, torch.logsumexp(s, 0), torch.float32, "column logsumexp")
-    assert_close(pos, s[torch.arange(50), torch.arange(50) + offset], torch.float32, "positives")
+    assert_close(pdot, pos / 3, torch.float32, "positive dots")
+    assert_close(row, torch.logsumexp(others, 1), torch.float32, "rows' m", floor=1.0)
+    ref = torch.zeros(70, dtype=torch.float64)
+    ref[offset : offset + 50] = pos
+    others = (s - ref).index_put(
+        (rows, rows + offset), torch.tensor(-torch.inf, dtype=torch.float64)
+    )
+    assert_close(col, torch.logsumexp(others, 0), torch.float32, "columns' m", floor=1.0)
 
 
 def test_backward_in_workspace_slices(monkeypatch, tiles):
@@ -142,7 +158,7 @@ def test_backward_in_workspace_slices(monkeypatch, tiles):
     tiles(kc.TileConfig(16, 16, 16, 16, num_stages=1, col_split=2))
     monkeypatch.setattr(kt, "WORKSPACE_BYTES", 2 * 64 * 24 * 4)  # 64 rows per slice
     ours, ref = make_inputs(150, 160, 24, seed=9)
-    check(ours, ref, "triton", torch.float32, offset=6)
+    check(ours, ref, "fused", torch.float32, offset=6)
 
 
 def test_backward_slices_with_idle_column_chunks(monkeypatch, tiles):
@@ -151,7 +167,7 @@ def test_backward_slices_with_idle_column_chunks(monkeypatch, tiles):
     tiles(kc.TileConfig(16, 16, 16, 16, num_stages=1, col_split=7))
     monkeypatch.setattr(kt, "WORKSPACE_BYTES", 7 * 64 * 16 * 4)  # 64 rows per slice
     ours, ref = make_inputs(20, 100, 16, seed=10)  # dy: 100 rows of y against 2 blocks of x
-    check(ours, ref, "triton", torch.float32, offset=30)
+    check(ours, ref, "fused", torch.float32, offset=30)
 
 
 def test_dot_precision_follows_torch():
@@ -167,15 +183,20 @@ def test_dot_precision_follows_torch():
         matmul.allow_tf32 = before
 
 
-def test_auto_backend_picks_the_kernel_on_cuda_only():
+def test_auto_backend_picks_a_kernel_on_cuda_only(monkeypatch):
     x = torch.zeros(4, 8, device=DEVICE)
-    assert select_backend("auto", x, kc) is (kc if CUDA else chunked)
-    assert select_backend("auto", x.double(), kc) is chunked
-    assert select_backend("auto", x, None) is chunked  # Triton not installed
-    assert select_backend("torch", x, kc) is chunked
-    assert select_backend("triton", x, kc) is kc  # the interpreter stands in for CUDA here
+    triton = [name for name, impl in fb.IMPLEMENTATIONS["contrastive"].items() if impl.triton]
+    assert fb.choose("contrastive", "auto", x).name in (triton if CUDA else ["torch"])
+    assert fb.choose("contrastive", "auto", x.double()).name == "torch"
+    assert fb.choose("contrastive", "torch", x).name == "torch"
+    assert fb.choose("contrastive", "triton", x).name in triton  # the interpreter stands in
+    assert fb.choose("contrastive", "fused", x).name == "fused"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fb.choose("similarity", "blocks", x)
+    monkeypatch.setattr(fb, "kc", None)  # Triton not installed
+    assert fb.choose("contrastive", "auto", x).name == "torch"
     with pytest.raises(ValueError, match="needs the triton package"):
-        select_backend("triton", x, None)
+        fb.choose("contrastive", "triton", x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,13 +205,14 @@ def test_auto_backend_picks_the_kernel_on_cuda_only():
 
 
 @needs_cuda
+@pytest.mark.parametrize("backend", ["blocks", "blocks-mm", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, dim", [(1000, 512), (4096, 768), (3001, 1000)])
-def test_low_precision_no_worse_than_eager(dtype, n, dim):
+def test_low_precision_no_worse_than_eager(backend, dtype, n, dim):
     ours, ref = make_inputs(n, n, dim, dtype=dtype, scale=100.0, seed=n)
-    loss = clip_loss(*ours, backend="triton")
+    loss = clip_loss(*ours, backend=backend)
     loss.backward()
-    expected = clip_loss_reference(*ref)
+    expected = clip_loss_exact(*ref)
     expected.backward()
     eager_in = [t.detach().clone().requires_grad_() for t in ours[:2]] + ours[2:]
     eager = clip_loss_reference(*eager_in)
@@ -207,24 +229,29 @@ def test_low_precision_no_worse_than_eager(dtype, n, dim):
 
 
 @needs_cuda
+@pytest.mark.parametrize("backend", ["blocks", "blocks-mm", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_autotuned_matches_reference(dtype, monkeypatch):
+def test_autotuned_matches_reference(backend, dtype, monkeypatch):
     monkeypatch.setenv("FASTCLIP_AUTOTUNE", "1")
     ours, ref = make_inputs(2500, 2600, 512, dtype=dtype, seed=2)
-    check(ours, ref, "triton", dtype, offset=50)
+    check(ours, ref, backend, dtype, offset=50)
 
 
 @needs_cuda
-def test_memory_grows_linearly_not_quadratically():
+@pytest.mark.parametrize("backend", ["blocks", "blocks-mm", "fused"])
+def test_memory_grows_linearly_not_quadratically(backend):
     n, dim = 16384, 256
     ours, _ = make_inputs(n, n, dim, dtype=torch.bfloat16)
-    extra = peak_memory_bytes(lambda: clip_loss(*ours, backend="triton").backward(), DEVICE)
-    square = n * n * 2  # one bf16 N x N matrix: 512 MiB
-    assert extra < square / 4, f"fwd+bwd added {extra / 2**20:.0f} MiB; N x N is 512 MiB"
+    block = 32 * 2**20
+    run = lambda: clip_loss(*ours, backend=backend, block_bytes=block).backward()  # noqa: E731
+    extra = peak_memory_bytes(run, DEVICE)
+    bound = n * dim * 8 + 2 * block  # the gradients, their fp32 accumulator, the G buffer
+    assert extra < bound, f"fwd+bwd added {extra / 2**20:.0f} MiB; N x N is 512 MiB"
 
 
 @needs_cuda
-def test_fixed_default_tiles_without_autotuning(monkeypatch):
+@pytest.mark.parametrize("backend", ["blocks", "blocks-mm", "fused"])
+def test_fixed_default_tiles_without_autotuning(backend, monkeypatch):
     monkeypatch.setenv("FASTCLIP_AUTOTUNE", "0")
     ours, ref = make_inputs(1500, 1700, 768, dtype=torch.bfloat16, seed=4)
-    check(ours, ref, "triton", torch.bfloat16, offset=100)
+    check(ours, ref, backend, torch.bfloat16, offset=100)

@@ -79,10 +79,10 @@ def compile_for_hopper(fn, pointers: dict[str, str], constants: dict, config: tr
 
 
 FEATURES = {"x_ptr": "bf16", "y_ptr": "bf16", "a_ptr": "bf16", "b_ptr": "bf16", "q_ptr": "bf16",
-            "k_ptr": "bf16"}  # fmt: skip
-FP32 = ("scale_ptr", "bias_ptr", "row_lse_ptr", "col_lse_ptr", "acc_ptr", "lse_a_ptr", "w_a_ptr",
-        "lse_b_ptr", "w_b_ptr", "dscale_ptr", "out_ptr", "loss_ptr", "sig_ptr", "inv_a_ptr",
-        "inv_b_ptr", "inv_q_ptr", "inv_k_ptr")  # fmt: skip
+            "k_ptr": "bf16", "g_ptr": "bf16"}  # fmt: skip
+FP32 = ("scale_ptr", "bias_ptr", "x_ref_ptr", "y_ref_ptr", "row_part_ptr", "col_part_ptr",
+        "acc_ptr", "parts_ptr", "a_stats_ptr", "b_stats_ptr", "dots_ptr", "sums_ptr", "out_ptr",
+        "inv_a_ptr", "inv_b_ptr", "inv_q_ptr", "inv_k_ptr")  # fmt: skip
 
 
 def cases() -> dict[str, tuple]:
@@ -93,22 +93,35 @@ def cases() -> dict[str, tuple]:
     out = {}
     for c in kc._FORWARD_CONFIGS:
         for col in (True, False):
-            const = {"HAS_BIAS": True, "COL_STATS": col, "DOT_PRECISION": "ieee"}
+            const = {"COL_STATS": col, "DOT_PRECISION": "ieee"}
             out[f"forward-{c}-col{col}"] = (kc._forward_kernel, bf16, const, c)
+    for c in kc._BLOCK_CONFIGS:
+        for given in (False, True):
+            const = {"B_TERM": True, "DOTS_GIVEN": given, "DOT_PRECISION": "ieee"}
+            out[f"block-{c}-dots{given}"] = (kc._gradient_block_kernel, bf16, const, c)
     for c in kc._BACKWARD_CONFIGS:
-        const = {"HAS_BIAS": True, "ROW_TERM": True, "COL_TERM": True, "DOT_PRECISION": "ieee"}
+        const = {"A_TERM": True, "B_TERM": True, "DOT_PRECISION": "ieee"}
         out[f"backward-{c}"] = (kc._backward_kernel, bf16, const, c)
     for precision in ("ieee", "tf32"):  # fp32 features: the configs pruning keeps as fallback
-        const = {"HAS_BIAS": False, "COL_STATS": True, "DOT_PRECISION": precision}
+        const = {"COL_STATS": True, "DOT_PRECISION": precision}
         out[f"forward-fp32-{precision}"] = (kc._forward_kernel, fp32, const, smallest(
             kc._FORWARD_CONFIGS))  # fmt: skip
-        const = {"HAS_BIAS": False, "ROW_TERM": True, "COL_TERM": True, "DOT_PRECISION": precision}
+        const = {"B_TERM": True, "DOTS_GIVEN": False, "DOT_PRECISION": precision}
+        out[f"block-fp32-{precision}"] = (kc._gradient_block_kernel, fp32, const, smallest(
+            kc._BLOCK_CONFIGS))  # fmt: skip
+        const = {"A_TERM": True, "B_TERM": True, "DOT_PRECISION": precision}
         out[f"backward-fp32-{precision}"] = (kc._backward_kernel, fp32, const, smallest(
             kc._BACKWARD_CONFIGS))  # fmt: skip
-    for c in ks._CONFIGS:
+    for c in ks._SWEEP_CONFIGS:
         for loss, grad in ((True, True), (False, True), (True, False)):
-            const = {"HAS_BIAS": True, "LOSS": loss, "GRAD": grad, "DOT_PRECISION": "ieee"}
-            out[f"siglip-{c}-loss{loss}-grad{grad}"] = (ks._siglip_kernel, bf16, const, c)
+            const = {"HAS_BIAS": True, "HAS_PAIRS": True, "LOSS": loss, "GRAD": grad,
+                     "DOT_PRECISION": "ieee"}  # fmt: skip
+            out[f"siglip-{c}-loss{loss}-grad{grad}"] = (ks._sweep_kernel, bf16, const, c)
+    for c in ks._BLOCK_CONFIGS:
+        for given in (False, True):
+            const = {"HAS_BIAS": True, "HAS_PAIRS": True, "DOTS_GIVEN": given,
+                     "DOT_PRECISION": "ieee"}  # fmt: skip
+            out[f"siglip-block-{c}-dots{given}"] = (ks._gradient_block_kernel, bf16, const, c)
     for c in ksim._SIMILARITY_CONFIGS:
         for norm in (False, True):
             const = {"HAS_BIAS": True, "NORMALIZE": norm, "DOT_PRECISION": "ieee", "GROUP": 8}
@@ -158,7 +171,7 @@ def cases() -> dict[str, tuple]:
         const = {"DW": True, "DB": True, "DOT_PRECISION": precision, "eps": 1e-12}
         out[f"projection-dw-fp32-{precision}"] = (kproj._dw_kernel, proj32, const, fixed)
     rows = triton.Config({"BM": tiles.ROWS, "BD": 128}, num_warps=4, num_stages=1)
-    out["finalize"] = (tiles.finalize_kernel, bf16, {"ROW_TERM": True, "COL_TERM": True}, rows)
+    out["finalize"] = (tiles.finalize_kernel, bf16, {}, rows)
     out["row-dot"] = (tiles.row_dot_kernel, bf16, {}, rows)
     return out
 

@@ -319,7 +319,7 @@ BAD_INPUTS = {
     "bias-dtype": (lambda: (tensor(*X), tensor(*W), tensor(4, dtype=torch.float16), {}),
                    TypeError, "bias is torch.float16"),
     "weight-device": (lambda: (tensor(*X), tensor(*W, device="meta"), None, {}), ValueError,
-                      "weight is on meta"),
+                      "weight is on the meta device"),
     "eps-zero": (lambda: (tensor(*X), tensor(*W), None, {"eps": 0.0}), ValueError, "eps must"),
     "eps-nan": (lambda: (tensor(*X), tensor(*W), None, {"eps": math.nan}), ValueError, "eps"),
     "eps-string": (lambda: (tensor(*X), tensor(*W), None, {"eps": "1e-12"}), TypeError, "eps"),

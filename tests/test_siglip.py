@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close, check_siglip, make_inputs, needs_cuda
+from helpers import DEVICE, LOSS_BACKENDS, assert_close, check_siglip, make_inputs, needs_cuda
 
 import fastclip.kernels.siglip as ks
 import fastclip.kernels.tiles as kt
@@ -14,7 +14,9 @@ from fastclip import chunked, siglip_loss
 from fastclip.measure import peak_memory_bytes
 from fastclip.reference import siglip_loss_reference
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = LOSS_BACKENDS
+# A G buffer of 24 x 24 fp32 entries: the bounded-block backends run many blocks, ragged ones.
+TINY_BLOCKS = 24 * 24 * 8
 SMALL = kt.INTERPRETER_CONFIG  # 16 x 16 tiles: even n ~ 40 runs several tiles and masked edges
 WIDE = kt.TileConfig(block_m=16, block_n=16, block_k=64, block_d=128, num_stages=1)
 
@@ -53,6 +55,17 @@ def test_shapes(backend, tiles, n_img, n_txt, offset):
     tiles(SMALL)
     ours, ref = make_inputs(n_img, n_txt, 24, seed=n_img + n_txt)
     check_siglip(ours, ref, backend, torch.float32, offset or 0, negatives_only=offset is None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_img, n_txt, offset", [(70, 70, 0), (45, 83, 30), (45, 83, None)])
+def test_many_small_blocks(backend, tiles, n_img, n_txt, offset):
+    """A G buffer far smaller than the problem: blocks of 16-24 rows and columns, ragged at the
+    edges, the positives crossing block boundaries (PyTorch path too: the same driver)."""
+    tiles(SMALL)
+    ours, ref = make_inputs(n_img, n_txt, 24, bias=-3.0, seed=n_img)
+    check_siglip(ours, ref, backend, torch.float32, offset or 0, negatives_only=offset is None,
+                 block_bytes=TINY_BLOCKS)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -159,7 +172,7 @@ def test_workspace_in_row_slices(monkeypatch, tiles):
     tiles(kt.TileConfig(16, 16, 16, 16, num_stages=1, col_split=2))
     monkeypatch.setattr(kt, "WORKSPACE_BYTES", 2 * 64 * 24 * 4)  # 64 rows per slice
     ours, ref = make_inputs(100, 110, 24, seed=9)
-    check_siglip(ours, ref, "triton", torch.float32, offset=6)
+    check_siglip(ours, ref, "fused", torch.float32, offset=6)
 
 
 def test_workspace_in_row_slices_with_idle_column_chunks(monkeypatch, tiles):
@@ -168,22 +181,23 @@ def test_workspace_in_row_slices_with_idle_column_chunks(monkeypatch, tiles):
     tiles(kt.TileConfig(16, 16, 16, 16, num_stages=1, col_split=7))  # 40 texts: 3 blocks
     monkeypatch.setattr(kt, "WORKSPACE_BYTES", 7 * 64 * 16 * 4)  # 64 rows per slice
     ours, ref = make_inputs(100, 40, 16, seed=10)
-    check_siglip(ours, ref, "triton", torch.float32, negatives_only=True)
+    check_siglip(ours, ref, "fused", torch.float32, negatives_only=True)
 
 
 KERNEL_CALLS = {
-    "auto-split": functools.partial(ks.siglip_forward, config=SMALL),
-    "split-3": functools.partial(
-        ks.siglip_forward, config=kt.TileConfig(16, 16, 16, 16, num_stages=1, col_split=3)
-    ),
-    "one-program": functools.partial(
-        ks.siglip_forward, config=kt.TileConfig(16, 32, 16, 32, num_stages=1, col_split=1)
-    ),
-    # More column chunks than column blocks: idle programs and empty column chunks.
-    "oversplit": functools.partial(
-        ks.siglip_forward, config=kt.TileConfig(16, 16, 16, 16, num_stages=1, col_split=7)
-    ),
-    "torch-chunks-of-7": functools.partial(chunked.siglip_forward, chunk_rows=7),
+    f"{method}-{name}": functools.partial(ks.siglip_forward, method=method, config=config)
+    for method in ks.METHODS
+    for name, config in {
+        "auto-split": SMALL,
+        "split-3": kt.TileConfig(16, 16, 16, 16, num_stages=1, col_split=3),
+        "one-program": kt.TileConfig(16, 32, 16, 32, num_stages=1, col_split=1),
+        # More column chunks than column blocks: idle programs and empty column chunks.
+        "oversplit": kt.TileConfig(16, 16, 16, 16, num_stages=1, col_split=7),
+    }.items()
+    if method == "fused" or name in ("auto-split", "one-program")
+} | {
+    "torch-blocks-of-16": functools.partial(chunked.siglip_forward, block_bytes=16 * 16 * 8),
+    "blocks-of-16": functools.partial(ks.siglip_forward, config=SMALL, block_bytes=16 * 16 * 2),
 }
 
 
@@ -206,7 +220,9 @@ def test_forward_outputs(forward, offset):
 
 
 @pytest.mark.parametrize(
-    "forward", [chunked.siglip_forward, KERNEL_CALLS["auto-split"]], ids=["torch", "triton"]
+    "forward",
+    [chunked.siglip_forward, KERNEL_CALLS["fused-auto-split"], KERNEL_CALLS["blocks-auto-split"]],
+    ids=["torch", "fused", "blocks"],
 )
 @pytest.mark.parametrize("need", [(dx, dy, dp) for dx in (0, 1) for dy in (0, 1) for dp in (0, 1)])
 def test_forward_returns_what_was_asked(forward, need):
@@ -232,12 +248,13 @@ def test_forward_returns_what_was_asked(forward, need):
 
 
 @needs_cuda
+@pytest.mark.parametrize("backend", ks.METHODS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, dim", [(1000, 512), (4096, 768), (3001, 1000)])
-def test_low_precision_no_worse_than_eager(dtype, n, dim):
+def test_low_precision_no_worse_than_eager(backend, dtype, n, dim):
     # SigLIP's initialization: scale 10, bias -10.
     ours, ref = make_inputs(n, n, dim, dtype=dtype, scale=10.0, bias=-10.0, seed=n)
-    loss = siglip_loss(*ours, backend="triton")
+    loss = siglip_loss(*ours, backend=backend)
     loss.backward()
     expected = siglip_loss_reference(*ref)
     expected.backward()
@@ -258,14 +275,15 @@ def test_low_precision_no_worse_than_eager(dtype, n, dim):
 
 
 @needs_cuda
+@pytest.mark.parametrize("backend", ks.METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("negatives_only", [False, True])
-def test_autotuned_matches_reference(dtype, negatives_only, monkeypatch):
+def test_autotuned_matches_reference(backend, dtype, negatives_only, monkeypatch):
     monkeypatch.setenv("FASTCLIP_AUTOTUNE", "1")
     warm_up, _ = make_inputs(2500, 2600, 512, dtype=dtype, bias=-5.0, seed=2)
-    siglip_loss(*warm_up).backward()  # tunes (see the next test); the call checked reuses it
+    siglip_loss(*warm_up, backend=backend).backward()  # tunes (see the next test)
     ours, ref = make_inputs(2500, 2600, 512, dtype=dtype, bias=-5.0, seed=2)
-    check_siglip(ours, ref, "triton", dtype, offset=50, negatives_only=negatives_only)
+    check_siglip(ours, ref, backend, dtype, offset=50, negatives_only=negatives_only)
 
 
 @needs_cuda
@@ -273,22 +291,28 @@ def test_autotuned_matches_reference(dtype, negatives_only, monkeypatch):
 def test_autotuning_call_matches_reference(dtype, monkeypatch):
     """The call that runs the tuning returns the chosen config's results, nothing else."""
     monkeypatch.setenv("FASTCLIP_AUTOTUNE", "1")
-    ks._siglip_tuned.cache.clear()  # the next call tunes every sweep afresh
-    ours, ref = make_inputs(2500, 2600, 512, dtype=dtype, bias=-5.0, seed=2)
-    check_siglip(ours, ref, "triton", dtype, offset=50)
+    ks._sweep_tuned.cache.clear()  # the next call tunes every sweep afresh
+    ks._block_tuned.cache.clear()
+    for backend in ks.METHODS:
+        ours, ref = make_inputs(2500, 2600, 512, dtype=dtype, bias=-5.0, seed=2)
+        check_siglip(ours, ref, backend, dtype, offset=50)
 
 
 @needs_cuda
-def test_memory_grows_linearly_not_quadratically():
+@pytest.mark.parametrize("backend", ks.METHODS)
+def test_memory_grows_linearly_not_quadratically(backend):
     n, dim = 16384, 256
     ours, _ = make_inputs(n, n, dim, dtype=torch.bfloat16, bias=-10.0)
-    extra = peak_memory_bytes(lambda: siglip_loss(*ours, backend="triton").backward(), DEVICE)
-    square = n * n * 2  # one bf16 N x N matrix: 512 MiB
-    assert extra < square / 4, f"fwd+bwd added {extra / 2**20:.0f} MiB; N x N is 512 MiB"
+    block = 32 * 2**20
+    run = lambda: siglip_loss(*ours, backend=backend, block_bytes=block).backward()  # noqa: E731
+    extra = peak_memory_bytes(run, DEVICE)
+    bound = n * dim * 8 + 2 * block  # the gradients, their fp32 accumulator, the G buffer
+    assert extra < bound, f"fwd+bwd added {extra / 2**20:.0f} MiB; N x N is 512 MiB"
 
 
 @needs_cuda
-def test_fixed_default_tiles_without_autotuning(monkeypatch):
+@pytest.mark.parametrize("backend", ks.METHODS)
+def test_fixed_default_tiles_without_autotuning(backend, monkeypatch):
     monkeypatch.setenv("FASTCLIP_AUTOTUNE", "0")
     ours, ref = make_inputs(1500, 1700, 768, dtype=torch.bfloat16, bias=-10.0, seed=4)
-    check_siglip(ours, ref, "triton", torch.bfloat16, offset=100)
+    check_siglip(ours, ref, backend, torch.bfloat16, offset=100)

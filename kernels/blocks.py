@@ -1,0 +1,135 @@
+"""Bounded-block gradients: G = dL/dS one block of S at a time, then tensor-core GEMMs.
+
+Both losses have gradients of one shape. With S = s * x y^T + b and G = dL/dS,
+
+    dL/dx = s * G y,   dL/dy = s * G^T x,   dL/ds = sum_ij G_ij <x_i, y_j>,
+
+so once a block G[rows, cols] is formed (by a loss-specific ``form`` callback: a Triton kernel
+that recomputes S and writes G, or PyTorch on the CPU), the products are plain GEMMs, which
+cuBLAS runs near the tensor cores' peak. This module walks the blocks and owns the accumulators;
+it imports only torch, so the PyTorch path uses it too.
+
+Memory. The block buffer G (R x C, in the features' dtype; fp32 for fp32 inputs) is bounded by
+``block_bytes``; the other extras are a row panel's fp32 dL/dx accumulator (R x D) and one fp32
+dL/dy accumulator (n_y x D, the output itself for fp32 inputs): O(N D) + the buffer at any N.
+Blocks are walked row panel by row panel, so only the current panel's dL/dx accumulator is live.
+
+Precision. G is formed in fp32 with the positive pairs' -d_ij already folded in (see the
+losses), so its one rounding, to the storage dtype, is relative to each entry; the GEMMs
+accumulate in fp32, within a block (cuBLAS) and across blocks (the accumulators).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+# The G buffer's default size on a GPU: blocks of 8192 x 16384 bf16 entries, a few waves of
+# 128 x 256 GEMM tiles per product, far above launch overheads.
+BLOCK_BYTES = 256 * 2**20
+# On a CPU: about 16 MB, a block whose products stay cache-friendly.
+CPU_BLOCK_BYTES = 16 * 2**20
+# Rows and columns of a block are multiples of this (GEMM and kernel tiles divide it).
+ALIGN = 128
+MIN_SIDE = 16
+
+# (rows, cols) -> (G block, fp32 sums): the loss forms G[r0:r1, c0:c1] and the block's share of
+# the scalar sums it reports (dL/ds first; SigLIP adds its loss and dL/db).
+FormBlock = Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def default_block_bytes(device: torch.device) -> int:
+    """The G buffer's bound when none is given: BLOCK_BYTES on CUDA, CPU_BLOCK_BYTES elsewhere."""
+    return BLOCK_BYTES if device.type == "cuda" else CPU_BLOCK_BYTES
+
+
+def plan_blocks(n_x: int, n_y: int, element_bytes: int, block_bytes: int) -> tuple[int, int]:
+    """(R, C): block rows and columns with R * C * element_bytes <= block_bytes.
+
+    Whole rows (C = n_y) when a panel of at least ALIGN of them fits; otherwise square blocks,
+    multiples of ALIGN when that large (small bounds, for tests, give small blocks, at least
+    MIN_SIDE on a side).
+    """
+    elements = max(1, block_bytes // element_bytes)
+    if elements // max(n_y, 1) >= min(ALIGN, n_x):
+        return min(n_x, elements // n_y), n_y
+    side = math.isqrt(elements)
+    side = side // ALIGN * ALIGN if side >= ALIGN else max(MIN_SIDE, side)
+    return min(n_x, side), min(n_y, side)
+
+
+def _has_out_dtype() -> bool:
+    """torch.addmm(..., out_dtype=torch.float32) with 16-bit inputs (CUDA, torch >= 2.8)."""
+    return "out_dtype" in (torch.addmm.__doc__ or "")
+
+
+_OUT_DTYPE = _has_out_dtype()
+
+
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (m, n) += a (m, k) @ b (k, n), accumulated in acc's dtype (fp32 or fp64).
+
+    16-bit operands on CUDA go straight to cuBLAS with an fp32 output where torch has
+    ``out_dtype``; elsewhere they are widened first (exact: a widened 16-bit value is an fp32
+    value), which costs a copy but never a rounding.
+    """
+    if a.dtype == b.dtype != acc.dtype and _OUT_DTYPE and acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def matmul_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out (m, n) = a (m, k) @ b (k, n) in fp32, for 16-bit operands straight from cuBLAS where
+    torch has ``out_dtype`` (else widened first, exactly)."""
+    if a.dtype != torch.float32 and _OUT_DTYPE and a.is_cuda:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(a.float(), b.float(), out=out)
+
+
+def blocked_gradients(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_scale: torch.Tensor,
+    form: FormBlock,
+    need_dx: bool,
+    need_dy: bool,
+    n_sums: int,
+    plan: tuple[int, int],
+    accumulate: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """dL/dx = grad_scale * G y (n_x, D) and dL/dy = grad_scale * G^T x (n_y, D) in the
+    features' dtype (each None unless needed), and the (n_sums,) totals of ``form``'s sums,
+    walking the blocks of ``plan`` = (R, C). ``grad_scale`` (one element) is the logit scale
+    times whatever factor the loss kept out of G so that G's entries are O(1): in a 16-bit
+    buffer, small entries stay above fp16's subnormals.
+
+    ``form`` is called for every block even when neither gradient is needed (the sums alone).
+    Its G is in the features' dtype (16-bit inputs feed the GEMMs at tensor-core rate) or in
+    ``accumulate``.
+    """
+    n_x, D = x.shape
+    n_y = y.shape[0]
+    R, C = plan
+    s = grad_scale.reshape(()).to(accumulate)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
+    dy_acc = torch.zeros((n_y, D), dtype=accumulate, device=x.device) if need_dy else None
+    sums = torch.zeros(n_sums, dtype=accumulate, device=x.device)
+    for r0 in range(0, n_x, R):
+        r1 = min(r0 + R, n_x)
+        panel = torch.zeros((r1 - r0, D), dtype=accumulate, device=x.device) if need_dx else None
+        for c0 in range(0, n_y, C):
+            c1 = min(c0 + C, n_y)
+            g, block_sums = form(r0, r1, c0, c1)  # (r1 - r0, c1 - c0)
+            sums += block_sums
+            if need_dx:
+                accumulate_mm(panel, g, y[c0:c1])
+            if need_dy:
+                accumulate_mm(dy_acc[c0:c1], g.T, x[r0:r1])
+        if need_dx:
+            dx[r0:r1] = panel.mul_(s)
+    dy = dy_acc.mul_(s).to(y.dtype) if need_dy else None
+    return dx, dy, sums

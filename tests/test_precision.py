@@ -1,0 +1,157 @@
+"""Confident batches: losses and gradients stay exact when the model is sure of every pair.
+
+A trained CLIP puts p_ii close to 1 and its gradient lives in 1 - p_ii. Every backend must keep
+that number: fp32 within 1e-5 (relative, over the whole gradient and over the confident rows
+alone) of the float64 reference on the same inputs; fp16 within what its rounding of the
+result allows, and never worse than eager PyTorch in fp16. The losses are never negative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, LOSS_BACKENDS, needs_cuda
+
+from fastclip import infonce, siglip_loss
+from fastclip.reference import clip_loss_exact, clip_loss_reference, siglip_loss_reference
+
+SCALES = [14.3, 30.0, 100.0]
+FP32_BOUND = 1e-5
+
+
+def confident_batch(n: int, dim: int, hard: int = 0, seed: int = 0):
+    """Unit image features and their texts (the image plus 5% noise): every row confident at a
+    trained logit scale. The last ``hard`` texts are unrelated to their images instead."""
+    gen = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, dim, generator=gen, dtype=torch.float64), dim=-1)
+    noise = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    y = F.normalize(x + 0.05 * noise, dim=-1)
+    if hard:
+        y[n - hard :] = F.normalize(noise[n - hard :], dim=-1)
+    return x, y
+
+
+def run(loss_fn, x, y, scale, bias, dtype, **kw):
+    """The loss and its gradients (image, text, scale) for features cast to ``dtype``."""
+    leaves = [x.to(DEVICE, dtype).requires_grad_(), y.to(DEVICE, dtype).requires_grad_()]
+    leaves.append(torch.tensor(scale, dtype=torch.float32, device=DEVICE, requires_grad=True))
+    loss = loss_fn(*leaves, bias, **kw)
+    loss.backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def reference(loss_fn, x, y, scale, bias, dtype, **kw):
+    """The float64 reference on the features as rounded to ``dtype``: what an exact computation
+    of the same inputs gives."""
+    leaves = [t.to(dtype).double().requires_grad_() for t in (x, y)]
+    leaves.append(torch.tensor(scale, dtype=torch.float64, requires_grad=True))
+    loss = loss_fn(*leaves, bias, **kw)
+    loss.backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-wise relative error: how much of the quantity is wrong."""
+    return ((got.double().cpu() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("hard", [0, 48], ids=["all-confident", "half-hard"])
+def test_infonce_fp32_is_exact_on_confident_rows(backend, scale, hard):
+    x, y = confident_batch(96, 64, hard=hard, seed=int(scale))
+    loss, grads = run(infonce, x, y, scale, None, torch.float32, backend=backend)
+    ref_loss, ref_grads = reference(clip_loss_exact, x, y, scale, None, torch.float32)
+    assert loss >= 0
+    assert relative(loss, ref_loss) < FP32_BOUND, f"loss {loss.item()} vs {ref_loss.item()}"
+    for name, g, r in zip(("d_image", "d_text", "d_scale"), grads, ref_grads, strict=True):
+        assert relative(g, r) < FP32_BOUND, f"{name}: {relative(g, r):.2e}"
+    confident = slice(0, 96 - hard)  # their gradient, tiny beside the hard rows', on its own
+    for name, g, r in zip(("d_image", "d_text"), grads[:2], ref_grads[:2], strict=True):
+        err = relative(g[confident], r[confident])
+        assert err < FP32_BOUND, f"{name}, confident rows: {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("bias", [None, -5.0])
+def test_siglip_fp32_is_exact_on_confident_pairs(backend, scale, bias):
+    x, y = confident_batch(96, 64, seed=int(scale))
+    bias = None if bias is None else bias * scale / 10  # a bias that scales with the logits
+    loss, grads = run(siglip_loss, x, y, scale, bias, torch.float32, backend=backend)
+    ref_loss, ref_grads = reference(siglip_loss_reference, x, y, scale, bias, torch.float32)
+    assert loss >= 0
+    assert relative(loss, ref_loss) < FP32_BOUND, f"loss {loss.item()} vs {ref_loss.item()}"
+    for name, g, r in zip(("d_image", "d_text", "d_scale"), grads, ref_grads, strict=True):
+        assert relative(g, r) < FP32_BOUND, f"{name}: {relative(g, r):.2e}"
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("logit", [15.0, 6.5, -3.0])
+def test_a_single_siglip_pair(backend, logit):
+    """softplus(-S) of one pair: exact in fp32, never 0 or negative (softplus(-15) = 3.06e-7)."""
+    x = torch.ones(1, 1, device=DEVICE)
+    loss = siglip_loss(x, x, logit, backend=backend)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-logit)), rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_a_single_clip_pair_has_zero_loss_and_gradient(backend):
+    """One pair: the softmax has one entry, the loss is log 1 = 0 whatever the logit."""
+    x = torch.randn(1, 8, device=DEVICE, requires_grad=True)
+    y = torch.randn(1, 8, device=DEVICE, requires_grad=True)
+    loss = infonce(x, y, 50.0, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and not x.grad.any() and not y.grad.any()
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("scale", SCALES)
+def test_confident_rows_pull_towards_their_positives(backend, scale):
+    """Gradient descent on a confident row's image moves it towards its own text: for the
+    image->text loss, <dL/dx_i, y_i> = s sum_j p_ij (<y_j, y_i> - 1) < 0 exactly, in fp32 and
+    fp16 alike (the sign survives every rounding of G)."""
+    x, y = confident_batch(64, 32, seed=3)
+    for dtype in (torch.float32, torch.float16):
+        _, (dx, _, _) = run(infonce, x, y, scale, None, dtype, both_directions=False,
+                            backend=backend)  # fmt: skip
+        pull = (dx.double().cpu() * y.to(dtype).double()).sum(dim=1)
+        moving = dx.abs().sum(dim=1).cpu() > 0  # fp16 flushes the most confident rows' to 0
+        assert moving.any() or dtype == torch.float16, "every row's gradient vanished in fp32"
+        assert (pull[moving] < 0).all(), f"{dtype}: rows {torch.nonzero(pull >= 0).flatten()}"
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("scale", SCALES)
+def test_fp16_as_exact_as_its_rounding_allows(backend, scale):
+    """fp16 inputs: gradients within twice the error of the exact gradient rounded to fp16
+    (fp32 accumulation of the rounded inputs can do no better), and no worse than eager."""
+    x, y = confident_batch(96, 64, seed=7)
+    _, grads = run(infonce, x, y, scale, None, torch.float16, backend=backend)
+    _, ref_grads = reference(clip_loss_exact, x, y, scale, None, torch.float16)
+    _, eager_grads = run(clip_loss_reference, x, y, scale, None, torch.float16)
+    pairs = zip(("d_image", "d_text"), grads[:2], ref_grads[:2], eager_grads[:2], strict=True)
+    for name, g, r, e in pairs:
+        floor = relative(r.half(), r)  # rounding the exact result to fp16
+        err = relative(g, r)
+        assert err <= 2 * floor + 1e-3, f"{name}: {err:.3g} vs rounding's {floor:.3g}"
+        assert err <= max(relative(e, r), 1e-3), f"{name}: {err:.3g} worse than eager"
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["blocks", "blocks-mm", "fused"])
+@pytest.mark.parametrize("scale", SCALES)
+def test_bf16_as_exact_as_its_rounding_allows(backend, scale):
+    x, y = confident_batch(4096, 512, seed=11)
+    _, grads = run(infonce, x, y, scale, None, torch.bfloat16, backend=backend)
+    _, ref_grads = reference(clip_loss_exact, x, y, scale, None, torch.bfloat16)
+    _, eager_grads = run(clip_loss_reference, x, y, scale, None, torch.bfloat16)
+    pairs = zip(("d_image", "d_text"), grads[:2], ref_grads[:2], eager_grads[:2], strict=True)
+    for name, g, r, e in pairs:
+        floor = relative(r.bfloat16(), r)
+        err = relative(g, r)
+        assert err <= 2 * floor + 1e-2, f"{name}: {err:.3g} vs rounding's {floor:.3g}"
+        assert err <= max(relative(e, r), 1e-2), f"{name}: {err:.3g} worse than eager"
