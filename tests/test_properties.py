@@ -6,12 +6,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import pytest
 import torch
-from helpers import check, check_siglip, forced_tiles, make_inputs
+import torch.nn.functional as F
+from helpers import DEVICE, LOSS_BACKENDS, check, check_siglip, forced_tiles, make_inputs
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from fastclip import infonce, siglip_loss
 from fastclip.kernels.tiles import INTERPRETER_CONFIG
+from fastclip.reference import clip_loss_exact, siglip_loss_reference
+
+TRITON = [name for name in LOSS_BACKENDS if name != "torch"]
 
 # Derandomized: every run (and CI) tries the same examples; no example database to carry over.
 PROPERTY = settings(deadline=None, derandomize=True, database=None, print_blob=True)
@@ -84,13 +90,14 @@ def test_torch_backend_matches_reference(case):
     check_case(case, "torch")
 
 
-@settings(PROPERTY, max_examples=25)
+@pytest.mark.parametrize("backend", TRITON)
+@settings(PROPERTY, max_examples=10)
 @given(case=cases())
 @example(case=DOMINANT_POSITIVE)
-def test_triton_backend_matches_reference(case):
+def test_triton_backends_match_reference(backend, case):
     # The smallest tiles: even n ~ 40 spans several row and column tiles with masked edges.
     with forced_tiles(INTERPRETER_CONFIG):
-        check_case(case, "triton")
+        check_case(case, backend)
 
 
 @settings(PROPERTY, max_examples=150)
@@ -100,10 +107,44 @@ def test_siglip_torch_backend_matches_reference(case):
     check_case(case, "torch", siglip=True)
 
 
-@settings(PROPERTY, max_examples=20)
+@pytest.mark.parametrize("backend", TRITON)
+@settings(PROPERTY, max_examples=8)
 @given(case=siglip_cases())
 @example(case=DOMINANT_POSITIVE)
-def test_siglip_triton_backend_matches_reference(case):
+def test_siglip_triton_backends_match_reference(backend, case):
     # The smallest tiles, the columns in two chunks (one idle when n_txt <= 16).
     with forced_tiles(replace(INTERPRETER_CONFIG, col_split=2)):
-        check_case(case, "triton", siglip=True)
+        check_case(case, backend, siglip=True)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@settings(PROPERTY, max_examples=15)
+@given(case=siglip_cases(), noise=st.floats(1e-3, 2.0))
+@example(case=replace(DOMINANT_POSITIVE, n_txt=1, scale=15.0, bias=None), noise=1e-3)
+def test_losses_are_positive(backend, case, noise):
+    """However confident the pairs (texts within ``noise`` of their images, logit scales up to
+    1000, so that 1 - p_ii falls far below fp32's epsilon), neither loss is ever negative, nor 0
+    where its float64 value is an fp32 number (a lone pair at logit 15 loses 3.06e-7)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    x = F.normalize(torch.randn(case.n_img, case.dim, generator=gen, dtype=torch.float64), dim=-1)
+    y = F.normalize(torch.randn(case.n_txt, case.dim, generator=gen, dtype=torch.float64), dim=-1)
+    if not case.negatives_only:
+        pos = slice(case.offset, case.offset + case.n_img)
+        noisy = x + noise * F.normalize(torch.randn(x.shape, generator=gen, dtype=x.dtype), dim=-1)
+        y[pos] = F.normalize(noisy, dim=-1)
+    x, y = x.float(), y.float()
+    offset = None if case.negatives_only else case.offset
+    losses = {
+        "SigLIP": (siglip_loss, siglip_loss_reference, {"offset": case.offset,
+                   "negatives_only": case.negatives_only}, {"offset": offset}),
+    }  # fmt: skip
+    if not case.negatives_only:
+        kw = {"offset": case.offset, "both_directions": case.both}
+        losses["InfoNCE"] = (infonce, clip_loss_exact, kw, kw)
+    with forced_tiles(INTERPRETER_CONFIG):
+        for name, (fn, reference, kw, ref_kw) in losses.items():
+            bias = case.bias if name == "SigLIP" else None
+            loss = fn(x.to(DEVICE), y.to(DEVICE), case.scale, bias, backend=backend, **kw).item()
+            exact = reference(x.double(), y.double(), case.scale, bias, **ref_kw).item()
+            assert loss >= 0, f"{name} loss {loss}"
+            assert loss > 0 or exact < 1e-37, f"{name} loss 0, exactly {exact:.3g}"
