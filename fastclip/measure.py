@@ -3,14 +3,13 @@ the benchmarks)."""
 
 from __future__ import annotations
 
-import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def synchronize(device: torch.device) -> None:
@@ -34,16 +33,12 @@ def time_ms(
     return statistics.median(times)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory that ``fn()`` adds on top of what was allocated before it ran: the most
+    tensor memory that was live at once, counting only what ``fn`` allocated.
 
-
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
-    """Peak memory that ``fn()`` adds on top of what was allocated before it ran.
-
-    CUDA: the caching allocator's peak. CPU: the process's resident set, sampled every 0.2 ms
-    from a background thread (Linux only; None elsewhere).
+    CUDA: the caching allocator's peak. CPU: torch's profiler records every allocation and free
+    of the CPU allocator; the largest running sum of them, in time order.
     """
     if device.type == "cuda":
         synchronize(device)
@@ -52,22 +47,13 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int | None
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    if not os.path.exists("/proc/self/statm"):
-        return None
-    base = peak = _rss_bytes()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss_bytes())
-            time.sleep(0.0002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak, _rss_bytes()) - base
+    # The profiler's raw allocation stream: "[memory]" events of +bytes (allocated) and -bytes
+    # (freed), in time order.
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -9,7 +9,7 @@ from helpers import CUDA, DEVICE, LOSS_BACKENDS, assert_close, check, make_input
 import fastclip.backends as fb
 import fastclip.kernels.contrastive as kc
 import fastclip.kernels.tiles as kt
-from fastclip import clip_loss, infonce
+from fastclip import clip_loss, infonce, siglip_loss
 from fastclip.measure import peak_memory_bytes
 from fastclip.reference import clip_loss_exact, clip_loss_reference
 
@@ -255,3 +255,20 @@ def test_fixed_default_tiles_without_autotuning(backend, monkeypatch):
     monkeypatch.setenv("FASTCLIP_AUTOTUNE", "0")
     ours, ref = make_inputs(1500, 1700, 768, dtype=torch.bfloat16, seed=4)
     check(ours, ref, backend, torch.bfloat16, offset=100)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("backend", ["torch", "blocks", "blocks-mm"])
+def test_block_memory_stays_within_the_budget(tiles, backend, loss):
+    """Forward and backward with a 32 x 32 block buffer: the extra memory is the gradients, their
+    accumulators and a few blocks, far below one N x N matrix (which eager allocates)."""
+    tiles(SMALL)
+    n, dim, block = 256, 16, 32 * 32 * 8
+    ours, ref = make_inputs(n, n, dim, bias=-1.0)
+    fn = clip_loss if loss == "clip" else siglip_loss
+    run = lambda: fn(*ours, backend=backend, block_bytes=block).backward()  # noqa: E731
+    extra = peak_memory_bytes(run, DEVICE)
+    bound = 4 * n * dim * 4 + 8 * block  # dx, dy, dy's accumulator, a panel; G, dots, scratch
+    assert extra <= bound, f"{extra} bytes added, budget {bound}"
+    eager = peak_memory_bytes(lambda: clip_loss_reference(*ref[:3]).backward(), DEVICE)
+    assert eager > n * n * 8  # the measure sees an N x N matrix where there is one
