@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -513,6 +514,13 @@ BAD_SIMILARITY_ARGS = {
         "scale is on meta",
     ),
     "bias-shape-2": ({"bias": torch.zeros(2, device=DEVICE)}, ValueError, "bias must be a scalar"),
+    "scale-nan": ({"scale": float("nan")}, ValueError, "scale must be finite"),
+    "scale-inf-tensor": (
+        {"scale": torch.tensor(float("inf"), device=DEVICE)},
+        ValueError,
+        "scale must be finite",
+    ),
+    "bias-nan": ({"bias": torch.tensor(float("nan"), device=DEVICE)}, ValueError, "bias must be"),
     "out-dtype-int": ({"out_dtype": torch.int32}, TypeError, "out_dtype must be a floating"),
     "out-dtype-string": ({"out_dtype": "float32"}, TypeError, "out_dtype must be a floating"),
     "out-dtype-complex": ({"out_dtype": torch.complex64}, TypeError, "out_dtype must be a"),
@@ -535,8 +543,20 @@ BAD_TOPK_ARGS = {
         "scale must be a scalar",
     ),
     "scale-string": ({"scale": "2"}, TypeError, "scale must be a tensor or a number"),
+    "scale-nan": ({"scale": float("nan")}, ValueError, "scale must be finite"),
+    "scale-inf": ({"scale": float("-inf")}, ValueError, "scale must be finite"),
     "unknown-backend": ({"backend": "cuda"}, ValueError, "backend must be one of"),
 }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [np.int64(3), torch.tensor(3), np.int32(3)], ids=str)
+def test_topk_takes_any_integral_k(backend, k):
+    """numpy integers and 0-d integer tensors are ks too (what indexing code hands over)."""
+    q, keys = features(4), features(6)
+    values, indices = topk_similarity(q, keys, k, backend=backend)
+    assert values.shape == indices.shape == (4, 3)
+    assert torch.equal(values, topk_similarity(q, keys, 3, backend=backend)[0])
 
 
 @pytest.mark.parametrize("case", BAD_SIMILARITY_ARGS.values(), ids=BAD_SIMILARITY_ARGS.keys())
