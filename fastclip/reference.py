@@ -10,6 +10,12 @@ import torch
 import torch.nn.functional as F
 
 
+def _logits(image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
+    """S = logit_scale * I T^T (+ logit_bias): (n_img, n_txt)."""
+    logits = logit_scale * image_features @ text_features.T
+    return logits if logit_bias is None else logits + logit_bias
+
+
 def clip_loss_reference(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -29,9 +35,7 @@ def clip_loss_reference(
         The 0-dim loss in the features' dtype.
     """
     n = image_features.shape[0]
-    logits = logit_scale * image_features @ text_features.T  # (n_img, n_txt)
-    if logit_bias is not None:
-        logits = logits + logit_bias
+    logits = _logits(image_features, text_features, logit_scale, logit_bias)  # (n_img, n_txt)
     labels = torch.arange(n, device=logits.device)
     loss = F.cross_entropy(logits, labels + offset)
     if not both_directions:
@@ -55,9 +59,7 @@ def clip_loss_exact(
     float64), while this form, and autograd through it, keeps full relative precision.
     """
     n = image_features.shape[0]
-    logits = logit_scale * image_features @ text_features.T  # (n_img, n_txt)
-    if logit_bias is not None:
-        logits = logits + logit_bias
+    logits = _logits(image_features, text_features, logit_scale, logit_bias)  # (n_img, n_txt)
     rows = torch.arange(n, device=logits.device)
     positives = logits[rows, rows + offset]  # (n_img,)
     others = (logits - positives[:, None]).index_put(
@@ -82,9 +84,7 @@ def siglip_loss_reference(
     -1 elsewhere (offset None: negatives only, every z = -1). Returns the loss in the inputs'
     dtype."""
     n = image_features.shape[0]
-    logits = logit_scale * image_features @ text_features.T  # (n_img, n_txt)
-    if logit_bias is not None:
-        logits = logits + logit_bias
+    logits = _logits(image_features, text_features, logit_scale, logit_bias)  # (n_img, n_txt)
     labels = -torch.ones_like(logits)
     if offset is not None:
         rows = torch.arange(n, device=logits.device)
