@@ -1,16 +1,19 @@
-"""Speed and memory of the fused losses against eager PyTorch and torch.compile.
+"""Speed and memory of the losses' implementations against eager PyTorch and torch.compile.
 
     pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
     python benchmarks/render.py bench.json
 
-Losses: "clip" (InfoNCE, ``clip_loss``) and "siglip" (``siglip_loss``). Providers: "fastclip" (the
-loss with ``backend="triton"``), "eager" (its reference in ``fastclip.reference``, in the input
-dtype) and "compile" (``torch.compile`` of that reference with torch's default automatic dynamic
-shapes: compiled for the first shape, then once more for all others). Modes:
+Losses: "clip" (InfoNCE, ``clip_loss``) and "siglip" (``siglip_loss``). Providers:
+"fastclip-blocks", "fastclip-blocks-mm" and "fastclip-fused" (the loss with that ``backend=``,
+``fastclip.backends`` says what each is), "eager" (its reference in ``fastclip.reference``, in
+the input dtype) and "compile" (``torch.compile`` of that reference with torch's default
+automatic dynamic shapes: compiled for the first shape, then once more for all others). Modes:
 "forward" (the forward half of a training step: the inputs require grad, so the autograd graph is
-recorded) and "forward+backward" (the gradients of the features and of the logit scale). Each case
-records its median time, the peak memory it adds on top of its inputs and a TFLOP/s figure in
-``extra_info``; a provider that runs out of memory is recorded as such (see conftest.py).
+recorded; fastclip's SigLIP computes its gradients there) and "forward+backward" (the gradients
+of the features and of the logit scale). Each case records its median time, the peak memory it
+adds on top of its inputs, the matmul passes it executes and TFLOP/s counting those passes
+(``tflops``) and the floor's (``tflops_floor``) in ``extra_info``; a provider that runs out of
+memory is recorded as such (see conftest.py).
 
 Without a CUDA device the GPU cases skip and one small CPU case compares the chunked PyTorch path
 ("fastclip-torch") with eager.
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from common import DEVICE, PROVIDERS, cpu_only, measure, needs_cuda
+from common import DEVICE, cpu_only, measure, needs_cuda
 
 from fastclip import clip_loss, siglip_loss
 from fastclip.measure import synchronize
@@ -33,6 +36,7 @@ from fastclip.reference import clip_loss_reference, siglip_loss_reference
 
 MODES = ("forward", "forward+backward")
 WIDTHS = (512, 768)
+PROVIDERS = ("fastclip-blocks", "fastclip-blocks-mm", "fastclip-fused", "eager", "compile")
 
 
 @dataclass(frozen=True)
@@ -42,19 +46,34 @@ class Loss:
     batches: tuple[int, ...]  # N of the GPU grid
     scale: float  # the logit scale (exponentiated) and bias the models start from
     bias: float | None
-    # FLOPs are counted per algorithm, not per provider, in matmul passes of 2*N*N*D: a forward
-    # is 1 (S = s X Y^T). Forward+backward: 4 for InfoNCE, the floor for a loss that does not
-    # store S (forward; recompute S, G Y, G^T X; the kernel does 5, eager 3 storing S) and 3 for
-    # SigLIP (S, G Y, G^T X; the kernel does 4). Every provider is credited the same count, so
-    # TFLOP/s compare exactly as the times do.
-    passes: tuple[int, int]
+    # Matmul passes of 2 N^2 D FLOPs, (forward, forward+backward), as each implementation
+    # executes them ("eager" for eager and compile, "torch" for the PyTorch path). InfoNCE:
+    # blocks 4 (S; S again, G Y, G^T X), blocks-mm 4 (its recomputed S by cuBLAS), fused 5 (S,
+    # then S and a product in each of two sweeps), eager 3 (S stored). SigLIP: blocks 3, fused 4,
+    # and their forward computes the gradients too.
+    passes: dict[str, tuple[int, int]]
+    floor: int  # passes of a forward+backward that does not store S
 
 
+CLIP_PASSES = {
+    "blocks": (1, 4),
+    "blocks-mm": (1, 4),
+    "fused": (1, 5),
+    "torch": (1, 4),
+    "eager": (1, 3),
+}
+SIGLIP_PASSES = {
+    "blocks": (3, 3),
+    "blocks-mm": (3, 3),
+    "fused": (4, 4),
+    "torch": (3, 3),
+    "eager": (1, 3),
+}
 LOSSES = {
     "clip": Loss(clip_loss, clip_loss_reference, (4096, 16384, 32768, 65536), 1 / 0.07, None,
-                 (1, 4)),
+                 CLIP_PASSES, 4),
     "siglip": Loss(siglip_loss, siglip_loss_reference, (16384, 32768, 65536, 131072), 10.0, -10.0,
-                   (1, 3)),
+                   SIGLIP_PASSES, 3),
 }  # fmt: skip
 # Timed runs per GPU case, after one warm-up run and one memory run. Budget (see gpu_check.sh):
 # the grid cases run for about a minute in all; compilation and autotuning dominate.
@@ -64,12 +83,15 @@ ROUNDS = 3
 _COMPILED: dict[str, Callable] = {}
 
 
+def _implementation(provider: str) -> str:
+    """The backend= of a fastclip provider ("fastclip-blocks" -> "blocks"); "eager" otherwise."""
+    return provider.removeprefix("fastclip-") if provider.startswith("fastclip-") else "eager"
+
+
 def _loss_fn(loss: str, provider: str) -> Callable:
     spec = LOSSES[loss]
-    if provider == "fastclip":
-        return functools.partial(spec.fused, backend="triton")
-    if provider == "fastclip-torch":
-        return functools.partial(spec.fused, backend="torch")
+    if provider.startswith("fastclip-"):
+        return functools.partial(spec.fused, backend=_implementation(provider))
     if provider == "eager":
         return spec.reference
     if loss not in _COMPILED:
@@ -114,10 +136,13 @@ def _measure(
             torch.autograd.grad(value, inputs)
         synchronize(DEVICE)
 
-    info = {"op": loss, "provider": provider, "mode": mode, "N": n, "D": dim}
-    info["dtype"] = str(dtype).removeprefix("torch.")
-    flops = LOSSES[loss].passes[MODES.index(mode)] * 2 * n * n * dim
-    measure(benchmark, oom_log, info, run, inputs, flops, rounds, warmup)
+    spec, pass_flops = LOSSES[loss], 2 * n * n * dim
+    passes = spec.passes[_implementation(provider)][MODES.index(mode)]
+    floor = 1 if mode == "forward" else spec.floor
+    info = {"op": loss, "provider": provider, "mode": mode, "N": n, "D": dim, "passes": passes}
+    info.update(dtype=str(dtype).removeprefix("torch."), floor_passes=floor)
+    measure(benchmark, oom_log, info, run, inputs, passes * pass_flops, rounds, warmup)
+    benchmark.extra_info["tflops_floor"] = floor * pass_flops / benchmark.stats.stats.median / 1e12
 
 
 GRID = [
@@ -141,17 +166,19 @@ def test_gpu(benchmark, oom_log, loss, dim, n, mode, provider):
 
 
 @needs_cuda
-def test_gpu_large_batch(benchmark, oom_log):
-    """InfoNCE at N = 2^20, D = 512, bf16, forward+backward, fused only (target: <= 8 s, <= 5 GB).
+@pytest.mark.parametrize("provider", ["fastclip-blocks", "fastclip-blocks-mm"])
+def test_gpu_large_batch(benchmark, oom_log, provider):
+    """InfoNCE at N = 2^20, D = 512, bf16, forward+backward, the bounded-block implementations
+    (target: <= 8 s, <= 5 GB).
 
     The autotuner keys batch sizes past 64K to one bucket: a forward+backward at N = 65536 tunes
     it in seconds, and the large case then runs the tuned kernels without a search of its own.
     """
     warm = _inputs("clip", 65536, 512, torch.bfloat16, torch.device("cuda"))
-    torch.autograd.grad(clip_loss(*warm, backend="triton"), warm)
+    torch.autograd.grad(_loss_fn("clip", provider)(*warm), warm)
     del warm
     # Compiled and tuned by the warm-up above: no warm-up run of its own (each run takes seconds).
-    _measure(benchmark, oom_log, "clip", "fastclip", "forward+backward", 2**20, 512,
+    _measure(benchmark, oom_log, "clip", provider, "forward+backward", 2**20, 512,
              torch.bfloat16, 1, warmup=False)  # fmt: skip
 
 

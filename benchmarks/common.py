@@ -51,7 +51,7 @@ def measure(
     of their allocations count. Out of memory: recorded in ``oom_log``, the case skipped.
     """
     info = {**info, **environment()}
-    if info["provider"] == "fastclip":
+    if info["provider"].startswith("fastclip") and info["provider"] != "fastclip-torch":
         info["autotune"] = os.environ.get("FASTCLIP_AUTOTUNE", "1") != "0"
     benchmark.extra_info.update(info)
     try:

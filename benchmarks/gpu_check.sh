@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite and the benchmarks on a CUDA machine without network, from the repository root:
+# The test suite and the benchmarks on a CUDA machine without network, from the repository root
+# (gpu_quick.sh is the five-minute run: fixed tiles, each implementation stage by stage):
 #
 #     bash benchmarks/gpu_check.sh        # results in $OUT (default benchmarks/results/latest)
 #
@@ -8,17 +9,18 @@
 # (benchmarks/fetch_wheels.sh: tokenizers, tqdm, Pillow, webdataset, which the machine lacks) are installed first;
 # without them the tests that need them skip.
 #
-# Budget, 8.5 minutes: each step runs under a time limit (seconds, overridable by the variables
-# below) and the limits sum to 480 s, plus ~20 s for the install and the rendering. Measured on an
-# H200 (benchmarks/results/2026-11-27-h200-partial): 32 loss-grid cases, autotuning included,
-# took 95 s.
+# Budget, 10.5 minutes: each step runs under a time limit (seconds, overridable by the variables
+# below) and the limits sum to 610 s, plus ~20 s for the install and the rendering. Measured on an
+# H200 (benchmarks/results/2026-11-27-h200-partial): 32 loss-grid cases (one fastclip provider
+# and eager), autotuning included, took 95 s.
 #   tests 160 (the suite grew by the model, training and fine-tuning tests: an estimate);
-#   losses, fastclip + eager 100: by default the targets' widths only (InfoNCE D=512, SigLIP
-#   D=768; BENCH_FILTER="" runs both widths of both losses, about twice as long);
+#   losses, fastclip (blocks, blocks-mm, fused) + eager 200: twice the cases of that run, and
+#   three implementations to tune (an estimate); by default the targets' widths only (InfoNCE
+#   D=512, SigLIP D=768; BENCH_FILTER="" runs both widths of both losses, about twice as long);
 #   losses, torch.compile 50, the same cases (two references, each compiled twice: the first
 #   shape, then with dynamic shapes);
-#   InfoNCE at N = 2^20 60 (tuned at N = 65536 first, whose bucket it shares; a memory run and a
-#   timed one);
+#   InfoNCE at N = 2^20 90, blocks and blocks-mm (each tuned at N = 65536 first, whose bucket it
+#   shares; a memory run and a timed one, ~12 s each by fastclip.costs);
 #   similarity and top-k 50;
 #   normalized projection 60: by default N = 32768 only (768->512 and 1024->768, fastclip, eager
 #   and torch.compile, forward and forward+backward: 12 cases); PROJECTION_FILTER="" runs
@@ -30,9 +32,9 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results/latest}
 TESTS_LIMIT_S=${TESTS_LIMIT_S:-160}
-GRID_LIMIT_S=${GRID_LIMIT_S:-100}
+GRID_LIMIT_S=${GRID_LIMIT_S:-200}
 COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-50}
-LARGE_LIMIT_S=${LARGE_LIMIT_S:-60}
+LARGE_LIMIT_S=${LARGE_LIMIT_S:-90}
 RETRIEVAL_LIMIT_S=${RETRIEVAL_LIMIT_S:-50}
 PROJECTION_LIMIT_S=${PROJECTION_LIMIT_S:-60}
 PROJECTION_FILTER=${PROJECTION_FILTER-N32768}

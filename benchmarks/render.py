@@ -4,8 +4,9 @@
                                 [--merge ALL.json]
 
 RESULTS.json is what ``pytest benchmarks/ --benchmark-only --benchmark-json=RESULTS.json`` writes:
-timed cases under "benchmarks" (their ``extra_info`` holds loss, provider, mode, N, D, dtype,
-peak_mib, tflops and the versions), out-of-memory cases under "oom" (see conftest.py). Several
+timed cases under "benchmarks" (their ``extra_info`` holds op, provider, mode, N, D, dtype,
+peak_mib, tflops, the matmul passes they count and the versions), out-of-memory cases under
+"oom" (see conftest.py). Several
 files (runs split with ``-k``) make one summary, a table per loss. Writes DIR/summary.md and
 DIR/bench.png; DIR defaults to the folder of the first file.
 """
@@ -22,12 +23,12 @@ BASELINES = ("eager", "compile", "cublas")
 MODES = ("forward", "forward+backward")
 METRICS = (("ms", "ms"), ("tflops", "TFLOP/s"), ("peak_mib", "peak MiB"))
 LEGEND = (
-    "ms: median over the timed rounds. TFLOP/s: 2·N²·D FLOPs per matmul pass, 1 pass for a "
-    "forward; for forward+backward 4 (InfoNCE) or 3 (SigLIP), the algorithmic floor, the same "
-    "count for every provider (normalized projection: 2·N·D_in·D_out per pass, 1 for a forward, "
-    "3 for forward+backward). Peak MiB: memory "
-    "allocated on top of the inputs. OOM: ran out of memory. Speedup: the baseline's time over "
-    "fastclip's."
+    "ms: median over the timed rounds. TFLOP/s: 2·N²·D FLOPs per matmul pass (normalized "
+    "projection: 2·N·D_in·D_out), counting the passes each provider executes where a table lists "
+    "them below it; otherwise the algorithmic floor, the same count for every provider: 1 pass "
+    "for a forward, 4 for an InfoNCE forward+backward, 3 for SigLIP's and the projection's. "
+    "Peak MiB: memory allocated on top of the inputs. OOM: ran out of memory. Speedup: the "
+    "baseline's time over fastclip's."
 )
 OP_TITLES = {
     "clip": "InfoNCE (CLIP) loss",
@@ -100,9 +101,25 @@ def markdown(results: dict, cases: list[dict], notes: list[str]) -> str:
     if any(c.get("autotune") is False for c in cases):
         lines += [f"{FIXED_TILES} fastclip with its default tiles, not autotuned.", ""]
     for op in sorted({c["op"] for c in cases}):
-        table = _table([c for c in cases if c["op"] == op])
-        lines += [f"## {OP_TITLES.get(op, op)}", "", *table, ""]
+        mine = [c for c in cases if c["op"] == op]
+        lines += [f"## {OP_TITLES.get(op, op)}", "", *_table(mine), "", *_passes(mine)]
     return "\n".join(lines)
+
+
+def _passes(cases: list[dict]) -> list[str]:
+    """The matmul passes each provider's TFLOP/s count, per mode, where the cases record them."""
+    counted: dict[str, dict[str, int]] = {}
+    for case in cases:
+        if case.get("passes") is not None:
+            counted.setdefault(case["mode"], {})[case["provider"]] = case["passes"]
+    if not counted:
+        return []
+    modes = sorted(counted, key=lambda m: (MODES.index(m) if m in MODES else len(MODES), m))
+    per_mode = [
+        f"{mode}: " + ", ".join(f"{p} {n}" for p, n in sorted(counted[mode].items()))
+        for mode in modes
+    ]
+    return [f"TFLOP/s count the matmul passes as executed: {'; '.join(per_mode)}.", ""]
 
 
 def _table(cases: list[dict]) -> list[str]:

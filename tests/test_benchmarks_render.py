@@ -71,3 +71,17 @@ def test_render_writes_table_and_plot(tmp_path):
     assert "† fastclip with its default tiles, not autotuned." in summary
     png = out / "bench.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_render_lists_the_passes_each_provider_executes(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = fake_results()
+    for bench, passes in zip(results["benchmarks"], (4, 4, 3), strict=True):
+        bench["extra_info"]["passes"] = passes
+    results["benchmarks"][0]["extra_info"]["provider"] = "fastclip-blocks"
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(results))
+    load_render().main([str(path), "--out", str(tmp_path)])
+    summary = (tmp_path / "summary.md").read_text()
+    expected = "forward+backward: eager 3, fastclip 4, fastclip-blocks 4."
+    assert f"TFLOP/s count the matmul passes as executed: {expected}" in summary
