@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from fastclip import train as training
 from fastclip.checkpoint import load_pretrained
@@ -108,27 +109,51 @@ def finetune_command(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = args.checkpoint or _pretrain(args, (out or Path(scratch)) / "pretrained")
         model, tokenizer = load_checkpoint(checkpoint), Tokenizer.from_pretrained(checkpoint)
-    train_set, test_set = few_shot_splits(args.data, args.data_seed)
-    tic = time.perf_counter()
+    splits = few_shot_splits(args.data, args.data_seed)
     if args.compare:
-        results = compare(model, tokenizer, train_set, test_set, shots=shots, seed=args.seed)
-        table = render_table(results)
-        print(
-            f"{table}\n\n{args.data}: top-1 on the test split ({time.perf_counter() - tic:.0f} s)"
-        )
-        if out:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "compare.md").write_text(table + "\n")
-        return results
-    task = Task.build(model, tokenizer, train_set, test_set)
-    part, top1 = task.run(args.method, shots[0], seed=args.seed)
-    results = {"zero-shot": task.zero_shot(), args.method: top1}
-    print(f"{'zero-shot':<10} {results['zero-shot']:6.1%}")
-    print(f"{args.method:<10} {top1:6.1%}  (k = {shots[0]}, {time.perf_counter() - tic:.0f} s)")
+        return _compare(args, model, tokenizer, splits, shots, out)
+    return _run_one(args, model, tokenizer, splits, shots[0], out)
+
+
+def _compare(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    splits: tuple[Dataset, Dataset],
+    shots: list[int],
+    out: Path | None,
+) -> dict[str, dict[int, float]]:
+    """Every method at every k: the table printed, and written to --out."""
+    tic = time.perf_counter()
+    results = compare(model, tokenizer, *splits, shots=shots, seed=args.seed)
+    table = render_table(results)
+    elapsed = time.perf_counter() - tic
+    print(f"{table}\n\n{args.data}: top-1 on the test split ({elapsed:.0f} s)")
     if out:
-        path = out / f"{args.method}.safetensors"
         out.mkdir(parents=True, exist_ok=True)
-        METHODS[args.method].save(part, path)
+        (out / "compare.md").write_text(table + "\n")
+    return results
+
+
+def _run_one(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    splits: tuple[Dataset, Dataset],
+    k: int,
+    out: Path | None,
+) -> dict[str, float]:
+    """One method at one k against zero-shot: printed, and the trained part saved to --out."""
+    tic, method = time.perf_counter(), args.method
+    task = Task.build(model, tokenizer, *splits)
+    part, top1 = task.run(method, k, seed=args.seed)
+    results = {"zero-shot": task.zero_shot(), method: top1}
+    print(f"{'zero-shot':<10} {results['zero-shot']:6.1%}")
+    print(f"{method:<10} {top1:6.1%}  (k = {k}, {time.perf_counter() - tic:.0f} s)")
+    if out:
+        path = out / f"{method}.safetensors"
+        out.mkdir(parents=True, exist_ok=True)
+        METHODS[method].save(part, path)
         print(f"saved {path}")
     return results
 

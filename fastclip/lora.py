@@ -139,6 +139,21 @@ def apply_lora(
         raise ValueError(
             "the model already has LoRA layers: remove_lora(model) first, or load_lora into it"
         )
+    linears = _targeted(model, targets, towers)
+    model.requires_grad_(False)
+    for name, linear in linears.items():
+        _replace(model, name, LoRALinear(linear, rank, alpha, dropout))
+    model._lora_settings = dict(
+        rank=int(rank), alpha=float(alpha), dropout=float(dropout), targets=targets, towers=towers
+    )
+    return list(linears)
+
+
+def _targeted(
+    model: nn.Module, targets: tuple[str, ...], towers: tuple[str, ...]
+) -> dict[str, nn.Linear]:
+    """The plain nn.Linear layers of ``towers`` whose names end in one of ``targets``, by name;
+    ValueError if a tower is unknown, if none matches or if a match is a subclass."""
     children = dict(model.named_children())
     unknown = [t for t in towers if t not in children]
     if unknown:
@@ -161,13 +176,7 @@ def apply_lora(
         raise ValueError(
             f"targets {targets} match layers that are not plain nn.Linear: {subclasses}"
         )
-    model.requires_grad_(False)
-    for name in names:
-        _replace(model, name, LoRALinear(linears[name], rank, alpha, dropout))
-    model._lora_settings = dict(
-        rank=int(rank), alpha=float(alpha), dropout=float(dropout), targets=targets, towers=towers
-    )
-    return names
+    return {n: linears[n] for n in names}
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -9,7 +9,7 @@ loop applies ``fastclip.transforms.ImageTransform`` and the tokenizer itself.
 - ``DigitsDataset`` (``digits``): scikit-learn's 1,797 handwritten 8x8 digits (no download).
 - ``WebDatasetPairs`` / ``write_shards`` (``shards``): img2dataset-style tar shards (``key.jpg`` +
   ``key.txt``).
-- ``CsvPairs`` (``files``): a CSV of image paths and captions.
+- ``CsvPairs`` (``imagefiles``): a CSV of image paths and captions.
 - ``SOURCES`` (``sources``): the registry of what ``--data`` names, for training, evaluation and
   fine-tuning alike.
 
@@ -25,7 +25,7 @@ from fastclip.data.digits import (
     DIGIT_WORDS,
     DigitsDataset,
 )
-from fastclip.data.files import CsvPairs, collate_pairs, decode_image
+from fastclip.data.imagefiles import CsvPairs, collate_pairs, decode_image
 from fastclip.data.shapes import (
     CAPTIONS,
     CLASSNAMES,

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from fastclip.checks import one_of
 from fastclip.data.digits import DigitsDataset
-from fastclip.data.files import CsvPairs
+from fastclip.data.imagefiles import CsvPairs
 from fastclip.data.shapes import ShapesDataset
 from fastclip.data.shards import WebDatasetPairs
 

@@ -18,7 +18,7 @@ The command line is ``fastclip.cli``; evaluation is ``fastclip.zeroshot.Evaluati
 from fastclip.train.config import TrainConfig
 from fastclip.train.loop import train
 from fastclip.train.processes import average_gradients
-from fastclip.train.state import latest_checkpoint, save_checkpoint
+from fastclip.train.state import latest_checkpoint
 from fastclip.train.step import contrastive_step
 
 __all__ = [
@@ -26,6 +26,5 @@ __all__ = [
     "average_gradients",
     "contrastive_step",
     "latest_checkpoint",
-    "save_checkpoint",
     "train",
 ]

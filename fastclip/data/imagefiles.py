@@ -1,5 +1,5 @@
-"""Image-caption pairs from files: decoding images, CSV tables, and batching that drops bad
-samples."""
+"""Image-caption pairs from image files: decoding them, a CSV table that lists them with their
+captions, and batching that drops bad samples."""
 
 from __future__ import annotations
 
