@@ -14,10 +14,18 @@ import pickle
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+
+class Tokenizer(Protocol):
+    """What a checkpoint directory needs of a tokenizer (``fastclip.Tokenizer`` has it)."""
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the tokenizer's files into ``directory``."""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -144,7 +152,10 @@ def require_match(
 
 
 def write_checkpoint(
-    directory: str | os.PathLike, state: Mapping[str, torch.Tensor], config: Mapping, tokenizer=None
+    directory: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    config: Mapping,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
     """A checkpoint directory: ``model.safetensors``, ``config.json`` and, if given, the
     tokenizer's files; each file written atomically."""

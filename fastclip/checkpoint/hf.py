@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fastclip.checkpoint.keys import KeyMap
-from fastclip.files import write_checkpoint
+from fastclip.files import Tokenizer, write_checkpoint
 from fastclip.model import CLIP, CLIPConfig
 
 KEYS = KeyMap(
@@ -170,7 +170,9 @@ def config_to_hf(c: CLIPConfig) -> dict:
     return config
 
 
-def export_hf(model: CLIP, directory: str | os.PathLike, tokenizer=None) -> Path:
+def export_hf(
+    model: CLIP, directory: str | os.PathLike, tokenizer: Tokenizer | None = None
+) -> Path:
     """Write a Hugging Face ``CLIPModel`` directory (config.json, model.safetensors, and the
     tokenizer's files if given): ``transformers.CLIPModel.from_pretrained(directory)`` loads it."""
     c = model.config

@@ -16,9 +16,11 @@ class KeyMap:
     block: Pairs
 
     def to_fastclip(self, key: str) -> str:
+        """The fastclip name of the other layout's ``key``."""
         return self._rename(key, src=1, dst=0)
 
     def from_fastclip(self, key: str) -> str:
+        """The other layout's name of fastclip's ``key``."""
         return self._rename(key, src=0, dst=1)
 
     def _rename(self, key: str, src: int, dst: int) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from fastclip.checkpoint.hf import from_hf_state_dict
 from fastclip.checkpoint.openai import from_openai_state_dict
-from fastclip.files import read_json, read_state_dict, require_match, write_checkpoint
+from fastclip.files import Tokenizer, read_json, read_state_dict, require_match, write_checkpoint
 from fastclip.model import CLIP, CLIPConfig
 
 WEIGHT_FILES = (
@@ -85,7 +85,9 @@ def load_weights(model: CLIP, state: Mapping[str, torch.Tensor]) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None) -> Path:
+def save_pretrained(
+    model: CLIP, directory: str | os.PathLike, tokenizer: Tokenizer | None = None
+) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (+ the tokenizer's files) into ``directory``,
     each file atomically. ``load_pretrained(directory)`` reads them back."""
     config = {"fastclip": model.config.to_dict()}

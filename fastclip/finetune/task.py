@@ -111,7 +111,9 @@ class Task(FewShot):
     """A few-shot task on a frozen model, from which every method of METHODS trains."""
 
     @classmethod
-    def build(cls, model: nn.Module, tokenizer: Tokenizer, train_set, test_set) -> Task:
+    def build(
+        cls, model: nn.Module, tokenizer: Tokenizer, train_set: Dataset, test_set: Dataset
+    ) -> Task:
         """From datasets with ``.labels``, ``.classnames``, optionally ``.templates``, and items
         (uint8 image, caption)."""
         check_text_tower(model, "zero-shot")
@@ -152,8 +154,8 @@ class Task(FewShot):
 def compare(
     model: nn.Module,
     tokenizer: Tokenizer,
-    train_set,
-    test_set,
+    train_set: Dataset,
+    test_set: Dataset,
     *,
     shots: Sequence[int] = (1, 4, 16),
     methods: Sequence[str] = tuple(METHODS),

@@ -14,6 +14,8 @@ from tqdm import tqdm
 
 
 class Sink(Protocol):
+    """Where records go."""
+
     def write(self, record: dict[str, float]) -> None:
         """Take one record: its "step", then metric names and values."""
 
@@ -30,6 +32,7 @@ class JsonlFile:
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, float]) -> None:
+        """Append the record as one line."""
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -48,6 +51,7 @@ class ProgressBar:
         )
 
     def write(self, record: dict[str, float]) -> None:
+        """Show a loss record beside the bar; print an evaluation's metrics above it."""
         if "loss" in record:
             self.bar.set_postfix(
                 loss=f"{record['loss']:.3f}",
@@ -59,9 +63,11 @@ class ProgressBar:
             self.bar.write(f"step {record['step']}: {metrics}")
 
     def update(self) -> None:
+        """One more step done."""
         self.bar.update(1)
 
     def close(self) -> None:
+        """End the bar's line."""
         self.bar.close()
 
 
