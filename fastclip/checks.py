@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
+from collections import Counter
+from collections.abc import Sequence
 
 import torch
 
@@ -131,3 +134,65 @@ def check_rank(rank: object, world_size: object) -> None:
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world={world_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings of the application layer: choices, numbers in a range, class names
+
+
+def one_of(choices: Sequence[str]) -> str:
+    """Choices as a sentence: "a, b or c"."""
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``; a ValueError naming ``name`` and them otherwise."""
+    if value not in choices:
+        raise ValueError(f"{name} must be {one_of(choices)}, got {value!r}")
+    return value
+
+
+def check_number(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    integer: bool = False,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> float:
+    """``value`` as a finite number (an int if ``integer``) within ``low``..``high`` (ends
+    excluded where ``open_low``/``open_high``); a ValueError naming ``name`` otherwise, wrong
+    types included, as settings from a config or the command line have it."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if open_low else value >= low
+    if ok and high is not None:
+        ok = value < high if open_high else value <= high
+    if not ok:
+        if low is not None and high is not None:
+            bounds = f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        elif low is not None:
+            bounds = f" {'>' if open_low else '>='} {low}"
+        else:
+            bounds = "" if high is None else f" {'<' if open_high else '<='} {high}"
+        what = "an int" if integer else "a finite number"
+        raise ValueError(f"{name} must be {what}{bounds}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def check_classnames(classnames: object) -> list[str]:
+    """Class names as a list: a non-empty sequence of distinct str."""
+    if isinstance(classnames, str) or not isinstance(classnames, Sequence):
+        raise TypeError(f"classnames must be a sequence of str, got {type(classnames).__name__}")
+    if len(classnames) == 0:
+        raise ValueError("classnames is empty")
+    for i, name in enumerate(classnames):
+        if not isinstance(name, str):
+            raise TypeError(f"classnames[{i}] must be a str, got {type(name).__name__}")
+    duplicates = sorted(n for n, count in Counter(classnames).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"classnames must be distinct, got duplicates: {duplicates}")
+    return list(classnames)

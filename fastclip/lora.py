@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from fastclip.checkpoint import mismatches, write_weights
+from fastclip.checks import check_number
+from fastclip.files import read_weights, require_match, write_weights
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.out", "mlp.fc", "mlp.proj")  # every Block's linear layers
 DEFAULT_TOWERS = ("visual", "text")  # CLIP's towers; the projection heads stay as they are
@@ -141,6 +139,21 @@ def apply_lora(
         raise ValueError(
             "the model already has LoRA layers: remove_lora(model) first, or load_lora into it"
         )
+    linears = _targeted(model, targets, towers)
+    model.requires_grad_(False)
+    for name, linear in linears.items():
+        _replace(model, name, LoRALinear(linear, rank, alpha, dropout))
+    model._lora_settings = dict(
+        rank=int(rank), alpha=float(alpha), dropout=float(dropout), targets=targets, towers=towers
+    )
+    return list(linears)
+
+
+def _targeted(
+    model: nn.Module, targets: tuple[str, ...], towers: tuple[str, ...]
+) -> dict[str, nn.Linear]:
+    """The plain nn.Linear layers of ``towers`` whose names end in one of ``targets``, by name;
+    ValueError if a tower is unknown, if none matches or if a match is a subclass."""
     children = dict(model.named_children())
     unknown = [t for t in towers if t not in children]
     if unknown:
@@ -163,13 +176,7 @@ def apply_lora(
         raise ValueError(
             f"targets {targets} match layers that are not plain nn.Linear: {subclasses}"
         )
-    model.requires_grad_(False)
-    for name in names:
-        _replace(model, name, LoRALinear(linears[name], rank, alpha, dropout))
-    model._lora_settings = dict(
-        rank=int(rank), alpha=float(alpha), dropout=float(dropout), targets=targets, towers=towers
-    )
-    return names
+    return {n: linears[n] for n in names}
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -235,14 +242,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
         The names of the LoRA layers. ValueError for a file that is not save_lora's and for
         missing, unexpected or mis-shaped adapters.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no LoRA file at {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    state, metadata = read_weights(path, "LoRA")
     if not any(k.rpartition(".")[2] in ADAPTERS for k in state) or set(SETTINGS) - set(metadata):
         raise ValueError(
             f"{path} is not a LoRA file from save_lora: it needs lora_A/lora_B tensors (has e.g. "
@@ -274,10 +274,10 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
     return [name for name, _ in _lora_layers(model)]
 
 
-def _load_adapters(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    problems = mismatches(lora_state_dict(model), state)
-    if problems:
-        raise ValueError(f"{path} does not match the model's LoRA layers; {problems}")
+def _load_adapters(
+    model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike
+) -> None:
+    require_match(lora_state_dict(model), state, f"{path} does not match the model's LoRA layers")
     with torch.no_grad():
         for name, layer in _lora_layers(model):
             merged = layer.merged
@@ -302,12 +302,9 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _check_settings(rank: object, alpha: object, dropout: object) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
-        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    check_number("rank", rank, 1, integer=True)
+    check_number("alpha", alpha, 0, open_low=True)
+    check_number("dropout", dropout, 0, 1, open_high=True)
 
 
 def _names(value: object, argument: str) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
 from fastclip.checks import check_int
+from fastclip.files import atomic_write, read_json, write_json, write_text
 
 SOT, EOT, SUFFIX = "<|startoftext|>", "<|endoftext|>", "</w>"
 DEFAULT_CONTEXT_LENGTH = 77  # CLIP's text context, sot and eot included
@@ -73,16 +74,6 @@ def _pipeline(model: BPE) -> _Backend:
     )
     tok.decoder = decoders.ByteLevel()
     return tok
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
@@ -192,7 +183,7 @@ class Tokenizer:
             raise FileNotFoundError(f"directory {root} does not exist")
         source = root / "tokenizer.json"
         if source.is_file():
-            model = _read_json(source).get("model")
+            model = read_json(source).get("model")
             if not isinstance(model, dict) or model.get("type") != "BPE":
                 raise ValueError(f"{source} does not hold a BPE model")
             if model.get("end_of_word_suffix") != SUFFIX:
@@ -203,7 +194,7 @@ class Tokenizer:
             merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
         elif (root / "vocab.json").is_file() and (root / "merges.txt").is_file():
             source = root / "vocab.json"
-            vocab, merges = _read_json(source), _read_merges(root / "merges.txt")
+            vocab, merges = read_json(source), _read_merges(root / "merges.txt")
         else:
             raise FileNotFoundError(
                 f"{root} holds neither tokenizer.json nor vocab.json+merges.txt"
@@ -211,7 +202,7 @@ class Tokenizer:
         config = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (root / name).is_file():
-                config.update(_read_json(root / name))
+                config.update(read_json(root / name))
         pad, length = config.get("pad_token"), config.get("model_max_length")
         pad = pad.get("content") if isinstance(pad, dict) else pad
         if pad is not None and (not isinstance(pad, str) or pad not in vocab):
@@ -274,14 +265,15 @@ class Tokenizer:
         return cls(vocab, merges, pad_id=pad_id, context_length=context_length)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``tokenizer.json``, ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json``,
-        loadable by :meth:`from_pretrained` and ``transformers.CLIPTokenizer.from_pretrained``."""
+        """Write ``tokenizer.json``, ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json``
+        (each atomically), loadable by :meth:`from_pretrained` and
+        ``transformers.CLIPTokenizer.from_pretrained``."""
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(root / "tokenizer.json"))
-        (root / "vocab.json").write_text(json.dumps(self._vocab, ensure_ascii=False), "utf-8")
+        atomic_write(root / "tokenizer.json", self._tok.save)
+        write_text(root / "vocab.json", json.dumps(self._vocab, ensure_ascii=False))
         lines = ["#version: 0.2", *(f"{a} {b}" for a, b in self._merges)]
-        (root / "merges.txt").write_text("\n".join(lines) + "\n", "utf-8")
+        write_text(root / "merges.txt", "\n".join(lines) + "\n")
         config = {
             "tokenizer_class": "CLIPTokenizer",
             "bos_token": SOT,
@@ -290,7 +282,7 @@ class Tokenizer:
             "pad_token": self._tok.id_to_token(self._pad),
             "model_max_length": self._context_length,
         }
-        (root / "tokenizer_config.json").write_text(json.dumps(config, indent=2), "utf-8")
+        write_json(root / "tokenizer_config.json", config)
 
     def encode(self, text: str) -> list[int]:
         """Content ids of one text, without sot, eot or padding."""

@@ -6,19 +6,24 @@ classified by its best-scoring classes. Retrieval recall ranks texts for every i
 for every text. Rankings go through ``topk_similarity``, so no N x C or N_i x N_t score matrix is
 ever built. Features are expected L2-normalized (as ``encode_images`` and
 ``build_zero_shot_classifier`` give them): scores are plain dot products.
+
+``Evaluation`` runs all of it on a data source's evaluation sets (``fastclip.data``): training,
+``fastclip eval`` and fine-tuning evaluate through these functions.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
-from fastclip.checks import check_int
+from fastclip.checks import check_classnames, check_int
+from fastclip.data import evaluation_sets
 from fastclip.similarity import check_pair, topk_similarity
+from fastclip.transforms import preprocess
 
 Template = str | Callable[[str], str]
 
@@ -72,16 +77,19 @@ def _placement(model: torch.nn.Module, device) -> tuple[torch.device, torch.dtyp
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Eval mode and no gradients inside; every submodule's training flag restored on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode and no gradient for any of the model's parameters inside; every submodule's
+    training flag and every parameter's ``requires_grad`` restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval().requires_grad_(False)
     try:
-        with torch.no_grad():
-            yield
+        yield model
     finally:
-        for module, training in flags:
-            module.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
 
 
 def build_zero_shot_classifier(
@@ -100,16 +108,7 @@ def build_zero_shot_classifier(
     Prompts are encoded ``batch_size`` at a time, in eval mode without gradients, on ``device``
     (default: the model's). The result has the dtype of the model's text embeddings.
     """
-    if isinstance(classnames, str) or not isinstance(classnames, Sequence):
-        raise TypeError(f"classnames must be a sequence of str, got {type(classnames).__name__}")
-    if len(classnames) == 0:
-        raise ValueError("classnames is empty")
-    for i, name in enumerate(classnames):
-        if not isinstance(name, str):
-            raise TypeError(f"classnames[{i}] must be a str, got {type(name).__name__}")
-    duplicates = sorted(n for n, count in Counter(classnames).items() if count > 1)
-    if duplicates:
-        raise ValueError(f"classnames holds duplicates: {duplicates}")
+    classnames = check_classnames(classnames)
     if isinstance(templates, str) or not isinstance(templates, Sequence):
         raise TypeError(f"templates must be a sequence, got {type(templates).__name__}")
     if len(templates) == 0:
@@ -131,7 +130,7 @@ def build_zero_shot_classifier(
             prompts.append(prompt)
     owner = torch.arange(len(classnames), device=device).repeat_interleave(len(templates))
     sums, dtype = None, None
-    with _eval_mode(model):
+    with frozen(model), torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             tokens = tokenizer(prompts[start : start + batch_size]).to(device)
             features = model.encode_text(tokens, normalize=True)  # (b, E)
@@ -175,7 +174,7 @@ def encode_images(
     batch_size = check_int("batch_size", batch_size)
     device, dtype = _placement(model, device)
     features = []
-    with _eval_mode(model):
+    with frozen(model), torch.no_grad():
         for i, batch in enumerate(_image_batches(images, batch_size)):
             if batch.dim() != 4 or not batch.is_floating_point():
                 raise ValueError(
@@ -298,3 +297,59 @@ def evaluate_zero_shot(
         raise ValueError(f"labels has {labels.shape[0]} rows but images gave {features.shape[0]}")
     predictions = zero_shot_classify(features, classifier, k=max(ks))
     return accuracy(predictions, labels, ks)
+
+
+def load_images(dataset: Dataset, image_size: int) -> torch.Tensor:
+    """Every image of a dataset of (image, caption) items, preprocessed: (N, 3, S, S)."""
+    return preprocess([dataset[i][0] for i in range(len(dataset))], image_size)
+
+
+class Evaluation:
+    """A data source's zero-shot tasks and retrieval set (``fastclip.data.evaluation_sets``),
+    preprocessed once; called with a model, its zero-shot top-1/top-5 accuracy per task and its
+    retrieval recall@1/5/10, by name. A source without evaluation sets gives no metrics."""
+
+    def __init__(self, data: str, seed: int, image_size: int):
+        sets = evaluation_sets(data, seed)
+        self.tasks = {
+            name: (
+                load_images(ds, image_size),
+                torch.tensor(ds.labels[: len(ds)]),
+                ds.classnames,
+                ds.templates,
+            )
+            for name, ds in sets.tasks.items()
+        }
+        self.retrieval = None
+        if sets.retrieval is not None:
+            images = load_images(sets.retrieval, image_size)
+            self.retrieval = (images, list(sets.retrieval.captions))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        device: torch.device,
+    ) -> dict[str, float]:
+        metrics = {}
+        with frozen(model):
+            for name, (images, labels, classnames, templates) in self.tasks.items():
+                classifier = build_zero_shot_classifier(
+                    model, tokenizer, classnames, templates, device=device
+                )
+                features = encode_images(model, images, device=device)
+                top = zero_shot_classify(features, classifier, k=5)
+                for k, v in accuracy(top.cpu(), labels, ks=(1, 5)).items():
+                    metrics[f"{name}_{k}"] = v
+            if self.retrieval is not None:
+                metrics.update(self._retrieval(model, tokenizer, device))
+        return metrics
+
+    def _retrieval(self, model, tokenizer, device: torch.device) -> dict[str, float]:
+        images, captions = self.retrieval
+        image_features = encode_images(model, images, device=device)
+        tokens = tokenizer(captions).to(device)
+        text_features = torch.cat([model.encode_text(t) for t in tokens.split(256)])
+        recall = retrieval_recall(image_features, text_features, ks=(1, 5, 10))
+        return {f"retrieval_{k}": v for k, v in recall.items()}

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 require("tokenizers", "transformers")
 import transformers
 
-import fastclip.checkpoint as ckpt
+import fastclip.files
 from fastclip.checkpoint import export_hf, load_pretrained, save_pretrained, to_openai_state_dict
 from fastclip.model import CLIP
 from fastclip.tokenizer import Tokenizer
@@ -273,7 +273,7 @@ def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch
             f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "save_file", crash)
+    monkeypatch.setattr(fastclip.files, "save_file", crash)
     with torch.no_grad():
         model.logit_scale.add_(1)
     with pytest.raises(KeyboardInterrupt):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 require("tokenizers", "tqdm", "sklearn")
 from fastclip import finetune
 from fastclip.checkpoint import load_pretrained
+from fastclip.cli import finetune_command
 from fastclip.data import DigitsDataset
 from fastclip.tokenizer import Tokenizer
 from fastclip.train import TrainConfig, latest_checkpoint, train
@@ -133,7 +134,7 @@ def test_compare_renders_a_table_and_the_cli_prints_it(pretrained, splits, capsy
     assert [line.split("|")[1].strip() for line in lines[2:]] == list(results)
     assert re.fullmatch(r"\| zero-shot \| (\d+\.\d%) \| \1 \|", lines[2])
 
-    finetune.main(["--compare", "--checkpoint", str(checkpoint), "--shots", "1", "4"])
+    finetune_command(["--compare", "--checkpoint", str(checkpoint), "--shots", "1", "4"])
     printed = capsys.readouterr().out
     assert "| method | k = 1 | k = 4 |" in printed
     assert all(f"| {row} |" in printed for row in results)
@@ -141,14 +142,14 @@ def test_compare_renders_a_table_and_the_cli_prints_it(pretrained, splits, capsy
 
 def test_cli_trains_one_method_and_saves_it(pretrained, task, tmp_path, capsys):
     checkpoint = pretrained[0]
-    results = finetune.main(
+    results = finetune_command(
         ["--checkpoint", str(checkpoint), "--shots", "4", "--out", str(tmp_path)]
     )
     assert set(results) == {"zero-shot", "probe"}
     printed = capsys.readouterr().out
     assert "zero-shot" in printed and "probe" in printed
     probe = finetune.load_adapter(fresh_part("probe", task, {}), tmp_path / "probe.safetensors")
-    assert finetune._top1(probe(task.test.features), task.test.labels) == results["probe"]
+    assert finetune.top1(probe(task.test.features), task.test.labels) == results["probe"]
 
 
 def test_bad_input(pretrained, splits, task, tmp_path):
@@ -181,4 +182,4 @@ def test_bad_input(pretrained, splits, task, tmp_path):
     with pytest.raises(ValueError, match=r"has no text tower \(no text\.\*.*which zero-shot"):
         finetune.load_checkpoint(image_only)
     with pytest.raises(ValueError, match="has no text tower"):
-        finetune.main(["--checkpoint", str(image_only), "--method", "prompt"])
+        finetune_command(["--checkpoint", str(image_only), "--method", "prompt"])

@@ -16,13 +16,15 @@ from helpers import require
 from safetensors.torch import load_file
 
 require("tokenizers", "tqdm")
-import fastclip.checkpoint
+import fastclip.files
 import fastclip.train as train
+import fastclip.train.loop
 from fastclip import ClipLoss, SigLipLoss
 from fastclip.cli import main as cli
+from fastclip.cli import parse_train_args as parse_args
 from fastclip.data import ShapesDataset, write_shards
 from fastclip.model import CLIP
-from fastclip.train import TrainConfig, contrastive_step, parse_args
+from fastclip.train import TrainConfig, contrastive_step
 
 # On the CPU everywhere (a GPU machine too): gloo for two processes, and bit-exact resumes.
 SMALL = dict(steps=6, batch_size=32, samples=512, warmup=2, log_every=1, eval_every=0, save_every=3,
@@ -68,9 +70,9 @@ def test_the_metrics_plot(tmp_path):
 
 
 def cli_eval(path):
-    from fastclip.cli import evaluate
+    from fastclip.cli import eval_command
 
-    return evaluate([str(path)])
+    return eval_command([str(path)])
 
 
 @pytest.mark.parametrize("overrides", [dict(loss="siglip"), dict(precision="bf16", micro_batch=8)])
@@ -216,10 +218,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
             raise Killed
         return step(*args)
 
-    monkeypatch.setattr(train, "contrastive_step", dies_at_step_5)
+    monkeypatch.setattr(fastclip.train.loop, "contrastive_step", dies_at_step_5)
     with pytest.raises(Killed):
         run(tmp_path, "resumed", micro_batch=8)
-    monkeypatch.setattr(train, "contrastive_step", step)
+    monkeypatch.setattr(fastclip.train.loop, "contrastive_step", step)
     resumed = run(tmp_path, "resumed", micro_batch=8, resume=True)
     for key, value in weights(whole).items():
         assert torch.equal(weights(resumed)[key], value), key
@@ -229,7 +231,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    saves, save_file = [0], fastclip.checkpoint.save_file
+    saves, save_file = [0], fastclip.files.save_file
 
     def fails_second_time(*args, **kwargs):
         saves[0] += 1
@@ -237,14 +239,14 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full")
         return save_file(*args, **kwargs)
 
-    monkeypatch.setattr(fastclip.checkpoint, "save_file", fails_second_time)
+    monkeypatch.setattr(fastclip.files, "save_file", fails_second_time)
     with pytest.raises(OSError, match="disk full"):
         run(tmp_path, "run")
     out = tmp_path / "run"
     assert (out / "latest").read_text().strip() == "step-000003"
     assert not (out / "step-000006").exists()
     fastclip.load_pretrained(out / "step-000003")  # intact
-    monkeypatch.setattr(fastclip.checkpoint, "save_file", save_file)
+    monkeypatch.setattr(fastclip.files, "save_file", save_file)
     resumed = run(tmp_path, "run", resume=True)
     assert (out / "latest").read_text().strip() == "step-000006" and weights(resumed)
 

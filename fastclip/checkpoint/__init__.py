@@ -1,0 +1,39 @@
+"""Checkpoints: fastclip's own directory layout, and OpenAI / open_clip / Hugging Face weights.
+
+    save_pretrained(model, "dir", tokenizer)  ->  dir/model.safetensors, config.json, tokenizer.json
+    load_pretrained("dir" | "weights.safetensors" | state_dict)  ->  CLIP
+    export_hf(model, "dir", tokenizer)  ->  a directory transformers.CLIPModel.from_pretrained reads
+
+``load_pretrained`` recognizes three layouts by their keys and converts them:
+  - fastclip's own (``visual_proj.weight``; the config comes from config.json);
+  - OpenAI / open_clip (``visual.transformer.resblocks.N.attn.in_proj_weight``, ``visual.proj``,
+    or the ResNet's ``visual.layer1...``): the config is inferred from the weights' shapes, as
+    OpenAI's ``build_model`` does (heads = width / 64, QuickGELU; override with keywords);
+  - Hugging Face ``CLIPModel`` (``vision_model.encoder.layers.N.self_attn.q_proj``...): the config
+    comes from the directory's config.json, the shapes otherwise.
+Nothing is unpickled: safetensors, or ``torch.load(weights_only=True)`` for .pt/.bin files.
+
+``pretrained`` holds fastclip's layout and the loading; ``openai`` and ``hf`` the converters, each
+one table of names read both ways; ``fastclip.files`` the file reading and writing.
+"""
+
+from fastclip.checkpoint.hf import export_hf, from_hf_state_dict, to_hf_state_dict
+from fastclip.checkpoint.openai import from_openai_state_dict, to_openai_state_dict
+from fastclip.checkpoint.pretrained import (
+    WEIGHT_FILES,
+    load_pretrained,
+    load_weights,
+    save_pretrained,
+)
+
+__all__ = [
+    "WEIGHT_FILES",
+    "export_hf",
+    "from_hf_state_dict",
+    "from_openai_state_dict",
+    "load_pretrained",
+    "load_weights",
+    "save_pretrained",
+    "to_hf_state_dict",
+    "to_openai_state_dict",
+]

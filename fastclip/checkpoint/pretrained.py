@@ -1,0 +1,109 @@
+"""fastclip's checkpoint directories, and loading weights of any of the three layouts.
+
+save_pretrained(model, "dir", tokenizer)  ->  dir/model.safetensors, config.json, tokenizer.json
+load_pretrained("dir" | "weights.safetensors" | state_dict)  ->  CLIP
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from fastclip.checkpoint.hf import from_hf_state_dict
+from fastclip.checkpoint.openai import from_openai_state_dict
+from fastclip.files import Tokenizer, read_json, read_state_dict, require_match, write_checkpoint
+from fastclip.model import CLIP, CLIPConfig
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "open_clip_model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+)
+# Entries of OpenAI / open_clip / HF state dicts that are not weights of the model.
+IGNORED = re.compile(r"(^|\.)(attn_mask|position_ids|input_resolution|context_length|vocab_size)$")
+
+
+def load_pretrained(source: str | os.PathLike | Mapping[str, torch.Tensor], **overrides) -> CLIP:
+    """A CLIP model from a checkpoint directory, a weights file or a state dict.
+
+    Args:
+        source: a directory (fastclip's ``save_pretrained`` layout, a Hugging Face ``CLIPModel``
+            directory, or an open_clip directory with ``open_clip_model.safetensors``), a
+            ``.safetensors``/``.pt``/``.bin`` file, or a state dict, in any of the three layouts.
+        overrides: CLIPConfig fields to set where the weights cannot tell them (e.g.
+            ``activation="gelu"`` for open_clip models trained without QuickGELU, or heads).
+
+    Returns:
+        The model in fp32 and eval mode. Raises ValueError naming missing, unexpected or
+        mis-shaped weights.
+    """
+    config_json = None
+    if isinstance(source, Mapping):
+        state = dict(source)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            if (path / "config.json").is_file():
+                config_json = read_json(path / "config.json")
+            state = _read_directory(path)
+        else:
+            state = read_state_dict(path)
+    state = {k: v for k, v in state.items() if not IGNORED.search(k)}
+    if "visual_proj.weight" in state:
+        if config_json is None or "fastclip" not in config_json:
+            raise ValueError("fastclip weights need the config.json that save_pretrained writes")
+        config = CLIPConfig.from_dict({**config_json["fastclip"], **overrides})
+    elif any(k.startswith("vision_model.") for k in state):
+        state, config = from_hf_state_dict(state, config_json or {}, **overrides)
+    elif "token_embedding.weight" in state:
+        state, config = from_openai_state_dict(state, **overrides)
+    else:
+        raise ValueError(
+            "unrecognized checkpoint layout: expected fastclip's (visual_proj.weight), OpenAI / "
+            "open_clip's (token_embedding.weight) or Hugging Face's (vision_model.*) keys; "
+            f"found e.g. {sorted(state)[:5]}"
+        )
+    model = CLIP(config)
+    load_weights(model, state)
+    return model.eval()
+
+
+def load_weights(model: CLIP, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``model``; a clear error lists every missing, unexpected or mis-shaped
+    weight. BatchNorm's ``num_batches_tracked`` counters may be absent."""
+    require_match(
+        model.state_dict(),
+        state,
+        "checkpoint does not match the model",
+        optional=("num_batches_tracked",),
+    )
+    model.load_state_dict(state, strict=False)
+
+
+def save_pretrained(
+    model: CLIP, directory: str | os.PathLike, tokenizer: Tokenizer | None = None
+) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (+ the tokenizer's files) into ``directory``,
+    each file atomically. ``load_pretrained(directory)`` reads them back."""
+    config = {"fastclip": model.config.to_dict()}
+    return write_checkpoint(directory, model.state_dict(), config, tokenizer)
+
+
+def _read_directory(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint directory: one file of WEIGHT_FILES, or the shards listed by
+    Hugging Face's ``model.safetensors.index.json``."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise ValueError(f"{index} lists no weight files")
+        return {k: v for shard in shards for k, v in read_state_dict(path / shard).items()}
+    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{path} holds none of {WEIGHT_FILES} (nor a sharded index)")
+    return read_state_dict(weights)

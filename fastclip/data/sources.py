@@ -1,0 +1,117 @@
+"""The data sources ``--data`` names, in one registry that training, evaluation and fine-tuning
+read: ``shapes``, ``digits``, ``wds:<urls>`` and ``csv:<file>``.
+
+A source builds its training set of (uint8 image (3, H, W), caption) pairs and, where it has them,
+its evaluation sets (zero-shot tasks and a retrieval set) and its few-shot classification splits.
+A new source is one more entry in ``SOURCES``: the flags' help, the error messages and every
+command follow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch.utils.data import Dataset
+
+from fastclip.checks import one_of
+from fastclip.data.digits import DigitsDataset
+from fastclip.data.imagefiles import CsvPairs
+from fastclip.data.shapes import ShapesDataset
+from fastclip.data.shards import WebDatasetPairs
+
+
+@dataclass(frozen=True)
+class EvaluationSets:
+    """What a model is evaluated on: zero-shot tasks (datasets with ``labels``, ``classnames``
+    and ``templates``) by name, and a retrieval set (a dataset with ``captions``) or None."""
+
+    tasks: dict[str, Dataset] = field(default_factory=dict)
+    retrieval: Dataset | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One kind of ``--data``: how the flag spells it and what it provides."""
+
+    syntax: str  # "shapes", or "wds:<urls>" for a source that takes an argument
+    help: str  # what it is, for the --data flag's help
+    training: Callable[[str, int, int], Dataset]  # (argument, seed, samples; 0: default) -> pairs
+    evaluation: Callable[[int], EvaluationSets] | None = None  # seed -> evaluation sets
+    few_shot: Callable[[int], tuple[Dataset, Dataset]] | None = None  # seed -> (train, test)
+
+
+def _shapes_evaluation(seed: int) -> EvaluationSets:
+    tasks = {split: ShapesDataset(split, seed=seed) for split in ("zeroshot", "compositional")}
+    return EvaluationSets(tasks, retrieval=ShapesDataset("test", seed=seed))
+
+
+def _shapes_few_shot(seed: int) -> tuple[Dataset, Dataset]:
+    """The few shots from another stream of the zero-shot split."""
+    return ShapesDataset("zeroshot", seed=seed + 1), ShapesDataset("zeroshot", seed=seed)
+
+
+SOURCES = {
+    "shapes": Source(
+        "shapes",
+        "generated coloured shapes",
+        training=lambda _, seed, samples: ShapesDataset("train", samples or None, seed=seed),
+        evaluation=_shapes_evaluation,
+        few_shot=_shapes_few_shot,
+    ),
+    "digits": Source(
+        "digits",
+        "scikit-learn's handwritten digits",
+        training=lambda _, seed, samples: DigitsDataset("train", seed=seed),
+        evaluation=lambda seed: EvaluationSets({"zeroshot": DigitsDataset("test", seed=seed)}),
+        few_shot=lambda seed: (DigitsDataset("train", seed=seed), DigitsDataset("test", seed=seed)),
+    ),
+    "wds": Source(
+        "wds:<urls>",
+        "tar shards, braces allowed",
+        training=lambda urls, seed, _: WebDatasetPairs(urls, shuffle=1000, seed=seed),
+    ),
+    "csv": Source(
+        "csv:<file>",
+        "a CSV with filepath and caption columns",
+        training=lambda path, *_: CsvPairs(path),
+    ),
+}
+
+
+def serving(use: str) -> list[Source]:
+    """The sources that have ``use``: "training", "evaluation" or "few_shot"."""
+    return [s for s in SOURCES.values() if getattr(s, use) is not None]
+
+
+def described(use: str) -> str:
+    """How ``--data`` spells every source that has ``use``, and what each is: a flag's help."""
+    return " | ".join(f"{s.syntax} ({s.help})" for s in serving(use))
+
+
+def find(spec: str, use: str = "training") -> tuple[Source, str]:
+    """The source that ``spec`` ("kind" or "kind:argument") names, and its argument; a
+    ValueError listing the sources that have ``use`` if there is none such."""
+    kind, _, argument = spec.partition(":")
+    source = SOURCES.get(kind)
+    if source is None or getattr(source, use) is None or (":" in source.syntax and not argument):
+        raise ValueError(f"data must be {one_of([s.syntax for s in serving(use)])}, got {spec!r}")
+    return source, argument
+
+
+def training_set(spec: str, seed: int, samples: int = 0) -> Dataset:
+    """The (image, caption) pairs to train on: map-style, or iterable for a stream of shards."""
+    source, argument = find(spec)
+    return source.training(argument, seed, samples)
+
+
+def evaluation_sets(spec: str, seed: int) -> EvaluationSets:
+    """The source's evaluation sets; none for a source without them (shards, CSV)."""
+    source, _ = find(spec)
+    return source.evaluation(seed) if source.evaluation else EvaluationSets()
+
+
+def few_shot_splits(spec: str, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, test) classification splits with ``labels`` and ``classnames``."""
+    source, _ = find(spec, "few_shot")
+    return source.few_shot(seed)

@@ -1,0 +1,7 @@
+"""``python -m fastclip.train [flags]``: the same as ``fastclip train [flags]``."""
+
+import sys
+
+from fastclip.cli import main
+
+main(["train", *sys.argv[1:]])

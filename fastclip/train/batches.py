@@ -1,0 +1,70 @@
+"""What each step trains on: this process's rows of the step's batch, drawn from (seed, step),
+and their pixels, augmented from (seed, step, rank). A resumed run reads and draws exactly what
+the uninterrupted one would have."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from fastclip.data import collate_pairs
+from fastclip.train.config import TrainConfig
+from fastclip.transforms import ImageTransform, preprocess
+
+
+def batches(
+    dataset: Dataset, cfg: TrainConfig, start: int, rank: int, world: int
+) -> Iterator[tuple[list, list[str]]]:
+    """This process's rows of every step's batch from step ``start`` on: (images, captions).
+
+    A map-style dataset is read in a permutation per epoch drawn from (seed, epoch), so step s's
+    rows depend only on s: a resumed run reads what the uninterrupted one would have. A stream
+    (shards) is split by process and worker, and skips the batches already consumed."""
+    rows = cfg.batch_size // world
+    loader_args = dict(num_workers=cfg.workers, collate_fn=collate_pairs)
+    if isinstance(dataset, IterableDataset):
+        loader = DataLoader(dataset, batch_size=rows, drop_last=True, **loader_args)
+        yield from itertools.islice(_forever(loader), start, None)
+        return
+    per_epoch = len(dataset) // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(dataset)} training samples")
+
+    def indices() -> Iterator[list[int]]:
+        epoch, order = None, None
+        for step in itertools.count(start):
+            if step // per_epoch != epoch:  # a new permutation once per epoch
+                epoch = step // per_epoch
+                rng = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+                order = torch.randperm(len(dataset), generator=rng)
+            i = step % per_epoch
+            batch = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            yield batch[rank * rows : (rank + 1) * rows].tolist()
+
+    yield from DataLoader(dataset, batch_sampler=indices(), **loader_args)
+
+
+def _forever(loader: Iterable) -> Iterator:
+    while True:
+        yield from loader
+
+
+def pixels(images: list, cfg: TrainConfig, step: int, rank: int, size: int) -> torch.Tensor:
+    """The batch's images as (B, 3, size, size) model inputs: random resized crops drawn from
+    (seed, step, rank) if ``cfg.augment``, CLIP's evaluation transform otherwise."""
+    if not cfg.augment:
+        return preprocess(images, size)
+    rng = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4099 + rank)
+    return ImageTransform(size, train=True, generator=rng)(images)
+
+
+def captions(dataset: Dataset, limit: int) -> Iterator[str]:
+    """Up to ``limit`` training captions, without decoding images where the dataset lists them."""
+    if hasattr(dataset, "captions"):
+        pairs = ((None, c) for c in dataset.captions)
+    else:
+        pairs = (item for item in dataset if item is not None)
+    return (caption for _, caption in itertools.islice(pairs, limit))

@@ -1,0 +1,105 @@
+"""A run's records: every record (a step's loss, learning rate, throughput; an evaluation's
+metrics) goes to each sink: ``metrics.jsonl``, one JSON object per line, and the progress bar.
+Another destination is one more class with ``write(record)``. At the end, ``plot`` draws
+``metrics.png`` from the JSONL file and ``summary`` words the final evaluation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+
+class Sink(Protocol):
+    """Where records go."""
+
+    def write(self, record: dict[str, float]) -> None:
+        """Take one record: its "step", then metric names and values."""
+
+
+class JsonlFile:
+    """Records appended to a JSONL file. Opened at ``start`` > 0 (a resumed run), it first drops
+    the records after that step, which the run writes again: none is duplicated."""
+
+    def __init__(self, path: Path, start: int):
+        self.path = path
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= start]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, float]) -> None:
+        """Append the record as one line."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class ProgressBar:
+    """The step counter on stderr, showing the last loss record and printing evaluations."""
+
+    def __init__(self, steps: int, start: int, enabled: bool):
+        self.bar = tqdm(
+            total=steps,
+            initial=start,
+            disable=not enabled,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=0.2 if sys.stderr.isatty() else 30,  # in a log file: a line per 30 s
+        )
+
+    def write(self, record: dict[str, float]) -> None:
+        """Show a loss record beside the bar; print an evaluation's metrics above it."""
+        if "loss" in record:
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                samples_s=f"{record['samples_per_s']:.0f}",
+                lr=f"{record['lr']:.1e}",
+            )
+        else:
+            metrics = ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k != "step")
+            self.bar.write(f"step {record['step']}: {metrics}")
+
+    def update(self) -> None:
+        """One more step done."""
+        self.bar.update(1)
+
+    def close(self) -> None:
+        """End the bar's line."""
+        self.bar.close()
+
+
+def plot(metrics_path: Path, png: Path) -> None:
+    """Loss and evaluation metrics over steps, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "loss" not in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([r["step"] for r in train], [r["loss"] for r in train])
+    left.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
+    for key in sorted(k for k in {k for r in evals for k in r} if k.endswith(("top1", "R@1"))):
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        right.plot(*zip(*points, strict=True), marker="o", label=key)
+    right.set(xlabel="step", ylabel="top-1 accuracy / recall@1", title="evaluation", ylim=(0, 1.02))
+    if right.lines:
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def summary(metrics: dict[str, float], out: Path) -> str:
+    """The run's last lines: where its files are, and the final evaluation."""
+    lines = [f"done: checkpoints, metrics.jsonl and metrics.png in {out}"]
+    lines += [f"  {k:<28} {v:6.1%}" for k, v in metrics.items()]
+    return "\n".join(lines)
