@@ -5,6 +5,8 @@ CUDA for each measured (loss, dtype, D, N bucket).
 
 The rule: for each case, the fastest forward+backward among the Triton implementations whose
 gradients are within tolerance, on the case's random batch and on its loss's confident batch.
+The large runs (N = 2^20) are cases too, so that ``auto`` does not extrapolate from 65,536 to
+where block shapes change.
 Within tolerance is the precision tests' rule for low precision: each feature gradient's
 relative error is at most twice that of the exact gradient rounded to the dtype, plus 1e-2,
 and no worse than eager PyTorch's in the same dtype (or 1e-2). ``fastclip.backends`` reads
@@ -38,6 +40,7 @@ def within_tolerance(err: dict, floor: dict, eager: dict | None = None) -> bool:
 
 
 def _eager_errors(rows: list[dict], key) -> dict:
+    """Eager's gradient errors by ``key`` of its rows."""
     return {key(r): r["err"] for r in rows if r["impl"] == "eager" and "err" in r}
 
 
@@ -53,42 +56,49 @@ def confident_results(results: dict) -> dict[tuple[str, str], bool]:
     }
 
 
+def _case(row: dict) -> tuple:
+    return row["op"], row["dtype"], row["D"], row["N"]
+
+
 def choices(results: dict) -> list[dict]:
     """One entry per measured (op, dtype, D, N): every implementation's time, why any was
-    rejected, and the pick (None when no implementation qualified)."""
+    rejected, and the pick (None when no implementation qualified). The large runs ("large")
+    count as cases too; having no gradient error of their own, an implementation qualifies
+    there as it did at the largest N measured for its loss."""
     rows = results.get("losses", [])
-    case = lambda r: (r["op"], r["dtype"], r["D"], r["N"])  # noqa: E731
-    eager = _eager_errors(rows, case)
+    eager = _eager_errors(rows, _case)
     confident = confident_results(results)
+    largest = {}  # (op, dtype, D, implementation) -> its row at the largest N
+    for row in sorted(rows, key=lambda r: r["N"]):
+        largest[(*_case(row)[:3], row["impl"])] = row
+
+    def rejection(row: dict) -> str | None:
+        if "ms" not in row:
+            return "out of memory" if row.get("oom") else row.get("error", "not timed")
+        checked = row if "err" in row else largest.get((*_case(row)[:3], row["impl"]), {})
+        if "err" not in checked:
+            return "gradient error not measured"
+        if not within_tolerance(checked["err"], checked["floor"], eager.get(_case(checked))):
+            return "gradient error beyond tolerance" + (
+                "" if checked is row else f" at N={checked['N']}"
+            )
+        if not confident.get((row["op"], row["impl"]), True):
+            return "gradient error beyond tolerance on the confident batch"
+        return None
+
+    measured = [r for r in rows + results.get("large", []) if r["impl"] in IMPLEMENTATIONS]
     picks = []
-    for key in sorted({case(r) for r in rows}):
-        times, rejected = {}, {}
-        for row in (r for r in rows if case(r) == key and r["impl"] in IMPLEMENTATIONS):
-            impl = row["impl"]
-            if "ms" not in row:
-                rejected[impl] = (
-                    "out of memory" if row.get("oom") else row.get("error", "not timed")
-                )
-            elif "err" not in row or not within_tolerance(row["err"], row["floor"], eager.get(key)):
-                rejected[impl] = "gradient error beyond tolerance"
-            elif not confident.get((key[0], impl), True):
-                rejected[impl] = "gradient error beyond tolerance on the confident batch"
-            if "ms" in row:
-                times[impl] = row["ms"]
+    for key in sorted({_case(r) for r in measured}):
+        mine = [r for r in measured if _case(r) == key]
+        times = {r["impl"]: r["ms"] for r in mine if "ms" in r}
+        rejected = {r["impl"]: why for r in mine if (why := rejection(r)) is not None}
         allowed = {impl: ms for impl, ms in times.items() if impl not in rejected}
         pick = min(allowed, key=allowed.get) if allowed else None
         op, dtype, dim, n = key
         picks.append(
-            {
-                "op": op,
-                "dtype": dtype,
-                "D": dim,
-                "N": n,
-                "pick": pick,
-                "ms": times,
-                "rejected": rejected,
-            }
-        )
+            {"op": op, "dtype": dtype, "D": dim, "N": n, "pick": pick, "ms": times,
+             "rejected": rejected}
+        )  # fmt: skip
     return picks
 
 
