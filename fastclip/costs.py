@@ -146,7 +146,10 @@ def loss_cost(
         cost.add("S", device, mm_pass, gemm, hbm=4 * n * n, torch=blocks)
         cost.add("G", device, hbm=4 * n * n + g_bytes, exp2=exp2 * n * n, triton=blocks,
                  torch=3 * blocks)  # fmt: skip
-    cost.add("products", device, 2 * mm_pass, gemm, hbm=2 * g_bytes, torch=2 * blocks + 4)
+    # Each block's products read and write the fp32 accumulator rows they add to.
+    accumulators = blocks * (R + C) * D * 4 * 2
+    cost.add("products", device, 2 * mm_pass, gemm, hbm=2 * g_bytes + accumulators,
+             torch=2 * blocks + 4)  # fmt: skip
     return cost
 
 

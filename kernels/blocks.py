@@ -34,6 +34,10 @@ CPU_BLOCK_BYTES = 16 * 2**20
 # Rows and columns of a block are multiples of this (GEMM and kernel tiles divide it).
 ALIGN = 128
 MIN_SIDE = 16
+# Each block's products read and write fp32 accumulator rows: R x D of dL/dx and C x D of dL/dy,
+# 8 bytes a float for 2 R C D FLOPs, so R / 4 and C / 4 FLOPs per byte. Past ~1024 on a side
+# that traffic is small beside the GEMMs' work (HBM feeds ~165 FLOPs per byte on an H200).
+MIN_PANEL = 1024
 
 # (rows, cols) -> (G block, fp32 sums): the loss forms G[r0:r1, c0:c1] and the block's share of
 # the scalar sums it reports (dL/ds first; SigLIP adds its loss and dL/db).
@@ -45,18 +49,22 @@ def default_block_bytes(device: torch.device) -> int:
     return BLOCK_BYTES if device.type == "cuda" else CPU_BLOCK_BYTES
 
 
+def _aligned(side: int) -> int:
+    return side // ALIGN * ALIGN if side >= ALIGN else max(MIN_SIDE, side)
+
+
 def plan_blocks(n_x: int, n_y: int, element_bytes: int, block_bytes: int) -> tuple[int, int]:
     """(R, C): block rows and columns with R * C * element_bytes <= block_bytes.
 
-    Whole rows (C = n_y) when a panel of at least ALIGN of them fits; otherwise square blocks,
-    multiples of ALIGN when that large (small bounds, for tests, give small blocks, at least
-    MIN_SIDE on a side).
+    Whole rows (C = n_y) while a panel holds at least MIN_PANEL of them (or all n_x); beyond,
+    square blocks. Sides are multiples of ALIGN when that large (small bounds, for tests, give
+    small blocks, at least MIN_SIDE on a side).
     """
     elements = max(1, block_bytes // element_bytes)
-    if elements // max(n_y, 1) >= min(ALIGN, n_x):
-        return min(n_x, elements // n_y), n_y
-    side = math.isqrt(elements)
-    side = side // ALIGN * ALIGN if side >= ALIGN else max(MIN_SIDE, side)
+    rows = elements // max(n_y, 1)
+    if rows >= min(MIN_PANEL, n_x):
+        return min(n_x, _aligned(rows)), n_y
+    side = _aligned(math.isqrt(elements))
     return min(n_x, side), min(n_y, side)
 
 
