@@ -114,6 +114,20 @@ def _inputs(loss: str, n: int, dim: int, dtype: torch.dtype, device: torch.devic
     return [t.requires_grad_() for t in (*features, *params)]
 
 
+def _runner(loss: str, provider: str, mode: str, n: int, dim: int, dtype: torch.dtype):
+    """(run, inputs): one step of ``loss`` by ``provider``, synchronized, and its inputs."""
+    loss_fn = _loss_fn(loss, provider)
+    inputs = _inputs(loss, n, dim, dtype, DEVICE)
+
+    def run() -> None:
+        value = loss_fn(*inputs)
+        if mode == "forward+backward":
+            torch.autograd.grad(value, inputs)
+        synchronize(DEVICE)
+
+    return run, inputs
+
+
 def _measure(
     benchmark,
     oom_log: list[dict],
@@ -125,23 +139,18 @@ def _measure(
     dtype: torch.dtype,
     rounds: int,
     warmup: bool = True,
+    rivals: tuple[str, ...] = (),
 ) -> None:
-    """One case: ``loss`` by ``provider`` on (n, dim) features, forward or forward+backward."""
-    loss_fn = _loss_fn(loss, provider)
-    inputs = _inputs(loss, n, dim, dtype, DEVICE)
-
-    def run() -> None:
-        value = loss_fn(*inputs)
-        if mode == "forward+backward":
-            torch.autograd.grad(value, inputs)
-        synchronize(DEVICE)
-
+    """One case: ``loss`` by ``provider`` on (n, dim) features, forward or forward+backward,
+    alternating with the ``rivals`` providers (see ``common.measure``)."""
+    run, inputs = _runner(loss, provider, mode, n, dim, dtype)
+    others = [_runner(loss, p, mode, n, dim, dtype)[0] for p in rivals]
     spec, pass_flops = LOSSES[loss], 2 * n * n * dim
     passes = spec.passes[_implementation(provider)][MODES.index(mode)]
     floor = 1 if mode == "forward" else spec.floor
     info = {"op": loss, "provider": provider, "mode": mode, "N": n, "D": dim, "passes": passes}
     info.update(dtype=str(dtype).removeprefix("torch."), floor_passes=floor)
-    measure(benchmark, oom_log, info, run, inputs, passes * pass_flops, rounds, warmup)
+    measure(benchmark, oom_log, info, run, inputs, passes * pass_flops, rounds, warmup, others)
     benchmark.extra_info["tflops_floor"] = floor * pass_flops / benchmark.stats.stats.median / 1e12
 
 
@@ -182,8 +191,13 @@ def test_gpu_large_batch(benchmark, oom_log, provider):
              torch.bfloat16, 1, warmup=False)  # fmt: skip
 
 
+CPU_PROVIDERS = ("fastclip-torch", "eager")
+
+
 @cpu_only
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("provider", ["fastclip-torch", "eager"])
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
 def test_cpu(benchmark, oom_log, loss, provider):
-    _measure(benchmark, oom_log, loss, provider, "forward+backward", 4096, 512, torch.float32, 2)
+    rivals = tuple(p for p in CPU_PROVIDERS if p != provider)
+    _measure(benchmark, oom_log, loss, provider, "forward+backward", 4096, 512, torch.float32, 2,
+             rivals=rivals)  # fmt: skip

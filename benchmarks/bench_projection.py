@@ -59,8 +59,8 @@ def _fn(provider: str):
     return _compiled()
 
 
-def _case(benchmark, oom_log, provider, mode, n, n_in, n_out, dtype, rounds):
-    """One case: x (n, n_in) through W (n_out, n_in) and b by ``provider``."""
+def _runner(provider, mode, n, n_in, n_out, dtype):
+    """(run, inputs): x (n, n_in) through W (n_out, n_in) and b by ``provider``, synchronized."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(n, n_in, generator=gen, device=DEVICE).to(dtype)
     weight = (torch.randn(n_out, n_in, generator=gen, device=DEVICE) / n_in**0.5).to(dtype)
@@ -75,11 +75,18 @@ def _case(benchmark, oom_log, provider, mode, n, n_in, n_out, dtype, rounds):
             torch.autograd.grad(y, inputs, grad)
         synchronize(DEVICE)
 
+    return run, (*inputs, grad)
+
+
+def _case(benchmark, oom_log, provider, mode, n, n_in, n_out, dtype, rounds, rivals=()):
+    """One case by ``provider``, alternating with ``rivals`` (see ``common.measure``)."""
+    run, inputs = _runner(provider, mode, n, n_in, n_out, dtype)
+    others = [_runner(p, mode, n, n_in, n_out, dtype)[0] for p in rivals]
     info = {"op": "projection", "provider": provider, "mode": mode, "N": n}
     info.update({"D": f"{n_in}→{n_out}", "D_in": n_in, "D_out": n_out})
     info["dtype"] = str(dtype).removeprefix("torch.")
     flops = PASSES[mode] * 2 * n * n_in * n_out
-    measure(benchmark, oom_log, info, run, (*inputs, grad), flops, rounds)
+    measure(benchmark, oom_log, info, run, inputs, flops, rounds, rivals=others)
 
 
 @needs_cuda
@@ -92,7 +99,12 @@ def test_projection_gpu(benchmark, oom_log, n_in, n_out, n, mode, provider):
     _case(benchmark, oom_log, provider, mode, n, n_in, n_out, torch.bfloat16, ROUNDS)
 
 
+CPU_PROVIDERS = ("fastclip-torch", "eager")
+
+
 @cpu_only
-@pytest.mark.parametrize("provider", ["fastclip-torch", "eager"])
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
 def test_projection_cpu(benchmark, oom_log, provider):
-    _case(benchmark, oom_log, provider, "forward+backward", 4096, 768, 512, torch.float32, 3)
+    rivals = [p for p in CPU_PROVIDERS if p != provider]
+    _case(benchmark, oom_log, provider, "forward+backward", 4096, 768, 512, torch.float32, 3,
+          rivals)  # fmt: skip

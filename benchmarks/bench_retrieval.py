@@ -47,7 +47,9 @@ def _similarity_case(benchmark, oom_log, provider: str, n: int, dim: int, dtype:
     measure(benchmark, oom_log, info, run, (a, b), 2 * n * n * dim, ROUNDS)
 
 
-def _topk_case(benchmark, oom_log, provider: str, n: int, k: int, dim: int, dtype: torch.dtype):
+def _topk_case(benchmark, oom_log, provider: str, n: int, k: int, dim: int, dtype: torch.dtype,
+               rivals: tuple[str, ...] = ()):  # fmt: skip
+    """Top-k of n queries among n keys by ``provider``, alternating with ``rivals``."""
     q, keys = _features(n, dim, dtype, 0), _features(n, dim, dtype, 1)
     fns = {
         "fastclip": lambda: topk_similarity(q, keys, k, backend="triton"),
@@ -55,13 +57,18 @@ def _topk_case(benchmark, oom_log, provider: str, n: int, k: int, dim: int, dtyp
         "eager": lambda: torch.topk(q @ keys.T, k, dim=1),
     }
 
-    def run() -> None:
-        fns[provider]()
-        synchronize(DEVICE)
+    def runner(name: str):
+        def run() -> None:
+            fns[name]()
+            synchronize(DEVICE)
+
+        return run
 
     info = {"op": "topk", "provider": provider, "mode": f"k={k}", "N": n, "D": dim}
     info["dtype"] = str(dtype).removeprefix("torch.")
-    measure(benchmark, oom_log, info, run, (q, keys), 2 * n * n * dim, ROUNDS)
+    others = [runner(p) for p in rivals]
+    measure(benchmark, oom_log, info, runner(provider), (q, keys), 2 * n * n * dim, ROUNDS,
+            rivals=others)  # fmt: skip
 
 
 @needs_cuda
@@ -78,7 +85,11 @@ def test_gpu_topk(benchmark, oom_log, n, k, provider):
     _topk_case(benchmark, oom_log, provider, n, k, 512, torch.bfloat16)
 
 
+CPU_PROVIDERS = ("fastclip-torch", "eager")
+
+
 @cpu_only
-@pytest.mark.parametrize("provider", ["fastclip-torch", "eager"])
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
 def test_cpu_topk(benchmark, oom_log, provider):
-    _topk_case(benchmark, oom_log, provider, 4096, 10, 256, torch.float32)
+    rivals = tuple(p for p in CPU_PROVIDERS if p != provider)
+    _topk_case(benchmark, oom_log, provider, 4096, 10, 256, torch.float32, rivals)

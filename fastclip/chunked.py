@@ -59,8 +59,9 @@ def contrastive_forward(
     cdt = _compute_dtype(x.dtype)
     s = scale.to(cdt).reshape(())
     n_x, n_y = x.shape[0], y.shape[0]
+    xs, yc = x.to(cdt) * s, y.to(cdt)  # the scale folded into x: S = xs y^T
     pdot = positive_dots(x, y, offset)
-    cref = column_references(pdot, n_y, offset)
+    row_ref, col_ref = pdot * s, column_references(pdot, n_y, offset) * s  # S at the pairs
     row = torch.full((n_x,), float("-inf"), dtype=cdt, device=x.device)
     col = torch.full((n_y,), float("-inf"), dtype=cdt, device=x.device)
     R, C = _plan(x, y, block_bytes)
@@ -68,15 +69,14 @@ def contrastive_forward(
         r1 = min(r0 + R, n_x)
         for c0 in range(0, n_y, C):
             c1 = min(c0 + C, n_y)
-            dots = x[r0:r1].to(cdt) @ y[c0:c1].to(cdt).T  # (R, C)
             i, j = _positions(r0, r1, c0, c1, offset, x.device)
-            u = (dots - pdot[r0:r1, None]).mul_(s)
+            # S_ij - S_i,pos by one GEMM, the subtraction in its epilogue: (R, C)
+            u = torch.addmm(-row_ref[r0:r1, None], xs[r0:r1], yc[c0:c1].T)
             u[i, j] = float("-inf")
             torch.logaddexp(row[r0:r1], torch.logsumexp(u, dim=1), out=row[r0:r1])
-            if both_directions:
-                v = dots.sub_(cref[c0:c1]).mul_(s)
-                v[i, j] = float("-inf")
-                torch.logaddexp(col[c0:c1], torch.logsumexp(v, dim=0), out=col[c0:c1])
+            if both_directions:  # S_ij - S_pos,j = (S_ij - S_i,pos) + (S_i,pos - S_pos,j)
+                u.add_(row_ref[r0:r1, None] - col_ref[None, c0:c1])
+                torch.logaddexp(col[c0:c1], torch.logsumexp(u, dim=0), out=col[c0:c1])
     return pdot, row, (col if both_directions else None)
 
 
@@ -98,30 +98,34 @@ def contrastive_backward(
     ``weight`` (see ``fastclip.kernels.contrastive.blocked_backward``)."""
     cdt = _compute_dtype(x.dtype)
     s = scale.to(cdt).reshape(())
+    xs = x.to(cdt) * s
     pdot, row, col = stats
-    row_shift, row_gap = F.softplus(row), torch.sigmoid(row)
+    # A softmax term w exp(S - S_pos - softplus(m)) = exp(S - shift), with the weight's log in
+    # the shift (a zero weight gives a huge shift, never -log 0 = inf, so no inf - inf).
+    row_shift = pdot * s + F.softplus(row) - w_x.log().clamp(min=-1e30)
+    row_gap = w_x * torch.sigmoid(row)  # w (1 - p_pair)
     if col is not None:
-        cref = column_references(pdot, y.shape[0], offset)
-        col_shift, col_gap = F.softplus(col), torch.sigmoid(col)
+        col_ref = column_references(pdot, y.shape[0], offset) * s
+        col_shift = col_ref + F.softplus(col) - w_y.log().clamp(min=-1e30)
+        col_gap = w_y * torch.sigmoid(col)
 
     def form(r0: int, r1: int, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dots = x[r0:r1].to(cdt) @ y[c0:c1].to(cdt).T  # (R, C)
-        g = ((dots - pdot[r0:r1, None]) * s - row_shift[r0:r1, None]).exp_()
-        g.mul_(w_x[r0:r1, None])
-        if col is not None:
-            q = ((dots - cref[None, c0:c1]) * s - col_shift[None, c0:c1]).exp_()
-            g.add_(q.mul_(w_y[None, c0:c1]))
+        z = torch.addmm(-row_shift[r0:r1, None], xs[r0:r1], y[c0:c1].to(cdt).T)  # (R, C)
+        g = z.exp() if col is not None else z.exp_()
+        if col is not None:  # S - col_shift = z + (row_shift - col_shift), exponentiated
+            g.add_(z.add_(row_shift[r0:r1, None] - col_shift[None, c0:c1]).exp_())
         i, j = _positions(r0, r1, c0, c1, offset, x.device)
         # G at a positive pair: -(w (1 - p_ii)) per direction, 1 - p_ii = sigmoid(m_i) exactly.
-        diagonal = w_x[r0 + i] * row_gap[r0 + i]
+        diagonal = row_gap[r0 + i]
         if col is not None:
-            diagonal += w_y[c0 + j] * col_gap[c0 + j]
+            diagonal = diagonal + col_gap[c0 + j]
         g[i, j] = -diagonal
-        return g, (g * dots).sum().reshape(1)
+        return g, g.new_zeros(0)
 
     plan = _plan(x, y, block_bytes)
     weight = weight.to(cdt)
-    dx, dy, sums = blocked_gradients(x, y, s * weight, form, need_dx, need_dy, 1, plan, cdt)
+    dx, dy, sums = blocked_gradients(x, y, s * weight, form, need_dx, need_dy, 0, plan, cdt,
+                                     pair_sum=True)  # fmt: skip
     return dx, dy, sums[0] * weight
 
 
@@ -141,14 +145,12 @@ def siglip_forward(
     math): loss, dx, dy, dscale, dbias, each None when not requested. offset None: no pairs."""
     cdt = _compute_dtype(x.dtype)
     s = scale.to(cdt).reshape(())
-    b = bias.to(cdt).reshape(()) if bias is not None else None
+    xs = x.to(cdt) * s
+    bias = (bias if bias is not None else scale.new_zeros(())).to(cdt).reshape(1, 1)
     n_x = x.shape[0]
 
     def form(r0: int, r1: int, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dots = x[r0:r1].to(cdt) @ y[c0:c1].to(cdt).T  # (R, C)
-        z = dots * s  # z_ij S_ij: S for the negatives, -S for the positive pairs
-        if b is not None:
-            z += b
+        z = torch.addmm(bias, xs[r0:r1], y[c0:c1].to(cdt).T)  # S; z_ij S_ij: -S at the pairs
         if offset is not None:
             i, j = _positions(r0, r1, c0, c1, offset, x.device)
             z[i, j] = -z[i, j]
@@ -156,11 +158,12 @@ def siglip_forward(
         g = torch.sigmoid_(z)  # n_x G = sigmoid(S) - d: -sigmoid(-S) at a pair
         if offset is not None:
             g[i, j] = -g[i, j]
-        return g, torch.stack([(g * dots).sum(), loss, g.sum()])
+        return g, torch.stack([loss, g.sum()])
 
     plan = _plan(x, y, block_bytes)
-    dx, dy, sums = blocked_gradients(x, y, s / n_x, form, need_dx, need_dy, 3, plan, cdt)
-    dscale, loss, dbias = (sums / n_x).unbind()
+    dx, dy, sums = blocked_gradients(x, y, s / n_x, form, need_dx, need_dy, 2, plan, cdt,
+                                     pair_sum=need_dparams)  # fmt: skip
+    loss, dbias, *dscale = (sums / n_x).unbind()
     if not need_dparams:
-        dscale = dbias = None
-    return loss, dx, dy, dscale, dbias
+        return loss, dx, dy, None, None
+    return loss, dx, dy, dscale[0], dbias

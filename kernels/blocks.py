@@ -108,6 +108,7 @@ def blocked_gradients(
     n_sums: int,
     plan: tuple[int, int],
     accumulate: torch.dtype = torch.float32,
+    pair_sum: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """dL/dx = grad_scale * G y (n_x, D) and dL/dy = grad_scale * G^T x (n_y, D) in the
     features' dtype (each None unless needed), and the (n_sums,) totals of ``form``'s sums,
@@ -117,27 +118,35 @@ def blocked_gradients(
 
     ``form`` is called for every block even when neither gradient is needed (the sums alone).
     Its G is in the features' dtype (16-bit inputs feed the GEMMs at tensor-core rate) or in
-    ``accumulate``.
+    ``accumulate``. ``pair_sum``: also sum_ij G_ij <x_i, y_j> = sum_i <(G y)_i, x_i>, from the
+    fp32 products (for forms that do not sum it themselves), appended to the totals.
     """
     n_x, D = x.shape
     n_y = y.shape[0]
     R, C = plan
     s = grad_scale.reshape(()).to(accumulate)
+    rows_product = need_dx or (pair_sum and not need_dy)  # G y, for dL/dx or for the pair sum
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
     dy_acc = torch.zeros((n_y, D), dtype=accumulate, device=x.device) if need_dy else None
-    sums = torch.zeros(n_sums, dtype=accumulate, device=x.device)
+    sums = torch.zeros(n_sums + pair_sum, dtype=accumulate, device=x.device)
     for r0 in range(0, n_x, R):
         r1 = min(r0 + R, n_x)
-        panel = torch.zeros((r1 - r0, D), dtype=accumulate, device=x.device) if need_dx else None
+        panel = (
+            torch.zeros((r1 - r0, D), dtype=accumulate, device=x.device) if rows_product else None
+        )
         for c0 in range(0, n_y, C):
             c1 = min(c0 + C, n_y)
             g, block_sums = form(r0, r1, c0, c1)  # (r1 - r0, c1 - c0)
-            sums += block_sums
-            if need_dx:
+            sums[:n_sums] += block_sums
+            if rows_product:
                 accumulate_mm(panel, g, y[c0:c1])
             if need_dy:
                 accumulate_mm(dy_acc[c0:c1], g.T, x[r0:r1])
+        if pair_sum and rows_product:
+            sums[n_sums] += torch.linalg.vecdot(panel, x[r0:r1].to(accumulate)).sum()
         if need_dx:
             dx[r0:r1] = panel.mul_(s)
+    if pair_sum and not rows_product:
+        sums[n_sums] = torch.linalg.vecdot(dy_acc, y.to(accumulate)).sum()
     dy = dy_acc.mul_(s).to(y.dtype) if need_dy else None
     return dx, dy, sums
