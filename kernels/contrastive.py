@@ -83,6 +83,7 @@ from .tiles import (
     sweep_blocks,
     sweep_rows,
     target_programs,
+    tile_offsets,
 )
 
 # Forward programs along rows; each owns a partial column log-sum-exp of length n_y.
@@ -143,32 +144,30 @@ def _forward_kernel(
     cb_start, cb_end = column_chunk(n_y, BN)
 
     for rb in range(pid_r, tl.cdiv(n_x, BM), row_split):
-        rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
+        rows = rb * BM + tl.arange(0, BM)
         row_ok = rows < n_x
-        x_rows = x_ptr + rows * stride_x
+        x_rows = x_ptr + rows.to(tl.int64) * stride_x
         x_ref = tl.load(x_ref_ptr + rows, mask=row_ok, other=0.0)
-        row_pad = tl.where(row_ok, 0.0, float("-inf"))  # padding rows leave the column statistics
         row_max = tl.full((BM,), NEG, tl.float32)  # running max of each row
         row_sum = tl.zeros((BM,), tl.float32)  # running sum of 2^(u - row_max)
         for cb in range(cb_start, cb_end):
-            cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
+            cols = cb * BN + tl.arange(0, BN)
             col_ok = cols < n_y
-            dots = similarity_tile(x_rows, y_ptr + cols * stride_y, row_ok, col_ok, D, stride_xd,
-                                   stride_yd, BK, DOT_PRECISION)  # fmt: skip
-            pairs = pairs_of(rb * BM, cb * BN, offset, BM, BN)
-            col_pad = tl.where(col_ok, 0.0, float("-inf"))
-            # S_ij - S_i,pos in base 2: the difference of the dots first, then one rounding.
-            u = (dots - x_ref[:, None]) * scale2 + col_pad[None, :]
-            u = tl.where(pairs, float("-inf"), u)
+            dots = similarity_tile(x_rows, y_ptr + cols.to(tl.int64) * stride_y, row_ok, col_ok,
+                                   D, stride_xd, stride_yd, BK, DOT_PRECISION)  # fmt: skip
+            pairs = pairs_of(rows, cols, offset)
+            # S_ij - S_i,pos in base 2: the difference of the dots first, then one rounding;
+            # the positive and padding columns masked out.
+            u = (dots - x_ref[:, None]) * scale2
+            u = tl.where(pairs | ~col_ok[None, :], float("-inf"), u)
             new_max = tl.maximum(row_max, tl.max(u, axis=1))
             row_sum = row_sum * tl.exp2(row_max - new_max)
             row_sum += tl.sum(tl.exp2(u - new_max[:, None]), axis=1)
             row_max = new_max
-
             if COL_STATS:
                 y_ref = tl.load(y_ref_ptr + cols, mask=col_ok, other=0.0)
-                v = (dots - y_ref[None, :]) * scale2 + row_pad[:, None]
-                v = tl.where(pairs, float("-inf"), v)
+                v = (dots - y_ref[None, :]) * scale2
+                v = tl.where(pairs | ~row_ok[:, None], float("-inf"), v)
                 c_max = tl.maximum(tl.max(v, axis=0), NEG)
                 c_lse = c_max + tl.log2(tl.sum(tl.exp2(v - c_max[None, :]), axis=0))
                 c_ptrs = col_part_ptr + pid_r.to(tl.int64) * n_y + cols
@@ -185,36 +184,38 @@ def _forward_kernel(
 
 
 @triton.jit
-def _softmax_gradient(dots, rows, cols, row_ok, col_ok, pairs, scale2,
-                      a_stats_ptr, n_a, b_stats_ptr, n_b,
+def _softmax_gradient(dots, rows, cols, offset, scale2, a_stats_ptr, n_a, b_stats_ptr, n_b,
                       A_TERM: tl.constexpr, B_TERM: tl.constexpr):  # fmt: skip
-    """G for a tile of dots (BM, BN) between a's rows and b's rows, in fp32 (module docstring);
-    ``pairs`` marks the tile's positive pairs.
+    """G for a tile of dots (BM, BN) between a's rows ``rows`` (BM,) and b's rows ``cols``
+    (BN,), int32 indices, in fp32 (module docstring); a's row i pairs with b's row i + offset.
 
     ``a_stats`` (4, n_a) are the statistics of the softmax over each row of a (its positive's
     dot, softplus(m) in base 2, the weight w, and w sigmoid(m)); ``b_stats`` (4, n_b) those of
     the softmax over each row of b. A_TERM and B_TERM select the softmaxes in the loss. Zero
     outside the tile's valid rows and columns.
     """
+    row_ok = rows < n_a
+    col_ok = cols < n_b
+    partner = rows + offset
     g = tl.zeros(dots.shape, tl.float32)
-    at_pair = tl.zeros(dots.shape, tl.float32)
+    at_pair = tl.zeros(rows.shape, tl.float32)  # the pair's -G of each row, if in the tile
     if A_TERM:
         ref = tl.load(a_stats_ptr + rows, mask=row_ok, other=0.0)
         shift = tl.load(a_stats_ptr + n_a + rows, mask=row_ok, other=0.0)
         w = tl.load(a_stats_ptr + 2 * n_a + rows, mask=row_ok, other=0.0)
-        w_gap = tl.load(a_stats_ptr + 3 * n_a + rows, mask=row_ok, other=0.0)
         g += w[:, None] * tl.exp2((dots - ref[:, None]) * scale2 - shift[:, None])
-        at_pair += w_gap[:, None]
+        at_pair += tl.load(a_stats_ptr + 3 * n_a + rows, mask=row_ok, other=0.0)
     if B_TERM:
         ref = tl.load(b_stats_ptr + cols, mask=col_ok, other=0.0)
         shift = tl.load(b_stats_ptr + n_b + cols, mask=col_ok, other=0.0)
         w = tl.load(b_stats_ptr + 2 * n_b + cols, mask=col_ok, other=0.0)
-        w_gap = tl.load(b_stats_ptr + 3 * n_b + cols, mask=col_ok, other=0.0)
         g += w[None, :] * tl.exp2((dots - ref[None, :]) * scale2 - shift[None, :])
-        at_pair += w_gap[None, :]
+        # The pair's column term, loaded once per row at its partner rather than per column.
+        pair_ok = (partner >= 0) & (partner < n_b)
+        at_pair += tl.load(b_stats_ptr + 3 * n_b + partner, mask=pair_ok, other=0.0)
     # Padding rows and columns: their dots are 0, so 2^(...) there could overflow.
     g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
-    return tl.where(pairs, -at_pair, g)
+    return tl.where(pairs_of(rows, cols, offset), -at_pair[:, None], g)
 
 
 @triton.jit
@@ -255,23 +256,23 @@ def _gradient_block_kernel(
     written and one partial of dL/ds."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    cols = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < n_a
     col_ok = cols < n_b
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if DOTS_GIVEN:
-        dots = tl.load(dots_ptr + rows[:, None] * stride_dots + cols[None, :], mask=tile_ok,
-                       other=0.0)  # fmt: skip
+        dots_tile = dots_ptr + (pid_m * BM).to(tl.int64) * stride_dots + pid_n * BN
+        dots = tl.load(dots_tile + tile_offsets(BM, BN, stride_dots), mask=tile_ok, other=0.0)
     else:
-        dots = similarity_tile(a_ptr + rows * stride_a, b_ptr + cols * stride_b, row_ok, col_ok,
-                               D, stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+        dots = similarity_tile(a_ptr + rows.to(tl.int64) * stride_a,
+                               b_ptr + cols.to(tl.int64) * stride_b, row_ok, col_ok, D,
+                               stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
     scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    pairs = pairs_of(pid_m * BM, pid_n * BN, offset, BM, BN)
-    g = _softmax_gradient(dots, rows, cols, row_ok, col_ok, pairs, scale2, a_stats_ptr, n_a,
-                          b_stats_ptr, n_b, True, B_TERM)  # fmt: skip
-    tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty),
-             mask=tile_ok)  # fmt: skip
+    g = _softmax_gradient(dots, rows, cols, offset, scale2, a_stats_ptr, n_a, b_stats_ptr, n_b,
+                          True, B_TERM)  # fmt: skip
+    g_tile = g_ptr + (pid_m * BM).to(tl.int64) * stride_g + pid_n * BN
+    tl.store(g_tile + tile_offsets(BM, BN, stride_g), g.to(g_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(sums_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(g * dots))
 
 
@@ -316,9 +317,9 @@ def _backward_kernel(
     rb = tl.program_id(0)
     pid_c = tl.program_id(1)
     scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
+    rows = rb * BM + tl.arange(0, BM)
     row_ok = rows < n_a
-    a_rows = a_ptr + rows * stride_a
+    a_rows = a_ptr + rows.to(tl.int64) * stride_a
     acc_blk = acc_ptr + (pid_c.to(tl.int64) * n_a + rb * BM) * D  # this program's workspace
 
     g_dots = tl.zeros((BM,), tl.float32)
@@ -326,13 +327,12 @@ def _backward_kernel(
     if cb_start >= cb_end:
         clear_rows(acc_blk, row_ok, D, BM, BD)
     for cb in range(cb_start, cb_end):
-        cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
+        cols = cb * BN + tl.arange(0, BN)
         col_ok = cols < n_b
-        dots = similarity_tile(a_rows, b_ptr + cols * stride_b, row_ok, col_ok, D, stride_ad,
-                               stride_bd, BK, DOT_PRECISION)  # fmt: skip
-        pairs = pairs_of(rb * BM, cb * BN, offset, BM, BN)
-        g = _softmax_gradient(dots, rows, cols, row_ok, col_ok, pairs, scale2, a_stats_ptr, n_a,
-                              b_stats_ptr, n_b, A_TERM, B_TERM)  # fmt: skip
+        dots = similarity_tile(a_rows, b_ptr + cols.to(tl.int64) * stride_b, row_ok, col_ok, D,
+                               stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+        g = _softmax_gradient(dots, rows, cols, offset, scale2, a_stats_ptr, n_a, b_stats_ptr,
+                              n_b, A_TERM, B_TERM)  # fmt: skip
         g_dots += tl.sum(g * dots, axis=1)
         accumulate_tile(g, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b, stride_bd,
                         cb == cb_start, BM, BN, BD, DOT_PRECISION)  # fmt: skip
@@ -346,38 +346,32 @@ def _backward_kernel(
 
 _FORWARD_CONFIGS = configs(
     ("BM", "BN", "BK"),
-    [  # (BM, BN, BK, warps, stages)
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 8, 4),
-        (128, 64, 64, 4, 3),
-        (64, 128, 64, 4, 3),
-        (64, 64, 64, 4, 4),
-        (128, 256, 32, 8, 3),
-        (64, 64, 32, 4, 2),
+    [  # (BM, BN, BK, warps, stages, CTAs per SM)
+        (128, 128, 64, 8, 3, 1),
+        (128, 128, 32, 8, 4, 1),
+        (64, 128, 32, 4, 4, 2),
+        (128, 64, 64, 4, 3, 2),
+        (64, 64, 64, 4, 4, 2),
+        (64, 64, 32, 4, 2, 2),
     ],
 )
 _BLOCK_CONFIGS = configs(
     ("BM", "BN", "BK"),
-    [  # (BM, BN, BK, warps, stages)
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 4, 3),
-        (128, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
+    [  # (BM, BN, BK, warps, stages, CTAs per SM)
+        (128, 128, 64, 8, 3, 1),
+        (64, 256, 64, 8, 3, 1),
+        (64, 128, 64, 4, 3, 2),
+        (128, 64, 64, 8, 3, 2),
+        (64, 64, 64, 4, 3, 2),
     ],
 )
 _BACKWARD_CONFIGS = configs(
     ("BM", "BN", "BK", "BD"),
-    [  # (BM, BN, BK, BD, warps, stages)
-        (64, 128, 64, 128, 8, 3),
-        (64, 256, 64, 128, 8, 2),
-        (128, 64, 64, 128, 8, 3),
-        (128, 128, 64, 32, 8, 3),
-        (128, 128, 32, 32, 8, 3),
-        (64, 128, 64, 64, 8, 3),
-        (128, 64, 64, 64, 8, 3),
-        (64, 64, 64, 64, 4, 3),
-        (64, 64, 32, 64, 4, 2),
+    [  # (BM, BN, BK, BD, warps, stages, CTAs per SM)
+        (128, 64, 64, 128, 8, 3, 1),
+        (128, 64, 64, 64, 8, 3, 1),
+        (64, 64, 64, 64, 4, 3, 2),
+        (64, 64, 32, 64, 4, 2, 2),
     ],
 )
 _KEY = ["D", "n_bucket", "DOT_PRECISION"]

@@ -52,28 +52,37 @@ from .tiles import (
     configs,
     pairs_of,
     prune_configs,
+    sigmoid_base2,
     similarity_tile,
-    softplus_sigmoid,
+    softplus_base2,
     store_parts,
     sweep_blocks,
     sweep_rows,
+    tile_offsets,
 )
 
 METHODS = ("fused", "blocks", "blocks-mm")
 
 
 @triton.jit
-def _siglip_terms(dots, row_ok, col_ok, pairs, scale2, bias2, HAS_PAIRS: tl.constexpr):
-    """(n_x G, the loss terms softplus(-z S)) of a tile of dots, fp32, 0 outside the valid tile.
-    G is kept times n_x, O(1) entries: the launchers divide its products and sums by n_x."""
-    z2 = dots * scale2 + bias2  # S in base 2
+def _siglip_logits(dots, pairs, scale2, bias2, HAS_PAIRS: tl.constexpr):
+    """(t, e) of a tile of dots, fp32: t = -z S in base 2 (S for a negative, -S for a pair), the
+    argument of the loss term softplus(-z S), and e = 2^-|t| = exp(-|z S|), which the loss
+    term and G share."""
+    t = dots * scale2 + bias2  # S in base 2
     if HAS_PAIRS:
-        z2 = tl.where(pairs, -z2, z2)
-    softplus, sigmoid = softplus_sigmoid(z2)
+        t = tl.where(pairs, -t, t)
+    return t, tl.exp2(-tl.abs(t))
+
+
+@triton.jit
+def _siglip_gradient(t, e, pairs, tile_ok, HAS_PAIRS: tl.constexpr):
+    """n_x G of a tile from ``_siglip_logits``, 0 outside the valid tile: O(1) entries, the
+    launchers divide its products and sums by n_x."""
+    g = sigmoid_base2(t, e)
     if HAS_PAIRS:
-        sigmoid = tl.where(pairs, -sigmoid, sigmoid)
-    ok = row_ok[:, None] & col_ok[None, :]
-    return tl.where(ok, sigmoid, 0.0), tl.where(ok, softplus, 0.0)
+        g = tl.where(pairs, -g, g)
+    return tl.where(tile_ok, g, 0.0)
 
 
 @triton.jit
@@ -129,9 +138,9 @@ def _sweep_kernel(
     rb = tl.program_id(0)
     pid_c = tl.program_id(1)
     scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
-    rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)
+    rows = rb * BM + tl.arange(0, BM)
     row_ok = rows < n_a
-    a_rows = a_ptr + rows * stride_a
+    a_rows = a_ptr + rows.to(tl.int64) * stride_a
     acc_blk = acc_ptr + (pid_c.to(tl.int64) * n_a + rb * BM) * D  # this program's workspace
     g_dots = tl.zeros((BM,), tl.float32)
     loss_sum = tl.zeros((BM,), tl.float32)
@@ -141,16 +150,18 @@ def _sweep_kernel(
     if GRAD and cb_start >= cb_end:
         clear_rows(acc_blk, row_ok, D, BM, BD)
     for cb in range(cb_start, cb_end):
-        cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
+        cols = cb * BN + tl.arange(0, BN)
         col_ok = cols < n_b
-        dots = similarity_tile(a_rows, b_ptr + cols * stride_b, row_ok, col_ok, D, stride_ad,
-                               stride_bd, BK, DOT_PRECISION)  # fmt: skip
-        pairs = pairs_of(rb * BM, cb * BN, offset, BM, BN)
-        g, loss = _siglip_terms(dots, row_ok, col_ok, pairs, scale2, bias2, HAS_PAIRS)
+        dots = similarity_tile(a_rows, b_ptr + cols.to(tl.int64) * stride_b, row_ok, col_ok, D,
+                               stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+        pairs = pairs_of(rows, cols, offset)
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        t, e = _siglip_logits(dots, pairs, scale2, bias2, HAS_PAIRS)
+        g = _siglip_gradient(t, e, pairs, tile_ok, HAS_PAIRS)
         g_dots += tl.sum(g * dots, axis=1)
         if LOSS:
-            loss_sum += tl.sum(loss, axis=1)
             g_sum += tl.sum(g, axis=1)
+            loss_sum += tl.sum(tl.where(tile_ok, softplus_base2(t, e), 0.0), axis=1)
         if GRAD:
             accumulate_tile(g, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b, stride_bd,
                             cb == cb_start, BM, BN, BD, DOT_PRECISION)  # fmt: skip
@@ -198,48 +209,46 @@ def _gradient_block_kernel(
     of n_a n_b D over the grid (none with DOTS_GIVEN), plus BM BN elements of G written."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    cols = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < n_a
     col_ok = cols < n_b
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if DOTS_GIVEN:
-        dots = tl.load(dots_ptr + rows[:, None] * stride_dots + cols[None, :], mask=tile_ok,
-                       other=0.0)  # fmt: skip
+        dots_tile = dots_ptr + (pid_m * BM).to(tl.int64) * stride_dots + pid_n * BN
+        dots = tl.load(dots_tile + tile_offsets(BM, BN, stride_dots), mask=tile_ok, other=0.0)
     else:
-        dots = similarity_tile(a_ptr + rows * stride_a, b_ptr + cols * stride_b, row_ok, col_ok,
-                               D, stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+        dots = similarity_tile(a_ptr + rows.to(tl.int64) * stride_a,
+                               b_ptr + cols.to(tl.int64) * stride_b, row_ok, col_ok, D,
+                               stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
     scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
-    pairs = pairs_of(pid_m * BM, pid_n * BN, offset, BM, BN)
-    g, loss = _siglip_terms(dots, row_ok, col_ok, pairs, scale2, bias2, HAS_PAIRS)
-    tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty),
-             mask=tile_ok)  # fmt: skip
+    pairs = pairs_of(rows, cols, offset)
+    t, e = _siglip_logits(dots, pairs, scale2, bias2, HAS_PAIRS)
     program = pid_m * tl.num_programs(1) + pid_n
-    tl.store(sums_ptr + program, tl.sum(g * dots))
+    loss = tl.where(tile_ok, softplus_base2(t, e), 0.0)
     tl.store(sums_ptr + stride_sums + program, tl.sum(loss))
+    g = _siglip_gradient(t, e, pairs, tile_ok, HAS_PAIRS)
+    tl.store(sums_ptr + program, tl.sum(g * dots))
     tl.store(sums_ptr + 2 * stride_sums + program, tl.sum(g))
+    g_tile = g_ptr + (pid_m * BM).to(tl.int64) * stride_g + pid_n * BN
+    tl.store(g_tile + tile_offsets(BM, BN, stride_g), g.to(g_ptr.dtype.element_ty), mask=tile_ok)
 
 
 _SWEEP_CONFIGS = configs(
     ("BM", "BN", "BK", "BD"),
-    [  # (BM, BN, BK, BD, warps, stages)
-        (64, 128, 64, 128, 8, 3),
-        (64, 256, 64, 128, 8, 2),
-        (128, 64, 64, 128, 8, 3),
-        (128, 128, 32, 32, 8, 3),
-        (64, 128, 64, 64, 8, 3),
-        (128, 64, 64, 64, 8, 3),
-        (64, 64, 32, 64, 4, 2),
+    [  # (BM, BN, BK, BD, warps, stages, CTAs per SM)
+        (128, 64, 64, 128, 8, 3, 1),
+        (128, 64, 64, 64, 8, 3, 1),
+        (64, 64, 64, 64, 4, 3, 2),
+        (64, 64, 32, 64, 4, 2, 2),
     ],
 )
 _BLOCK_CONFIGS = configs(
     ("BM", "BN", "BK"),
-    [  # (BM, BN, BK, warps, stages)
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 4, 3),
-        (128, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
+    [  # (BM, BN, BK, warps, stages, CTAs per SM)
+        (128, 64, 64, 8, 3, 1),
+        (128, 64, 32, 8, 4, 1),
+        (64, 64, 64, 4, 3, 2),
     ],
 )
 _sweep_tuned = triton.autotune(

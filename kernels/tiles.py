@@ -37,6 +37,9 @@ MIN_BLOCK = 64
 BLOCKS_MIN = 16
 # Row-wise kernels (positive dots, finalize): rows per program.
 ROWS = 32
+# Per-SM resources of a Hopper GPU (H100, H200) that the autotune configs are sized against.
+SM_REGISTERS = 65536  # 32-bit registers
+SM_SHARED_MEMORY = 232448  # bytes a CTA can use: 227 KiB
 
 
 @dataclass(frozen=True)
@@ -74,27 +77,34 @@ BLOCKS = {"BM": "block_m", "BN": "block_n", "BK": "block_k", "BD": "block_d"}
 @triton.jit
 def similarity_tile(a_rows, b_rows, a_ok, b_ok, D, stride_ad, stride_bd, BK: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """<a_i, b_j> for a tile in fp32, from row pointers a_rows (BM,) and b_rows (BN,)."""
+    """<a_i, b_j> for a tile in fp32, from row pointers a_rows (BM,) and b_rows (BN,).
+
+    Each step loads from the fixed pointer tiles plus k0 rather than from pointer tiles carried
+    and advanced through the loop: the software pipeline then holds one set of addresses."""
     ks = tl.arange(0, BK)
     a_ptrs = a_rows[:, None] + ks[None, :] * stride_ad
     b_ptrs = b_rows[:, None] + ks[None, :] * stride_bd
     acc = tl.zeros((a_rows.shape[0], b_rows.shape[0]), dtype=tl.float32)
     for k0 in range(0, D, BK):
-        a = tl.load(a_ptrs, mask=a_ok[:, None] & (ks[None, :] < D - k0), other=0.0)
-        b = tl.load(b_ptrs, mask=b_ok[:, None] & (ks[None, :] < D - k0), other=0.0)
+        a = tl.load(a_ptrs + k0 * stride_ad, mask=a_ok[:, None] & (ks[None, :] < D - k0), other=0.0)
+        b = tl.load(b_ptrs + k0 * stride_bd, mask=b_ok[:, None] & (ks[None, :] < D - k0), other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-        a_ptrs += BK * stride_ad
-        b_ptrs += BK * stride_bd
     return acc
 
 
 @triton.jit
-def pairs_of(row0, col0, offset, BM: tl.constexpr, BN: tl.constexpr):
-    """(BM, BN) mask of the positive pairs in the tile whose first row and column are row0 and
-    col0 (row i's partner is column i + offset): the tile's own int32 column-minus-row offsets
-    against one scalar, not a 64-bit index per element."""
-    delta = tl.minimum(tl.maximum(row0 + offset - col0, -BM), BN).to(tl.int32)
-    return (tl.arange(0, BN)[None, :] - tl.arange(0, BM)[:, None]) == delta
+def pairs_of(rows, cols, offset):
+    """(BM, BN) mask of the positive pairs among rows (BM,) and columns (BN,), int32 indices:
+    row i's partner is column i + offset. Indices that change from tile to tile keep the
+    compiler from holding a tile-sized constant in registers across the loops."""
+    return cols[None, :] == (rows + offset)[:, None]
+
+
+@triton.jit
+def tile_offsets(BM: tl.constexpr, BN: tl.constexpr, stride):
+    """(BM, BN) int32 offsets of a row-major tile with row stride ``stride``, to add to the
+    tile's 64-bit base pointer: 32-bit arithmetic per element rather than 64-bit."""
+    return tl.arange(0, BM)[:, None] * stride + tl.arange(0, BN)[None, :]
 
 
 @triton.jit
@@ -116,14 +126,18 @@ def log1p_unit(e):
 
 
 @triton.jit
-def softplus_sigmoid(z2):
-    """(softplus(z), sigmoid(z)) of z = z2 / log2(e), from one exponential e = exp(-|z|):
-    softplus = max(z, 0) + log1p(e), sigmoid = (1 or e) / (1 + e); both keep full relative
-    precision in either tail (softplus(-15) = 3.06e-7, not 0 or a negative)."""
-    e = tl.exp2(-tl.abs(z2))
-    softplus = tl.maximum(z2, 0.0) * LN2_C + log1p_unit(e)
-    sigmoid = tl.where(z2 >= 0, 1.0, e) / (1.0 + e)
-    return softplus, sigmoid
+def sigmoid_base2(z2, e):
+    """sigmoid(z) of z = z2 / log2(e), given e = exp(-|z|) = 2^-|z2|: (1 or e) / (1 + e), full
+    relative precision in either tail."""
+    return tl.where(z2 >= 0, 1.0, e) / (1.0 + e)
+
+
+@triton.jit
+def softplus_base2(z2, e):
+    """softplus(z) of z = z2 / log2(e), given e = exp(-|z|) = 2^-|z2|: max(z, 0) + log1p(e),
+    full relative precision in either tail (softplus(-15) = 3.06e-7, not 0 or a negative).
+    Shares e with ``sigmoid_base2``: one exponential for both."""
+    return tl.maximum(z2, 0.0) * LN2_C + log1p_unit(e)
 
 
 @triton.jit
@@ -142,17 +156,19 @@ def accumulate_tile(g, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b, stride_b
     """acc (BM, D) += g (BM, BN) @ b's rows of column block cb (BN, D), BD features at a time.
 
     acc_blk points at the block's first row in an fp32 workspace of row stride D (a scalar 64-bit
-    base plus small int32 offsets keeps the addressing cheap); ``fresh`` overwrites instead.
+    base plus int32 row and column offsets, not a 64-bit pointer per row or element, keeps the
+    addresses held across the column loop few); ``fresh`` overwrites instead.
     """
     g = g.to(b_ptr.dtype.element_ty)
     b_blk = b_ptr + tl.cast(cb, tl.int64) * BN * stride_b
     b_offs = tl.arange(0, BN)[:, None] * stride_b + tl.arange(0, BD)[None, :] * stride_bd
-    acc_offs = tl.arange(0, BM)[:, None] * D + tl.arange(0, BD)[None, :]
+    acc_rows = tl.arange(0, BM) * D
     for d0 in range(0, D, BD):
-        d_ok = (d0 + tl.arange(0, BD)) < D
+        ds = d0 + tl.arange(0, BD)
+        d_ok = ds < D
         b = tl.load(b_blk + d0 * stride_bd + b_offs, mask=col_ok[:, None] & d_ok[None, :],
                     other=0.0)  # fmt: skip
-        acc_ptrs = acc_blk + d0 + acc_offs
+        acc_ptrs = acc_blk + (acc_rows[:, None] + ds[None, :])
         acc_ok = row_ok[:, None] & d_ok[None, :]
         if fresh:
             acc = tl.zeros((BM, BD), tl.float32)
@@ -169,10 +185,12 @@ def clear_rows(acc_blk, row_ok, D, BM: tl.constexpr, BD: tl.constexpr):
     """Zero a block's workspace rows: a program whose column chunk is empty still owes its
     partial to ``finalize_kernel``, which sums every chunk's (stale data otherwise, e.g. from
     a previous row slice or an autotuning trial)."""
-    offs = tl.arange(0, BM)[:, None] * D + tl.arange(0, BD)[None, :]
+    acc_rows = tl.arange(0, BM) * D
     for d0 in range(0, D, BD):
-        ok = row_ok[:, None] & ((d0 + tl.arange(0, BD)) < D)[None, :]
-        tl.store(acc_blk + d0 + offs, tl.zeros((BM, BD), tl.float32), mask=ok)
+        ds = d0 + tl.arange(0, BD)
+        ok = row_ok[:, None] & (ds < D)[None, :]
+        tl.store(acc_blk + (acc_rows[:, None] + ds[None, :]), tl.zeros((BM, BD), tl.float32),
+                 mask=ok)  # fmt: skip
 
 
 @triton.jit
@@ -242,14 +260,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def register_budget(num_warps: int, ctas: int) -> int:
+    """Registers per thread that let ``ctas`` CTAs of ``num_warps`` warps share one SM (at most
+    255, the most a thread can address)."""
+    return min(255, SM_REGISTERS // (32 * num_warps * ctas))
+
+
+class SizedConfig(triton.Config):
+    """An autotune config sized for ``ctas`` CTAs per SM: its registers per thread
+    (``register_budget``) and shared memory (``SM_SHARED_MEMORY / ctas``) leave room for that
+    many CTAs at once, so that one CTA's epilogue overlaps another's main loop. The Hopper
+    compile test checks both. Where several CTAs need fewer than 255 registers per thread, the
+    budget is also ptxas's limit (maxnreg), so that the compiler keeps to it."""
+
+    def __init__(self, kwargs: dict, num_warps: int, num_stages: int, ctas: int = 1):
+        budget = register_budget(num_warps, ctas)
+        maxnreg = budget if ctas > 1 and budget < 255 else None
+        super().__init__(kwargs, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+        self.ctas = ctas
+
+
 def configs(blocks: tuple[str, ...], rows: list[tuple]) -> list[triton.Config]:
-    """Autotune configs from rows of (*block sizes named by ``blocks``, num_warps, num_stages)."""
-    return [
-        triton.Config(
-            dict(zip(blocks, row[:-2], strict=True)), num_warps=row[-2], num_stages=row[-1]
-        )
-        for row in rows
-    ]
+    """Autotune configs from rows of (*block sizes named by ``blocks``, num_warps, num_stages,
+    ctas): ctas, the CTAs per SM the config is sized for (``SizedConfig``; 1 when omitted)."""
+    n = len(blocks)
+    return [SizedConfig(dict(zip(blocks, row[:n], strict=True)), *row[n:]) for row in rows]
 
 
 def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

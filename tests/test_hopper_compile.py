@@ -1,8 +1,19 @@
-"""Every autotune config compiles for Hopper (sm_90), fits shared memory and does not spill.
+"""Every autotune config compiles for Hopper (sm_90) within what its intended occupancy allows.
 
 Triton compiles ahead of time without a GPU, so this runs on any machine: it catches what the
-interpreter cannot (tl.dot shape limits, shared memory, register spills) before a GPU does.
-Arguments are specialized as the JIT would for contiguous, 16-byte aligned inputs.
+interpreter cannot (tl.dot shape limits, shared memory, registers) before a GPU does. Each case
+must compile with
+
+- no register spills (fp32 features, the slow path, excepted);
+- registers per thread and shared memory within what its CTAs per SM allow
+  (``tiles.SizedConfig``; other configs, and fp32 features, are meant for 1 CTA per SM);
+- wgmma of shape m64nNk16 for its 16-bit products, N >= 128 where a product's output tile is
+  at least 64 x 128 (Triton spreads warp groups over N once M is covered, 64 rows each: a
+  64-row tile at 8 warps issues n64 and fails here);
+- TMA instructions (cp.async.bulk.tensor) where the kernel uses tensor descriptors.
+
+Arguments are specialized as the JIT would for contiguous, 16-byte aligned inputs. Running this
+file prints every case's registers, spills, shared memory and wgmma shapes as JSON.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -23,10 +35,11 @@ import fastclip.kernels.siglip as ks
 import fastclip.kernels.similarity as ksim
 import fastclip.kernels.tiles as tiles
 
-H100_SHARED_MEMORY = 232448  # bytes per block, opt-in maximum
 # Sizes compiled as multiples of 16, as the JIT specializes them for the usual widths (512, 768).
 DIVISIBLE = ("D", "n_in", "n_out")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
+DESCRIPTORS = re.compile(r"tt\.(experimental_)?descriptor_|tt\.make_tensor_descriptor")
 
 try:
     from triton.backends.compiler import GPUTarget
@@ -45,9 +58,19 @@ pytestmark = [
 ]
 
 
-def compile_for_hopper(fn, pointers: dict[str, str], constants: dict, config: triton.Config):
-    """Compile ``fn`` for sm_90 and return (shared memory bytes, registers, spill stack bytes)."""
-    constants = {**constants, **config.kwargs}
+class Case(NamedTuple):
+    kernel: triton.JITFunction
+    pointers: dict[str, str]  # pointer argument -> element type
+    constants: dict
+    config: triton.Config
+    products: tuple[tuple[int, int], ...] = ()  # (M, N) output tiles of its 16-bit tl.dots
+
+
+def compile_for_hopper(case: Case) -> dict:
+    """Compile a case for sm_90; returns its shared memory bytes, registers, spill stack bytes,
+    wgmma shapes and whether it uses tensor descriptors and TMA instructions."""
+    fn, pointers, config = case.kernel, case.pointers, case.config
+    constants = {**case.constants, **config.kwargs}
     # The JIT treats a unit stride as a constant and 16-divisible ints and pointers as aligned.
     constants.update({n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")})
     signature, attrs = {}, {}
@@ -58,16 +81,14 @@ def compile_for_hopper(fn, pointers: dict[str, str], constants: dict, config: tr
         signature[name] = "*" + pointers[name] if name in pointers else "i32"
         if name in pointers or name.startswith("stride") or name in DIVISIBLE:
             attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg:
+        options["maxnreg"] = config.maxnreg
     source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
-    kernel = triton.compile(
-        source,
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-    )
-    cubin = kernel.asm["cubin"]
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fastclip-{os.getpid()}.cubin")
     with open(path, "wb") as f:
-        f.write(cubin)
+        f.write(kernel.asm["cubin"])
     try:
         usage = subprocess.run(
             [CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True, check=True
@@ -75,7 +96,15 @@ def compile_for_hopper(fn, pointers: dict[str, str], constants: dict, config: tr
     finally:
         os.remove(path)
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-    return kernel.metadata.shared, int(regs), int(stack)
+    ptx = kernel.asm["ptx"]
+    return {
+        "shared": kernel.metadata.shared,
+        "regs": int(regs),
+        "stack": int(stack),
+        "wgmma": sorted({"m{}n{}k{}".format(*m) for m in WGMMA.findall(ptx)}),
+        "descriptors": bool(DESCRIPTORS.search(kernel.asm["ttir"])),
+        "tma": "cp.async.bulk.tensor" in ptx,
+    }
 
 
 FEATURES = {"x_ptr": "bf16", "y_ptr": "bf16", "a_ptr": "bf16", "b_ptr": "bf16", "q_ptr": "bf16",
@@ -85,56 +114,80 @@ FP32 = ("scale_ptr", "bias_ptr", "x_ref_ptr", "y_ref_ptr", "row_part_ptr", "col_
         "inv_a_ptr", "inv_b_ptr", "inv_q_ptr", "inv_k_ptr")  # fmt: skip
 
 
-def cases() -> dict[str, tuple]:
-    """name -> (kernel, pointer dtypes, constants, config) for every config the launchers use."""
+def label(config: triton.Config) -> str:
+    """BM128-BN128-BK64-w8-s3: a config's blocks, warps and stages."""
+    blocks = "-".join(f"{name}{size}" for name, size in config.kwargs.items())
+    return f"{blocks}-w{config.num_warps}-s{config.num_stages}"
+
+
+def cases() -> dict[str, Case]:
+    """name -> Case for every config the launchers use."""
     bf16 = {**FEATURES, **dict.fromkeys(FP32, "fp32"), "grad_ptr": "bf16"}
     fp32 = dict.fromkeys(bf16, "fp32")
-    smallest = lambda configs: min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])  # noqa: E731
     out = {}
+
+    def add(name, kernel, pointers, constants, config, *products):
+        out[name] = Case(kernel, pointers, constants, config, products)
+
+    def smallest(configs):
+        return min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])
+
+    def tile(c, m="BM", n="BN"):  # a product's (M, N) output tile
+        return c.kwargs[m], c.kwargs[n]
+
     for c in kc._FORWARD_CONFIGS:
         for col in (True, False):
             const = {"COL_STATS": col, "DOT_PRECISION": "ieee"}
-            out[f"forward-{c}-col{col}"] = (kc._forward_kernel, bf16, const, c)
+            add(f"forward-{label(c)}-col{col}", kc._forward_kernel, bf16, const, c, tile(c))
     for c in kc._BLOCK_CONFIGS:
-        for given in (False, True):
+        for given in (False, True):  # given dots: no product
             const = {"B_TERM": True, "DOTS_GIVEN": given, "DOT_PRECISION": "ieee"}
-            out[f"block-{c}-dots{given}"] = (kc._gradient_block_kernel, bf16, const, c)
-    for c in kc._BACKWARD_CONFIGS:
+            products = () if given else (tile(c),)
+            add(f"block-{label(c)}-dots{given}", kc._gradient_block_kernel, bf16, const, c,
+                *products)  # fmt: skip
+    for c in kc._BACKWARD_CONFIGS:  # S, then G b
         const = {"A_TERM": True, "B_TERM": True, "DOT_PRECISION": "ieee"}
-        out[f"backward-{c}"] = (kc._backward_kernel, bf16, const, c)
+        add(f"backward-{label(c)}", kc._backward_kernel, bf16, const, c, tile(c),
+            tile(c, n="BD"))  # fmt: skip
     for precision in ("ieee", "tf32"):  # fp32 features: the configs pruning keeps as fallback
         const = {"COL_STATS": True, "DOT_PRECISION": precision}
-        out[f"forward-fp32-{precision}"] = (kc._forward_kernel, fp32, const, smallest(
-            kc._FORWARD_CONFIGS))  # fmt: skip
+        add(f"forward-fp32-{precision}", kc._forward_kernel, fp32, const,
+            smallest(kc._FORWARD_CONFIGS))  # fmt: skip
         const = {"B_TERM": True, "DOTS_GIVEN": False, "DOT_PRECISION": precision}
-        out[f"block-fp32-{precision}"] = (kc._gradient_block_kernel, fp32, const, smallest(
-            kc._BLOCK_CONFIGS))  # fmt: skip
+        add(f"block-fp32-{precision}", kc._gradient_block_kernel, fp32, const,
+            smallest(kc._BLOCK_CONFIGS))  # fmt: skip
         const = {"A_TERM": True, "B_TERM": True, "DOT_PRECISION": precision}
-        out[f"backward-fp32-{precision}"] = (kc._backward_kernel, fp32, const, smallest(
-            kc._BACKWARD_CONFIGS))  # fmt: skip
+        add(f"backward-fp32-{precision}", kc._backward_kernel, fp32, const,
+            smallest(kc._BACKWARD_CONFIGS))  # fmt: skip
     for c in ks._SWEEP_CONFIGS:
         for loss, grad in ((True, True), (False, True), (True, False)):
             const = {"HAS_BIAS": True, "HAS_PAIRS": True, "LOSS": loss, "GRAD": grad,
                      "DOT_PRECISION": "ieee"}  # fmt: skip
-            out[f"siglip-{c}-loss{loss}-grad{grad}"] = (ks._sweep_kernel, bf16, const, c)
+            products = (tile(c), tile(c, n="BD")) if grad else (tile(c),)
+            add(f"siglip-{label(c)}-loss{loss}-grad{grad}", ks._sweep_kernel, bf16, const, c,
+                *products)  # fmt: skip
     for c in ks._BLOCK_CONFIGS:
         for given in (False, True):
             const = {"HAS_BIAS": True, "HAS_PAIRS": True, "DOTS_GIVEN": given,
                      "DOT_PRECISION": "ieee"}  # fmt: skip
-            out[f"siglip-block-{c}-dots{given}"] = (ks._gradient_block_kernel, bf16, const, c)
+            products = () if given else (tile(c),)
+            add(f"siglip-block-{label(c)}-dots{given}", ks._gradient_block_kernel, bf16, const,
+                c, *products)  # fmt: skip
     for c in ksim._SIMILARITY_CONFIGS:
         for norm in (False, True):
             const = {"HAS_BIAS": True, "NORMALIZE": norm, "DOT_PRECISION": "ieee", "GROUP": 8}
-            out[f"similarity-{c}-normalize{norm}"] = (ksim._similarity_kernel, bf16, const, c)
+            add(f"similarity-{label(c)}-normalize{norm}", ksim._similarity_kernel, bf16, const,
+                c, tile(c))  # fmt: skip
     for width in (16, 32, 64, ksim.MAX_TOPK):
         t = ksim.topk_config(width)
         blocks = {"BM": t.block_m, "BN": t.block_n, "BK": t.block_k}
         c = triton.Config(blocks, num_warps=t.num_warps, num_stages=t.num_stages)
         const = {"NORMALIZE": True, "DOT_PRECISION": "ieee", "K": width}
-        out[f"topk-{width}"] = (ksim._topk_kernel, {**bf16, "out_ptr": "i64"}, const, c)
+        add(f"topk-{width}", ksim._topk_kernel, {**bf16, "out_ptr": "i64"}, const, c, tile(c))
     # Normalized projection. Forward: each config at the widest column block it can hold (as
     # pruned on an H100), registers-only and two-stage epilogue; backward: every config, the
     # fixed default tiles, fp32 fallbacks. eps, a float argument, is compiled as a constant.
+    # Products: forward x w^T, (BM, BO); dx: dz w, (BM, BI); dw: dz^T x, (BO, BI).
     proj = {**bf16, "w_ptr": "bf16", "g_ptr": "bf16", "dx_ptr": "bf16"}
     proj.update(dict.fromkeys(("norm_ptr", "yg_ptr", "dw_ptr", "db_ptr"), "fp32"))
     proj32 = dict.fromkeys(proj, "fp32")
@@ -142,37 +195,39 @@ def cases() -> dict[str, tuple]:
         for wide, widths in ((False, (512, 256, 128)), (True, (256, 128))):
             meta = {"WIDE": wide, "DOT_PRECISION": "ieee", "HAS_BIAS": True}
             width = next((w for w in widths if kproj.fitting(
-                "forward", [c], {**meta, "BO": w}, 2, H100_SHARED_MEMORY)), None)  # fmt: skip
+                "forward", [c], {**meta, "BO": w}, 2, tiles.SM_SHARED_MEMORY)), None)  # fmt: skip
             if width is not None:  # else pruned for every width
                 const = {**meta, "BO": width, "eps": 1e-12}
-                out[f"projection-forward-{c}-BO{width}-wide{wide}"] = (
-                    kproj._forward_kernel, proj, const, c)  # fmt: skip
+                add(f"projection-forward-{label(c)}-BO{width}-wide{wide}", kproj._forward_kernel,
+                    proj, const, c, (c.kwargs["BM"], width))  # fmt: skip
     default = tiles.TileConfig()  # the backward's tiles without autotuning
     fixed = triton.Config({"BM": default.block_m, "BO": default.block_n, "BI": default.block_d},
                           num_warps=default.num_warps, num_stages=default.num_stages)  # fmt: skip
     for c in [*kproj._DX_CONFIGS, fixed]:
         const = {"DX": True, "DOT_PRECISION": "ieee", "eps": 1e-12}
-        out[f"projection-dx-{c}"] = (kproj._dx_kernel, proj, const, c)
+        add(f"projection-dx-{label(c)}", kproj._dx_kernel, proj, const, c, tile(c, n="BI"))
     for c in [*kproj._DW_CONFIGS, fixed]:
         for db in (True, False):
             const = {"DW": True, "DB": db, "DOT_PRECISION": "ieee", "eps": 1e-12}
-            out[f"projection-dw-{c}-db{db}"] = (kproj._dw_kernel, proj, const, c)
+            add(f"projection-dw-{label(c)}-db{db}", kproj._dw_kernel, proj, const, c,
+                tile(c, "BO", "BI"))  # fmt: skip
     const = {"DX": False, "DOT_PRECISION": "ieee", "eps": 1e-12}
-    out["projection-dx-statistic-only"] = (kproj._dx_kernel, proj, const, kproj._DX_CONFIGS[0])
+    add("projection-dx-statistic-only", kproj._dx_kernel, proj, const, kproj._DX_CONFIGS[0])
     const = {"DW": False, "DB": True, "DOT_PRECISION": "ieee", "eps": 1e-12}
-    out["projection-dw-bias-only"] = (kproj._dw_kernel, proj, const, kproj._DW_CONFIGS[0])
+    add("projection-dw-bias-only", kproj._dw_kernel, proj, const, kproj._DW_CONFIGS[0])
     for precision in ("ieee", "tf32"):  # fp32: the configs pruning keeps as fallbacks
         const = {"HAS_BIAS": True, "WIDE": False, "DOT_PRECISION": precision, "BO": 512,
                  "eps": 1e-12}  # fmt: skip
-        c = kproj.fitting("forward", kproj._FORWARD_CONFIGS, {"BO": 512}, 4, H100_SHARED_MEMORY)[0]
-        out[f"projection-forward-fp32-{precision}"] = (kproj._forward_kernel, proj32, const, c)
+        c = kproj.fitting("forward", kproj._FORWARD_CONFIGS, {"BO": 512}, 4,
+                          tiles.SM_SHARED_MEMORY)[0]  # fmt: skip
+        add(f"projection-forward-fp32-{precision}", kproj._forward_kernel, proj32, const, c)
         const = {"DX": True, "DOT_PRECISION": precision, "eps": 1e-12}
-        out[f"projection-dx-fp32-{precision}"] = (kproj._dx_kernel, proj32, const, fixed)
+        add(f"projection-dx-fp32-{precision}", kproj._dx_kernel, proj32, const, fixed)
         const = {"DW": True, "DB": True, "DOT_PRECISION": precision, "eps": 1e-12}
-        out[f"projection-dw-fp32-{precision}"] = (kproj._dw_kernel, proj32, const, fixed)
+        add(f"projection-dw-fp32-{precision}", kproj._dw_kernel, proj32, const, fixed)
     rows = triton.Config({"BM": tiles.ROWS, "BD": 128}, num_warps=4, num_stages=1)
-    out["finalize"] = (tiles.finalize_kernel, bf16, {}, rows)
-    out["row-dot"] = (tiles.row_dot_kernel, bf16, {}, rows)
+    add("finalize", tiles.finalize_kernel, bf16, {}, rows)
+    add("row-dot", tiles.row_dot_kernel, bf16, {}, rows)
     return out
 
 
@@ -182,29 +237,57 @@ def compiled() -> dict:
     CPU machines) kernels are interpreted functions, which cannot be compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=1200
+        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=1800
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", list(cases()))
-def test_compiles_without_spills(compiled, name):
-    result = compiled[name]
+CASES = cases()
+
+
+def wgmma_problems(case: Case, shapes: list[str]) -> list[str]:
+    """What the wgmma shapes of a case's 16-bit products lack (module docstring): wgmma wherever
+    a product has 64 rows or more, m64nNk16 throughout, N >= 128 where the tile allows it."""
+    if not case.products:
+        return []
+    allowing = [n >= 128 for m, n in case.products if m >= 64]
+    widths = [int(re.search(r"n(\d+)", s).group(1)) for s in shapes]
+    problems = [f"{s} is not m64nNk16" for s in shapes if not re.fullmatch(r"m64n\d+k16", s)]
+    if allowing and not shapes:
+        problems.append("no wgmma")
+    elif any(allowing) and max(widths) < 128 or allowing and all(allowing) and min(widths) < 128:
+        problems.append(f"{shapes}: narrower than N = 128 where the tile allows it")
+    return problems
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_compiles_within_occupancy(compiled, name):
+    case, result = CASES[name], compiled[name]
     if "skip" in result:
         pytest.skip(result["skip"])
     assert "error" not in result, f"{name}: {result['error']}"
-    assert result["shared"] <= H100_SHARED_MEMORY, f"{name}: {result['shared']} B shared memory"
-    if "fp32" not in name:  # fp32 features (products on FMA units or TF32) are the slow path
-        assert result["stack"] == 0, f"{name}: {result['regs']} regs, {result['stack']} B spilled"
+    # fp32 features (products on FMA units or in TF32, operand tiles twice the bytes) are the
+    # slow path: one CTA per SM, spills tolerated.
+    fp32 = "bf16" not in case.pointers.values()
+    ctas = 1 if fp32 else getattr(case.config, "ctas", 1)
+    registers = tiles.register_budget(case.config.num_warps, ctas)
+    shared = tiles.SM_SHARED_MEMORY // ctas
+    usage = f"{result['regs']} regs, {result['stack']} B spilled, {result['shared']} B shared"
+    assert fp32 or result["stack"] == 0, f"{name}: {usage}"
+    assert result["regs"] <= registers, f"{name}: {usage}; {ctas} CTAs per SM allow {registers}"
+    assert result["shared"] <= shared, f"{name}: {usage}; {ctas} CTAs per SM allow {shared} B"
+    problems = wgmma_problems(case, result["wgmma"])
+    assert not problems, f"{name}: {problems}"
+    if result["descriptors"]:
+        assert result["tma"], f"{name}: tensor descriptors without TMA instructions"
 
 
 def main() -> None:
     results = {}
-    for name, (fn, pointers, constants, config) in cases().items():
+    for name, case in CASES.items():
         try:
-            shared, regs, stack = compile_for_hopper(fn, pointers, constants, config)
-            results[name] = {"shared": shared, "regs": regs, "stack": stack}
+            results[name] = compile_for_hopper(case)
         except TypeError as e:  # the ahead-of-time API of this Triton version differs
             results[name] = {"skip": f"Triton's ahead-of-time API differs here: {e}"}
         except Exception as e:  # a compile error is a finding: report it per case
