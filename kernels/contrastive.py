@@ -69,6 +69,7 @@ from .tiles import (
     NEG,
     TileConfig,
     accumulate_tile,
+    block_tile,
     bucket,
     clear_rows,
     column_chunk,
@@ -80,10 +81,10 @@ from .tiles import (
     prune_configs,
     similarity_tile,
     store_parts,
+    store_tile,
     sweep_blocks,
     sweep_rows,
     target_programs,
-    tile_offsets,
 )
 
 # Forward programs along rows; each owns a partial column log-sum-exp of length n_y.
@@ -254,26 +255,14 @@ def _gradient_block_kernel(
     """One BM x BN tile of a block's G (module docstring): 1 matmul pass of n_a n_b D over the
     grid (none with DOTS_GIVEN, where the dots come from cuBLAS), plus BM BN elements of G
     written and one partial of dL/ds."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    row_ok = rows < n_a
-    col_ok = cols < n_b
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    if DOTS_GIVEN:
-        dots_tile = dots_ptr + (pid_m * BM).to(tl.int64) * stride_dots + pid_n * BN
-        dots = tl.load(dots_tile + tile_offsets(BM, BN, stride_dots), mask=tile_ok, other=0.0)
-    else:
-        dots = similarity_tile(a_ptr + rows.to(tl.int64) * stride_a,
-                               b_ptr + cols.to(tl.int64) * stride_b, row_ok, col_ok, D,
-                               stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+    rows, cols, tile_ok, dots = block_tile(a_ptr, b_ptr, dots_ptr, n_a, n_b, D, stride_a,
+                                           stride_ad, stride_b, stride_bd, stride_dots,
+                                           DOTS_GIVEN, DOT_PRECISION, BM, BN, BK)  # fmt: skip
     scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
     g = _softmax_gradient(dots, rows, cols, offset, scale2, a_stats_ptr, n_a, b_stats_ptr, n_b,
                           True, B_TERM)  # fmt: skip
-    g_tile = g_ptr + (pid_m * BM).to(tl.int64) * stride_g + pid_n * BN
-    tl.store(g_tile + tile_offsets(BM, BN, stride_g), g.to(g_ptr.dtype.element_ty), mask=tile_ok)
-    tl.store(sums_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(g * dots))
+    store_tile(g_ptr, g, stride_g, tile_ok, BM, BN)
+    tl.store(sums_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(g * dots))
 
 
 @triton.jit

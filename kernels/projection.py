@@ -321,13 +321,23 @@ def fitting(kernel: str, configs: list, meta: dict, element_size: int, shared_me
     epilogue counts its accumulator twice (compiled, it keeps about that much more live)."""
     kept = []
     for c in configs:
-        operands, accumulator = footprint(kernel, {**meta, **c.kwargs})
+        sizes = {**meta, **c.kwargs}
+        operands, accumulator = footprint(kernel, sizes)
         smem = operands * c.num_stages * element_size
         threads = 32 * c.num_warps
         registers = accumulator / threads * (2 if meta.get("WIDE") else 1)
         if smem <= 0.75 * shared_memory and registers <= min(128, 65536 / threads / 2):
-            kept.append(c)
+            if kernel != "forward" or _full_width_mma(sizes, c.num_warps):
+                kept.append(c)
     return kept
+
+
+def _full_width_mma(sizes: dict, num_warps: int) -> bool:
+    """Hopper's MMA runs per warp group (4 warps) on 64 rows: warp groups beyond BM / 64 split
+    the BO output columns between them, and an n64 instruction where n128 fits halves the
+    operand reuse. A BO of 128 or more must stay at least 128 wide per warp group."""
+    split = max(1, (num_warps // 4) // max(1, sizes["BM"] // 64))
+    return sizes["BO"] < 128 or sizes["BO"] // split >= 128
 
 
 def prune(kernel: str, configs: list, named_args: dict, **meta) -> list:

@@ -47,6 +47,7 @@ from .tiles import (
     LOG2E,
     TileConfig,
     accumulate_tile,
+    block_tile,
     clear_rows,
     column_chunk,
     configs,
@@ -56,9 +57,9 @@ from .tiles import (
     similarity_tile,
     softplus_base2,
     store_parts,
+    store_tile,
     sweep_blocks,
     sweep_rows,
-    tile_offsets,
 )
 
 METHODS = ("fused", "blocks", "blocks-mm")
@@ -207,31 +208,19 @@ def _gradient_block_kernel(
 ):
     """One BM x BN tile of a block's G and its partial sums (module docstring): 1 matmul pass
     of n_a n_b D over the grid (none with DOTS_GIVEN), plus BM BN elements of G written."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    row_ok = rows < n_a
-    col_ok = cols < n_b
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    if DOTS_GIVEN:
-        dots_tile = dots_ptr + (pid_m * BM).to(tl.int64) * stride_dots + pid_n * BN
-        dots = tl.load(dots_tile + tile_offsets(BM, BN, stride_dots), mask=tile_ok, other=0.0)
-    else:
-        dots = similarity_tile(a_ptr + rows.to(tl.int64) * stride_a,
-                               b_ptr + cols.to(tl.int64) * stride_b, row_ok, col_ok, D,
-                               stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+    rows, cols, tile_ok, dots = block_tile(a_ptr, b_ptr, dots_ptr, n_a, n_b, D, stride_a,
+                                           stride_ad, stride_b, stride_bd, stride_dots,
+                                           DOTS_GIVEN, DOT_PRECISION, BM, BN, BK)  # fmt: skip
     scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
     pairs = pairs_of(rows, cols, offset)
     t, e = _siglip_logits(dots, pairs, scale2, bias2, HAS_PAIRS)
-    program = pid_m * tl.num_programs(1) + pid_n
+    program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     loss = tl.where(tile_ok, softplus_base2(t, e), 0.0)
     tl.store(sums_ptr + stride_sums + program, tl.sum(loss))
     g = _siglip_gradient(t, e, pairs, tile_ok, HAS_PAIRS)
     tl.store(sums_ptr + program, tl.sum(g * dots))
     tl.store(sums_ptr + 2 * stride_sums + program, tl.sum(g))
-    g_tile = g_ptr + (pid_m * BM).to(tl.int64) * stride_g + pid_n * BN
-    tl.store(g_tile + tile_offsets(BM, BN, stride_g), g.to(g_ptr.dtype.element_ty), mask=tile_ok)
+    store_tile(g_ptr, g, stride_g, tile_ok, BM, BN)
 
 
 _SWEEP_CONFIGS = configs(

@@ -108,6 +108,38 @@ def tile_offsets(BM: tl.constexpr, BN: tl.constexpr, stride):
 
 
 @triton.jit
+def block_tile(a_ptr, b_ptr, dots_ptr, n_a, n_b, D, stride_a, stride_ad, stride_b, stride_bd,
+               stride_dots, DOTS_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """The tile of a G block that program (m, n) owns: its rows and columns (int32), the mask
+    of its valid entries, and its dots <a_i, b_j> in fp32, computed (1 matmul pass over the
+    grid) or, with DOTS_GIVEN, read from a GEMM's fp32 output (row stride ``stride_dots``)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    row_ok = rows < n_a
+    col_ok = cols < n_b
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if DOTS_GIVEN:
+        dots_tile = dots_ptr + (pid_m * BM).to(tl.int64) * stride_dots + pid_n * BN
+        dots = tl.load(dots_tile + tile_offsets(BM, BN, stride_dots), mask=tile_ok, other=0.0)
+    else:
+        dots = similarity_tile(a_ptr + rows.to(tl.int64) * stride_a,
+                               b_ptr + cols.to(tl.int64) * stride_b, row_ok, col_ok, D,
+                               stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+    return rows, cols, tile_ok, dots
+
+
+@triton.jit
+def store_tile(out_ptr, values, stride, tile_ok, BM: tl.constexpr, BN: tl.constexpr):
+    """Store program (m, n)'s (BM, BN) tile of ``values`` in out's dtype (row stride
+    ``stride``)."""
+    base = out_ptr + (tl.program_id(0) * BM).to(tl.int64) * stride + tl.program_id(1) * BN
+    tl.store(base + tile_offsets(BM, BN, stride), values.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
 def log1p_unit(e):
     """log(1 + e) for e in [0, 1] to a few ulps, without log1p (the interpreter lacks libdevice,
     and a fast log2(1 + e) loses e's low bits when e is small): 2 atanh(t) with t = e / (2 + e)
