@@ -89,6 +89,10 @@ from .tiles import (
 
 # Forward programs along rows; each owns a partial column log-sum-exp of length n_y.
 MAX_ROW_SPLIT = 16
+# The one-exponential forward's guard (base-2 logits): a tile whose rows' and columns' largest
+# logits all lie within RANGE of its largest keeps every term within 2^-62 of its row's or
+# column's largest above fp32's smallest normal number, 2^-126.
+RANGE = tl.constexpr(64.0)
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -101,6 +105,44 @@ def _logaddexp2(a, b):
     hi = tl.maximum(a, b)
     lo = tl.minimum(a, b)
     return tl.where(hi == float("-inf"), hi, hi + tl.log2(1.0 + tl.exp2(lo - hi)))
+
+
+@triton.jit
+def _merge(row_max, row_sum, tile_max, tile_sum):
+    """The online log-sum-exp: running (max, sum of 2^(x - max)) with a tile's."""
+    new_max = tl.maximum(row_max, tile_max)
+    return new_max, row_sum * tl.exp2(row_max - new_max) + tile_sum * tl.exp2(tile_max - new_max)
+
+
+@triton.jit
+def _two_exp_statistics(dots, pairs, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum,
+                        COL_STATS: tl.constexpr):  # fmt: skip
+    """A tile's rows merged into the running (max, sum) and its columns' log-sum-exp, each
+    relative to its own positive and maximum (base 2): S_ij - S_i,pos as the difference of
+    the dots first, then one rounding; the positive and padding entries masked out."""
+    u = (dots - x_ref[:, None]) * scale2
+    u = tl.where(pairs | ~col_ok[None, :], float("-inf"), u)
+    tile_max = tl.maximum(tl.max(u, axis=1), NEG)
+    row_max, row_sum = _merge(row_max, row_sum, tile_max,
+                              tl.sum(tl.exp2(u - tile_max[:, None]), axis=1))  # fmt: skip
+    c_lse = tl.full(y_ref.shape, float("-inf"), tl.float32)
+    if COL_STATS:
+        v = (dots - y_ref[None, :]) * scale2
+        v = tl.where(pairs | ~row_ok[:, None], float("-inf"), v)
+        c_max = tl.maximum(tl.max(v, axis=0), NEG)
+        c_lse = c_max + tl.log2(tl.sum(tl.exp2(v - c_max[None, :]), axis=0))
+    return row_max, row_sum, c_lse
+
+
+@triton.jit
+def _one_exp_statistics(t, top, x_ref, y_ref, scale2, row_max, row_sum):
+    """``_two_exp_statistics`` from one exponential, e = 2^(t - top), t the tile's masked base-2
+    logits and top their maximum (see RANGE): the tile's log-sum-exps of S_ij - S_i,pos over j
+    and of S_ij - S_pos,j over i are top - S_pos + log2(sum e)."""
+    e = tl.exp2(t - top)
+    r_lse = top - x_ref * scale2 + tl.log2(tl.sum(e, axis=1))
+    row_max, row_sum = _merge(row_max, row_sum, r_lse, 1.0)
+    return row_max, row_sum, top - y_ref * scale2 + tl.log2(tl.sum(e, axis=0))
 
 
 @triton.jit
@@ -126,6 +168,7 @@ def _forward_kernel(
     stride_yd,
     # meta-parameters
     COL_STATS: tl.constexpr,
+    ONE_EXP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -137,6 +180,14 @@ def _forward_kernel(
     blocks: the online log-sum-exp over its chunk of each row's logits minus its positive's
     (positive masked out), written as partial (b, i); with COL_STATS, each tile's column
     log-sum-exp merged into partial (a, j). Outputs are in base 2; the caller combines them.
+
+    Two exponentials per element, one for the rows' sums and one for the columns': each is
+    relative to its own maximum, which keeps every logit's precision. ONE_EXP (16-bit inputs,
+    whose G is rounded far more coarsely anyway) takes one, 2^(S - T) with T the tile's largest
+    logit, and reads both directions' sums off it, wherever the tile passes a range guard:
+    every row's and column's largest logit within RANGE of T, so that none of the terms that
+    matter falls below fp32's normal range. A tile that fails it takes the two exponentials.
+    Per tile: (BM + BN) D operand elements read, BN column partials read and written.
     """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -157,20 +208,29 @@ def _forward_kernel(
             dots = similarity_tile(x_rows, y_ptr + cols.to(tl.int64) * stride_y, row_ok, col_ok,
                                    D, stride_xd, stride_yd, BK, DOT_PRECISION)  # fmt: skip
             pairs = pairs_of(rows, cols, offset)
-            # S_ij - S_i,pos in base 2: the difference of the dots first, then one rounding;
-            # the positive and padding columns masked out.
-            u = (dots - x_ref[:, None]) * scale2
-            u = tl.where(pairs | ~col_ok[None, :], float("-inf"), u)
-            new_max = tl.maximum(row_max, tl.max(u, axis=1))
-            row_sum = row_sum * tl.exp2(row_max - new_max)
-            row_sum += tl.sum(tl.exp2(u - new_max[:, None]), axis=1)
-            row_max = new_max
+            y_ref = tl.load(y_ref_ptr + cols, mask=col_ok, other=0.0)
+            if ONE_EXP:
+                t = tl.where(pairs | ~(row_ok[:, None] & col_ok[None, :]), float("-inf"),
+                             dots * scale2)  # fmt: skip
+                t_row = tl.max(t, axis=1)
+                t_col = tl.max(t, axis=0)
+                top = tl.max(t_row)
+                low = tl.minimum(tl.min(tl.where(t_row > NEG, t_row, top)),
+                                 tl.min(tl.where(t_col > NEG, t_col, top)))  # fmt: skip
+                if top - low <= RANGE:
+                    row_max, row_sum, c_lse = _one_exp_statistics(
+                        t, top, x_ref, y_ref, scale2, row_max, row_sum
+                    )
+                else:
+                    row_max, row_sum, c_lse = _two_exp_statistics(
+                        dots, pairs, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum,
+                        COL_STATS,
+                    )  # fmt: skip
+            else:
+                row_max, row_sum, c_lse = _two_exp_statistics(
+                    dots, pairs, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum, COL_STATS
+                )
             if COL_STATS:
-                y_ref = tl.load(y_ref_ptr + cols, mask=col_ok, other=0.0)
-                v = (dots - y_ref[None, :]) * scale2
-                v = tl.where(pairs | ~row_ok[:, None], float("-inf"), v)
-                c_max = tl.maximum(tl.max(v, axis=0), NEG)
-                c_lse = c_max + tl.log2(tl.sum(tl.exp2(v - c_max[None, :]), axis=0))
                 c_ptrs = col_part_ptr + pid_r.to(tl.int64) * n_y + cols
                 if rb == pid_r:  # this program's first row block starts the partial afresh
                     old = tl.full((BN,), float("-inf"), tl.float32)
@@ -366,7 +426,7 @@ _BACKWARD_CONFIGS = configs(
 _KEY = ["D", "n_bucket", "DOT_PRECISION"]
 _forward_tuned = triton.autotune(
     _FORWARD_CONFIGS,
-    key=_KEY + ["COL_STATS"],
+    key=_KEY + ["COL_STATS", "ONE_EXP"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_forward_kernel)
 _block_tuned = triton.autotune(
@@ -448,6 +508,7 @@ def contrastive_forward(
         stride_y=y.stride(0),
         stride_yd=y.stride(1),
         COL_STATS=both_directions,
+        ONE_EXP=both_directions and x.dtype != torch.float32,
         DOT_PRECISION=dot_precision(x.dtype),
     )
     grid = lambda meta: (row_split, col_split)  # noqa: E731

@@ -272,3 +272,29 @@ def test_block_memory_stays_within_the_budget(tiles, backend, loss):
     assert extra <= bound, f"{extra} bytes added, budget {bound}"
     eager = peak_memory_bytes(lambda: clip_loss_reference(*ref[:3]).backward(), DEVICE)
     assert eager > n * n * 8  # the measure sees an N x N matrix where there is one
+
+
+@pytest.mark.parametrize(
+    "guard, norms, scale",
+    [(64.0, None, 14.3), (1e9, None, 14.3), (0.0, None, 14.3), (64.0, (0.1, 10.0), 30.0)],
+    ids=["one-exp", "always-one-exp", "always-two-exp", "mixed-tiles"],
+)
+def test_forward_with_one_exponential(monkeypatch, guard, norms, scale):
+    """16-bit features take one exponential per element wherever a tile passes the range guard
+    (kc.RANGE) and two elsewhere: both give the float64 statistics of the rounded inputs. Row
+    norms over two decades at scale 30 put logits from -3000 to 3000, so many tiles fail."""
+    monkeypatch.setattr(kc, "RANGE", guard)
+    ours, ref = make_inputs(70, 90, 32, dtype=torch.float16, scale=scale, row_norms=norms)
+    x, y = (t.detach().double().cpu() for t in ours[:2])
+    offset, rows = 7, torch.arange(70)
+    s = scale * x @ y.T
+    pos = s[rows, rows + offset]
+    _, row, col = kc.contrastive_forward(*(t.detach() for t in ours[:3]), offset, True, SMALL)
+    minus_inf = torch.tensor(-torch.inf, dtype=torch.float64)
+    others = (s - pos[:, None]).index_put((rows, rows + offset), minus_inf)
+    slack = max(1.0, s.abs().max().item() / 100)  # fp32 rounds logits in the thousands coarsely
+    assert_close(row, torch.logsumexp(others, 1), torch.float32, "rows' m", slack, floor=1)
+    col_ref = torch.zeros(90, dtype=torch.float64)
+    col_ref[offset : offset + 70] = pos
+    others = (s - col_ref).index_put((rows, rows + offset), minus_inf)
+    assert_close(col, torch.logsumexp(others, 0), torch.float32, "columns' m", slack, floor=1)

@@ -135,9 +135,9 @@ def cases() -> dict[str, Case]:
     def tile(c, m="BM", n="BN"):  # a product's (M, N) output tile
         return c.kwargs[m], c.kwargs[n]
 
-    for c in kc._FORWARD_CONFIGS:
+    for c in kc._FORWARD_CONFIGS:  # both directions of 16-bit features: one exponential
         for col in (True, False):
-            const = {"COL_STATS": col, "DOT_PRECISION": "ieee"}
+            const = {"COL_STATS": col, "ONE_EXP": col, "DOT_PRECISION": "ieee"}
             add(f"forward-{label(c)}-col{col}", kc._forward_kernel, bf16, const, c, tile(c))
     for c in kc._BLOCK_CONFIGS:
         for given in (False, True):  # given dots: no product
@@ -150,7 +150,7 @@ def cases() -> dict[str, Case]:
         add(f"backward-{label(c)}", kc._backward_kernel, bf16, const, c, tile(c),
             tile(c, n="BD"))  # fmt: skip
     for precision in ("ieee", "tf32"):  # fp32 features: the configs pruning keeps as fallback
-        const = {"COL_STATS": True, "DOT_PRECISION": precision}
+        const = {"COL_STATS": True, "ONE_EXP": False, "DOT_PRECISION": precision}
         add(f"forward-fp32-{precision}", kc._forward_kernel, fp32, const,
             smallest(kc._FORWARD_CONFIGS))  # fmt: skip
         const = {"B_TERM": True, "DOTS_GIVEN": False, "DOT_PRECISION": precision}
