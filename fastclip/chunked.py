@@ -20,8 +20,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _plan(x: torch.Tensor, y: torch.Tensor, block_bytes: int | None) -> tuple[int, int]:
-    """Blocks whose fp32 dots and G fit ``block_bytes`` (``default_block_bytes`` if None)."""
-    return plan_blocks(x.shape[0], y.shape[0], 8, block_bytes or default_block_bytes(x.device))
+    """Blocks whose fp32 arrays fit ``block_bytes`` (``default_block_bytes`` if None)."""
+    # About four fp32 (R, C) arrays are live at once: the scores, their exponentials and the
+    # temporaries of logsumexp.
+    return plan_blocks(x.shape[0], y.shape[0], 16, block_bytes or default_block_bytes(x.device))
 
 
 def _positions(r0: int, r1: int, c0: int, c1: int, offset: int, device: torch.device):

@@ -76,6 +76,7 @@ from .tiles import (
     configs,
     dot_precision,
     launch,
+    operand,
     pairs_of,
     positive_dots,
     prune_configs,
@@ -85,6 +86,8 @@ from .tiles import (
     sweep_blocks,
     sweep_rows,
     target_programs,
+    tile_dots,
+    tma,
 )
 
 # Forward programs along rows; each owns a partial column log-sum-exp of length n_y.
@@ -170,6 +173,7 @@ def _forward_kernel(
     COL_STATS: tl.constexpr,
     ONE_EXP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -194,19 +198,20 @@ def _forward_kernel(
     row_split = tl.num_programs(0)
     scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
     cb_start, cb_end = column_chunk(n_y, BN)
+    x = operand(x_ptr, n_x, D, stride_x, BM, BK, TMA)
+    y = operand(y_ptr, n_y, D, stride_y, BN, BK, TMA)
 
     for rb in range(pid_r, tl.cdiv(n_x, BM), row_split):
         rows = rb * BM + tl.arange(0, BM)
         row_ok = rows < n_x
-        x_rows = x_ptr + rows.to(tl.int64) * stride_x
         x_ref = tl.load(x_ref_ptr + rows, mask=row_ok, other=0.0)
         row_max = tl.full((BM,), NEG, tl.float32)  # running max of each row
         row_sum = tl.zeros((BM,), tl.float32)  # running sum of 2^(u - row_max)
         for cb in range(cb_start, cb_end):
             cols = cb * BN + tl.arange(0, BN)
             col_ok = cols < n_y
-            dots = similarity_tile(x_rows, y_ptr + cols.to(tl.int64) * stride_y, row_ok, col_ok,
-                                   D, stride_xd, stride_yd, BK, DOT_PRECISION)  # fmt: skip
+            dots = tile_dots(x, y, rb * BM, cb * BN, D, stride_x, stride_xd, stride_y, stride_yd,
+                             row_ok, col_ok, BK, DOT_PRECISION, TMA)  # fmt: skip
             pairs = pairs_of(rows, cols, offset)
             y_ref = tl.load(y_ref_ptr + cols, mask=col_ok, other=0.0)
             if ONE_EXP:
@@ -308,6 +313,7 @@ def _gradient_block_kernel(
     B_TERM: tl.constexpr,
     DOTS_GIVEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -317,7 +323,7 @@ def _gradient_block_kernel(
     written and one partial of dL/ds."""
     rows, cols, tile_ok, dots = block_tile(a_ptr, b_ptr, dots_ptr, n_a, n_b, D, stride_a,
                                            stride_ad, stride_b, stride_bd, stride_dots,
-                                           DOTS_GIVEN, DOT_PRECISION, BM, BN, BK)  # fmt: skip
+                                           DOTS_GIVEN, DOT_PRECISION, BM, BN, BK, TMA)  # fmt: skip
     scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
     g = _softmax_gradient(dots, rows, cols, offset, scale2, a_stats_ptr, n_a, b_stats_ptr, n_b,
                           True, B_TERM)  # fmt: skip
@@ -510,6 +516,7 @@ def contrastive_forward(
         COL_STATS=both_directions,
         ONE_EXP=both_directions and x.dtype != torch.float32,
         DOT_PRECISION=dot_precision(x.dtype),
+        TMA=tma(x, y),
     )
     grid = lambda meta: (row_split, col_split)  # noqa: E731
     launch(_forward_kernel, _forward_tuned, grid, config, args)

@@ -202,6 +202,7 @@ def _gradient_block_kernel(
     HAS_PAIRS: tl.constexpr,
     DOTS_GIVEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -210,7 +211,7 @@ def _gradient_block_kernel(
     of n_a n_b D over the grid (none with DOTS_GIVEN), plus BM BN elements of G written."""
     rows, cols, tile_ok, dots = block_tile(a_ptr, b_ptr, dots_ptr, n_a, n_b, D, stride_a,
                                            stride_ad, stride_b, stride_bd, stride_dots,
-                                           DOTS_GIVEN, DOT_PRECISION, BM, BN, BK)  # fmt: skip
+                                           DOTS_GIVEN, DOT_PRECISION, BM, BN, BK, TMA)  # fmt: skip
     scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
     pairs = pairs_of(rows, cols, offset)
     t, e = _siglip_logits(dots, pairs, scale2, bias2, HAS_PAIRS)

@@ -12,6 +12,7 @@ cuBLAS form the products.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -93,6 +94,39 @@ def similarity_tile(a_rows, b_rows, a_ok, b_ok, D, stride_ad, stride_bd, BK: tl.
 
 
 @triton.jit
+def operand(ptr, n, D, stride, BR: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr):
+    """How a kernel reads an operand's (n, D) rows: with TMA a tensor descriptor of (BR, BK)
+    boxes (the copy engine fetches them, rows and features past the ends read as 0), else the
+    base pointer itself."""
+    if TMA:  # one return: the compiler types every return of a function alike
+        rows = tl.make_tensor_descriptor(ptr, shape=[n, D], strides=[stride, 1],
+                                         block_shape=[BR, BK])  # fmt: skip
+    else:
+        rows = ptr
+    return rows
+
+
+@triton.jit
+def tile_dots(a, b, row0, col0, D, stride_a, stride_ad, stride_b, stride_bd, row_ok, col_ok,
+              BK: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """<a_i, b_j> (fp32) for the tile of rows row0 + arange(BM) of a (``row_ok`` their mask)
+    and rows col0 + arange(BN) of b, the operands as ``operand`` returned them: through their
+    descriptors with TMA, else ``similarity_tile``."""
+    if TMA:  # one return (see ``operand``); the other branch is not even compiled
+        acc = tl.zeros((row_ok.shape[0], col_ok.shape[0]), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            a_tile = a.load([row0, k0])
+            b_tile = b.load([col0, k0])
+            acc = tl.dot(a_tile, tl.trans(b_tile), acc, input_precision=DOT_PRECISION)
+    else:
+        a_rows = a + (row0 + tl.arange(0, row_ok.shape[0])).to(tl.int64) * stride_a
+        b_rows = b + (col0 + tl.arange(0, col_ok.shape[0])).to(tl.int64) * stride_b
+        acc = similarity_tile(a_rows, b_rows, row_ok, col_ok, D, stride_ad, stride_bd, BK,
+                              DOT_PRECISION)  # fmt: skip
+    return acc
+
+
+@triton.jit
 def pairs_of(rows, cols, offset):
     """(BM, BN) mask of the positive pairs among rows (BM,) and columns (BN,), int32 indices:
     row i's partner is column i + offset. Indices that change from tile to tile keep the
@@ -110,7 +144,8 @@ def tile_offsets(BM: tl.constexpr, BN: tl.constexpr, stride):
 @triton.jit
 def block_tile(a_ptr, b_ptr, dots_ptr, n_a, n_b, D, stride_a, stride_ad, stride_b, stride_bd,
                stride_dots, DOTS_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               TMA: tl.constexpr):  # fmt: skip
     """The tile of a G block that program (m, n) owns: its rows and columns (int32), the mask
     of its valid entries, and its dots <a_i, b_j> in fp32, computed (1 matmul pass over the
     grid) or, with DOTS_GIVEN, read from a GEMM's fp32 output (row stride ``stride_dots``)."""
@@ -125,9 +160,10 @@ def block_tile(a_ptr, b_ptr, dots_ptr, n_a, n_b, D, stride_a, stride_ad, stride_
         dots_tile = dots_ptr + (pid_m * BM).to(tl.int64) * stride_dots + pid_n * BN
         dots = tl.load(dots_tile + tile_offsets(BM, BN, stride_dots), mask=tile_ok, other=0.0)
     else:
-        dots = similarity_tile(a_ptr + rows.to(tl.int64) * stride_a,
-                               b_ptr + cols.to(tl.int64) * stride_b, row_ok, col_ok, D,
-                               stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+        a = operand(a_ptr, n_a, D, stride_a, BM, BK, TMA)
+        b = operand(b_ptr, n_b, D, stride_b, BN, BK, TMA)
+        dots = tile_dots(a, b, pid_m * BM, pid_n * BN, D, stride_a, stride_ad, stride_b,
+                         stride_bd, row_ok, col_ok, BK, DOT_PRECISION, TMA)  # fmt: skip
     return rows, cols, tile_ok, dots
 
 
@@ -363,6 +399,33 @@ def target_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def tma(*operands: torch.Tensor) -> bool:
+    """Read these operands through tensor descriptors (Hopper's TMA copy engine)?
+
+    Opt-in (FASTCLIP_TMA=1) until a GPU run has measured it against the pointer loads, where
+    Triton has device-side descriptors and the operands allow them: 16-bit, unit feature
+    stride, rows and base 16-byte aligned. A GPU run needs an allocator for the descriptors'
+    scratch memory: set here, once.
+    """
+    wanted = os.environ.get("FASTCLIP_TMA", "0") == "1" and hasattr(tl, "make_tensor_descriptor")
+    usable = wanted and all(
+        t.dtype in (torch.float16, torch.bfloat16)
+        and t.stride(1) == 1
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+        for t in operands
+    )
+    if usable and not interpreting():
+        _descriptor_scratch()
+    return usable
+
+
+@functools.cache
+def _descriptor_scratch() -> None:
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                                     device="cuda"))  # fmt: skip
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 products follow torch's own matmul setting; 16-bit inputs are exact products anyway."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
@@ -554,6 +617,7 @@ def sweep_blocks(
             stride_sums=sums.stride(0),
             DOTS_GIVEN=dots_by_gemm,
             DOT_PRECISION=dot_precision(x.dtype),
+            TMA=not dots_by_gemm and tma(a, b),
         )
         programs = []
 

@@ -298,3 +298,26 @@ def test_forward_with_one_exponential(monkeypatch, guard, norms, scale):
     col_ref[offset : offset + 70] = pos
     others = (s - col_ref).index_put((rows, rows + offset), minus_inf)
     assert_close(col, torch.logsumexp(others, 0), torch.float32, "columns' m", slack, floor=1)
+
+
+@pytest.mark.parametrize("backend", ["blocks", "blocks-mm", "fused"])
+def test_tensor_descriptors(monkeypatch, tiles, backend):
+    """FASTCLIP_TMA=1: the forward and the G kernels read their operands through tensor
+    descriptors, boxes past the last rows and features reading 0 (37 and 53 rows, 24 features
+    in boxes of 16): the same loss and gradients."""
+    monkeypatch.setenv("FASTCLIP_TMA", "1")
+    tiles(SMALL)
+    ours, ref = make_inputs(37, 53, 24, dtype=torch.float16, seed=12)
+    assert kt.tma(*ours[:2])
+    check(ours, ref, backend, torch.float16, offset=9)
+
+
+def test_tensor_descriptors_only_where_the_operands_allow(monkeypatch):
+    monkeypatch.setenv("FASTCLIP_TMA", "1")
+    x = torch.zeros(8, 32, dtype=torch.float16, device=DEVICE)
+    assert kt.tma(x, x)
+    assert not kt.tma(x.float(), x.float())  # fp32: the pointer loads
+    assert not kt.tma(x[:, :12].contiguous(), x)  # rows of 24 bytes: not 16-byte aligned
+    assert not kt.tma(x.T.contiguous().T, x)  # features not contiguous
+    monkeypatch.setenv("FASTCLIP_TMA", "0")
+    assert not kt.tma(x, x)

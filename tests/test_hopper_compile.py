@@ -135,25 +135,29 @@ def cases() -> dict[str, Case]:
     def tile(c, m="BM", n="BN"):  # a product's (M, N) output tile
         return c.kwargs[m], c.kwargs[n]
 
-    for c in kc._FORWARD_CONFIGS:  # both directions of 16-bit features: one exponential
+    # 16-bit features: both directions take one exponential, and the operands may come through
+    # tensor descriptors (TMA) where dots are computed.
+    for c in kc._FORWARD_CONFIGS:
         for col in (True, False):
-            const = {"COL_STATS": col, "ONE_EXP": col, "DOT_PRECISION": "ieee"}
-            add(f"forward-{label(c)}-col{col}", kc._forward_kernel, bf16, const, c, tile(c))
+            for tma in (False, True):
+                const = {"COL_STATS": col, "ONE_EXP": col, "DOT_PRECISION": "ieee", "TMA": tma}
+                add(f"forward-{label(c)}-col{col}-tma{tma}", kc._forward_kernel, bf16, const, c,
+                    tile(c))  # fmt: skip
     for c in kc._BLOCK_CONFIGS:
-        for given in (False, True):  # given dots: no product
-            const = {"B_TERM": True, "DOTS_GIVEN": given, "DOT_PRECISION": "ieee"}
+        for given, tma in ((False, False), (False, True), (True, False)):  # given: no product
+            const = {"B_TERM": True, "DOTS_GIVEN": given, "DOT_PRECISION": "ieee", "TMA": tma}
             products = () if given else (tile(c),)
-            add(f"block-{label(c)}-dots{given}", kc._gradient_block_kernel, bf16, const, c,
-                *products)  # fmt: skip
+            add(f"block-{label(c)}-dots{given}-tma{tma}", kc._gradient_block_kernel, bf16,
+                const, c, *products)  # fmt: skip
     for c in kc._BACKWARD_CONFIGS:  # S, then G b
         const = {"A_TERM": True, "B_TERM": True, "DOT_PRECISION": "ieee"}
         add(f"backward-{label(c)}", kc._backward_kernel, bf16, const, c, tile(c),
             tile(c, n="BD"))  # fmt: skip
     for precision in ("ieee", "tf32"):  # fp32 features: the configs pruning keeps as fallback
-        const = {"COL_STATS": True, "ONE_EXP": False, "DOT_PRECISION": precision}
+        const = {"COL_STATS": True, "ONE_EXP": False, "DOT_PRECISION": precision, "TMA": False}
         add(f"forward-fp32-{precision}", kc._forward_kernel, fp32, const,
             smallest(kc._FORWARD_CONFIGS))  # fmt: skip
-        const = {"B_TERM": True, "DOTS_GIVEN": False, "DOT_PRECISION": precision}
+        const = {"B_TERM": True, "DOTS_GIVEN": False, "DOT_PRECISION": precision, "TMA": False}
         add(f"block-fp32-{precision}", kc._gradient_block_kernel, fp32, const,
             smallest(kc._BLOCK_CONFIGS))  # fmt: skip
         const = {"A_TERM": True, "B_TERM": True, "DOT_PRECISION": precision}
@@ -167,12 +171,12 @@ def cases() -> dict[str, Case]:
             add(f"siglip-{label(c)}-loss{loss}-grad{grad}", ks._sweep_kernel, bf16, const, c,
                 *products)  # fmt: skip
     for c in ks._BLOCK_CONFIGS:
-        for given in (False, True):
+        for given, tma in ((False, False), (False, True), (True, False)):
             const = {"HAS_BIAS": True, "HAS_PAIRS": True, "DOTS_GIVEN": given,
-                     "DOT_PRECISION": "ieee"}  # fmt: skip
+                     "DOT_PRECISION": "ieee", "TMA": tma}  # fmt: skip
             products = () if given else (tile(c),)
-            add(f"siglip-block-{label(c)}-dots{given}", ks._gradient_block_kernel, bf16, const,
-                c, *products)  # fmt: skip
+            add(f"siglip-block-{label(c)}-dots{given}-tma{tma}", ks._gradient_block_kernel,
+                bf16, const, c, *products)  # fmt: skip
     for c in ksim._SIMILARITY_CONFIGS:
         for norm in (False, True):
             const = {"HAS_BIAS": True, "NORMALIZE": norm, "DOT_PRECISION": "ieee", "GROUP": 8}
