@@ -34,6 +34,8 @@ Parts, in this order (``--parts`` picks some, in the order given):
   large           InfoNCE at N = 2^20, D = 512, forward+backward once by auto's implementation,
                   then by the other bounded-block one while the part's time lasts
   block-configs   the bounded-block G kernel with each candidate tile: one G pass at 16,384
+  tma             InfoNCE's forward and both G kernels at 16,384 with their operands read through
+                  tensor descriptors (FASTCLIP_TMA=1, opt-in until this measures it) and without
   compile         the projection's torch.compile baseline (its compilation dominates)
 
 Stages, named as ``fastclip.costs`` names them: InfoNCE blocks = forward, G (the backward with
@@ -66,8 +68,9 @@ does beforehand. A case runs ~11 times (error, memory, a probe, up to 9 timed ru
   | projection    |    10 |        2 | runs under 1 ms                                       |
   | large         |    35 |       25 | the model's 11.7 s and 11.8 s, once each, plus inputs |
   | block-configs |    15 |        3 | 6 G passes of ~1.5 ms x 11; compiled beforehand       |
+  | tma           |    10 |        4 | 6 passes of ~1.5 ms x 11, 4 kernels to compile (g)    |
   | compile       |    30 |       25 | Inductor compiling a forward and a backward (g)       |
-  | sum           |   214 |       83 | plus ~5 s to start Python and CUDA                    |
+  | sum           |   224 |       87 | plus ~5 s to start Python and CUDA                    |
 """
 
 from __future__ import annotations
@@ -630,6 +633,28 @@ def part_block_configs(run: Run) -> None:
         settle(device)
 
 
+def part_tma(run: Run) -> None:
+    """The kernels that compute dots (InfoNCE's forward, both G kernels) with their operands
+    through tensor descriptors (FASTCLIP_TMA=1) and through pointer loads, one G pass each."""
+    n = run.sizes.block_configs_n
+    for op, loss in LOSSES.items():
+        args = [t.detach() for t in stage_inputs(run, op, n)]
+        stages = stage_functions(run, op, "blocks", *args)
+        timed = {"G-only": stages["G-only"]}
+        if op == "contrastive":
+            timed["forward"] = lambda a=args: kc.contrastive_forward(a[0], a[1], a[2], 0, True)
+        for stage, fn in timed.items():
+            for tma in ("0", "1"):
+                row = {"op": op, "N": n, "D": loss.D, "stage": stage, "tma": tma == "1"}
+                with (
+                    case(run.results.add("tma", row), run.results),
+                    mock.patch.dict(os.environ, {"FASTCLIP_TMA": tma}),
+                ):
+                    row.update(run.timed(fn))
+                    row["tflops"] = 2 * n * n * loss.D / row["ms"] / 1e9
+        settle(run.device)
+
+
 def stage_inputs(run: Run, op: str, n: int) -> list[torch.Tensor]:
     loss = LOSSES[op]
     x, y = (features(n, loss.D, run.device, seed) for seed in (n, n + 1))
@@ -935,6 +960,7 @@ PARTS = (  # most wanted first: a run short of time skips the last ones
     Part("projection", part_projection, 10),
     Part("large", part_large, 35),
     Part("block-configs", part_block_configs, 15),
+    Part("tma", part_tma, 10),
     Part("compile", part_compile, 30),
 )
 MIN_PART_S = 3  # a part with less time left than this is skipped

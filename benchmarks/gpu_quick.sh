@@ -26,7 +26,7 @@
 #   | compiling run (--tiny)      | WARM_WAIT_S 10 more   |        0 | beside the tests: ~25      |
 #   |                             |                       |          | kernels, ~3 s each (guess) |
 #   | gpu_quick.py                | what is left - 10     |       88 | its parts' limits sum to   |
-#   |                             | (~170)                |          | 214, its estimates to 83;  |
+#   |                             | (~170)                |          | 224, its estimates to 87;  |
 #   |                             |                       |          | +5 to start                |
 #   | summary, tuning             | -                     |        2 |                            |
 #   | total                       | 285                   |      175 |                            |
@@ -42,7 +42,7 @@ QUICK_ARGS=${QUICK_ARGS:-}
 TESTS=(tests/test_similarity.py tests/test_projection.py tests/test_precision.py
     tests/test_contrastive.py tests/test_siglip.py)
 # The kernels the measurements launch, in the order they need them.
-WARM_PARTS=contrastive,siglip,retrieval,projection,block-configs,bandwidth
+WARM_PARTS=contrastive,siglip,retrieval,projection,block-configs,tma,bandwidth
 start=$SECONDS
 mkdir -p "$OUT"
 rm -f "$OUT"/{env.txt,tests.log,quick.json,quick.log,summary.md,tuning.json,warm.json,warm.log}
