@@ -172,15 +172,28 @@ def check_number(
     if ok and high is not None:
         ok = value < high if open_high else value <= high
     if not ok:
-        if low is not None and high is not None:
-            bounds = f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-        elif low is not None:
-            bounds = f" {'>' if open_low else '>='} {low}"
-        else:
-            bounds = "" if high is None else f" {'<' if open_high else '<='} {high}"
-        what = "an int" if integer else "a finite number"
-        raise ValueError(f"{name} must be {what}{bounds}, got {value!r}")
+        allowed = number_range(low, high, integer=integer, open_low=open_low, open_high=open_high)
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return int(value) if integer else float(value)
+
+
+def number_range(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    integer: bool = False,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> str:
+    """What ``check_number`` with these arguments accepts, in words: "an int >= 1",
+    "a finite number in (0, 1]"."""
+    if low is not None and high is not None:
+        bounds = f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    elif low is not None:
+        bounds = f" {'>' if open_low else '>='} {low}"
+    else:
+        bounds = "" if high is None else f" {'<' if open_high else '<='} {high}"
+    return f"{'an int' if integer else 'a finite number'}{bounds}"
 
 
 def check_classnames(classnames: object) -> list[str]:

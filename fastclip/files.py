@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +19,8 @@ from typing import Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+TORCH_SAVE_HEADS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, its older pickle
 
 
 class Tokenizer(Protocol):
@@ -29,12 +31,16 @@ class Tokenizer(Protocol):
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """write(temporary name) then rename: a crash mid-write leaves the previous file intact."""
+    """write(temporary name) then rename: a crash mid-write leaves the previous file intact. The
+    file gets the mode any new file gets (0666 less the umask), as ``open`` would give it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    mode = os.fstat(fd).st_mode & 0o777  # what the umask leaves a new file
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that replaces the file (safetensors does) may narrow it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -101,6 +107,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors" or not path.is_file():  # read_weights names what is wrong
         return read_weights(path)[0]
+    with path.open("rb") as f:
+        head = f.read(8)
+    if not head.startswith(TORCH_SAVE_HEADS):
+        raise ValueError(
+            f"{path} is not a weights file: neither safetensors nor torch.save's format (it "
+            f"begins {head!r})"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:

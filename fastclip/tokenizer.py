@@ -39,6 +39,7 @@ from fastclip.files import atomic_write, read_json, write_json, write_text
 
 SOT, EOT, SUFFIX = "<|startoftext|>", "<|endoftext|>", "</w>"
 DEFAULT_CONTEXT_LENGTH = 77  # CLIP's text context, sot and eot included
+MIN_VOCAB_SIZE = 2 * 256 + 2  # the byte bases, with </w>, + sot, eot
 _SPLIT = (  # CLIP's pre-tokenizer: the specials, contractions, letter runs, single digits, symbols
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
     r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -228,7 +229,7 @@ class Tokenizer:
         """Learn at most ``vocab_size`` ids of CLIP-style BPE from captions, laid out like OpenAI's
         vocab: the 256 byte characters, the same ending in ``</w>``, merges, sot, eot. Any text
         encodes. ``pad`` is ``"openai"`` (pad id 0) or ``"eot"`` (Hugging Face's usual)."""
-        check_int("vocab_size", vocab_size, 2 * 256 + 2)  # the byte bases, with </w>, + sot, eot
+        check_int("vocab_size", vocab_size, MIN_VOCAB_SIZE)
         check_int("min_frequency", min_frequency, 0)
         if pad not in ("openai", "eot"):
             raise ValueError(f"pad must be 'openai' or 'eot', got {pad!r}")

@@ -2,6 +2,7 @@
 state dicts (ViT and ResNet), and clear errors for bad files."""
 
 import json
+import os
 import re
 from dataclasses import replace
 
@@ -263,6 +264,42 @@ def test_save_and_load_round_trip(tmp_path, preset):
         assert torch.equal(again.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("preset", [dict(), RESNET, dict(logit_bias_init=-10.0, proj_bias=True)])
+def test_fastclip_weights_without_their_config(tmp_path, preset):
+    """A state dict, or a model.safetensors alone: the config comes from the weights' shapes,
+    the heads and activation from the overrides (assumed, with a warning, if not given)."""
+    torch.manual_seed(0)
+    model = CLIP("tiny", **preset).eval()
+    save_pretrained(model, tmp_path / "checkpoint")
+    bare = tmp_path / "model.safetensors"
+    bare.write_bytes((tmp_path / "checkpoint" / "model.safetensors").read_bytes())
+    unseen = {k: getattr(model.config, k) for k in ("vision_heads", "text_heads", "activation")}
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(0, 1022, (2, 32))
+    tokens[:, 9] = model.config.eot_token_id
+    expected = model.encode_image(images), model.encode_text(tokens)
+    for source in (model.state_dict(), bare):
+        again = load_pretrained(source, **unseen)
+        assert replace(again.config, patch_size=8) == replace(model.config, patch_size=8)
+        torch.testing.assert_close(
+            (again.encode_image(images), again.encode_text(tokens)), expected
+        )
+    with pytest.warns(UserWarning, match="vision_heads, text_heads, activation assumed"):
+        guessed = load_pretrained(bare)
+    assert guessed.config.text_heads == 1  # width 64 / 64: the tiny preset's 2 do not show
+
+
+def test_files_get_the_mode_the_umask_gives(tmp_path):
+    """Checkpoint files are as readable as any new file (0666 less the umask), not 0600."""
+    umask = os.umask(0o022)
+    try:
+        save_pretrained(CLIP("tiny"), tmp_path, Tokenizer.train(["a red circle"] * 4, 600))
+    finally:
+        os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(modes)
+
+
 def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = CLIP("tiny")
     save_pretrained(model, tmp_path)
@@ -304,8 +341,10 @@ def test_bad_checkpoints(tmp_path):
     wrong = {**state, "text_proj.weight": torch.zeros(64, 65)}
     with pytest.raises(ValueError, match=r"text_proj\.weight: file \(64, 65\), model \(64, 64\)"):
         load_pretrained(saved("shape", wrong))
-    with pytest.raises(ValueError, match="need the config.json"):
-        load_pretrained(saved("noconfig", state, config=False))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not weights\n")
+    with pytest.raises(ValueError, match=r"notes.txt is not a weights file.*b'hello, n'"):
+        load_pretrained(text)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes((good / "model.safetensors").read_bytes()[:1000])
     with pytest.raises(ValueError, match="truncated.safetensors is not a readable safetensors"):

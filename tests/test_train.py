@@ -4,6 +4,7 @@ equal one, kill-and-resume equals an uninterrupted run, and checkpoints survive 
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,6 +20,7 @@ require("tokenizers", "tqdm")
 import fastclip.files
 import fastclip.train as train
 import fastclip.train.loop
+import fastclip.train.state
 from fastclip import ClipLoss, SigLipLoss
 from fastclip.cli import main as cli
 from fastclip.cli import parse_train_args as parse_args
@@ -230,6 +232,51 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert fields[0] == fields[1]  # each step once, no record lost or repeated
 
 
+def test_a_torn_last_record_is_dropped_on_resume(tmp_path):
+    """A kill mid-write leaves half a line in metrics.jsonl: resuming drops it, and says so."""
+    first = run(tmp_path, "run", steps=3)
+    with open(f"{first.out}/metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 3.1')
+    with pytest.warns(UserWarning, match="dropped its torn last line"):
+        resumed = run(tmp_path, "run", resume=True)
+    assert [r["step"] for r in records(resumed) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    lines = (Path(first.out) / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:10]
+    (Path(first.out) / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2, is not a metrics record"):
+        run(tmp_path, "run", resume=True, steps=7)
+
+
+def test_pruning_keeps_this_run_and_latest_exists(tmp_path):
+    """Saving step s keeps it and the newest checkpoint before it; checkpoints after s, which
+    an interrupted attempt at the run left, are deleted (the run writes them again)."""
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"step-{step:06d}").mkdir()
+    (tmp_path / "step-notes").mkdir()
+    assert [p.name for p in train.state.outdated(tmp_path, 4)] == [
+        "step-000006",
+        "step-000008",
+    ]
+    assert [p.name for p in train.state.outdated(tmp_path, 8)] == ["step-000002", "step-000004"]
+    (tmp_path / "latest").write_text("step-000010\n")
+    with pytest.raises(ValueError, match="names step-000010, which .* does not hold"):
+        train.latest_checkpoint(tmp_path)
+
+
+def test_resuming_past_the_last_step_is_an_error(tmp_path):
+    run(tmp_path, "run", steps=4, save_every=0)
+    with pytest.raises(ValueError, match="is at step 4, past steps=2"):
+        run(tmp_path, "run", steps=2, resume=True)
+
+
+def test_a_stream_shorter_than_a_batch_is_an_error_not_a_hang(tmp_path):
+    require("PIL", "webdataset")
+    shapes = ShapesDataset("train", 8)
+    write_shards((shapes[i] for i in range(8)), tmp_path / "shards")
+    with pytest.raises(ValueError, match="gave no batch of 32 rows"):
+        run(tmp_path, "run", data=f"wds:{tmp_path}/shards/000000.tar", steps=2)
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     saves, save_file = [0], fastclip.files.save_file
 
@@ -268,7 +315,7 @@ def test_locked_towers_do_not_change(tmp_path, lock):
     assert not torch.equal(after["logit_scale"], before["logit_scale"])
 
 
-def test_trains_from_shards_and_from_a_csv_with_a_broken_image(tmp_path):
+def test_trains_from_shards_and_from_a_csv_with_a_broken_image(tmp_path, capsys):
     require("PIL", "webdataset")
     from PIL import Image
 
@@ -286,6 +333,8 @@ def test_trains_from_shards_and_from_a_csv_with_a_broken_image(tmp_path):
     with pytest.warns(UserWarning, match=r"skipped row 7"):
         cfg = run(tmp_path, "csv", data=f"csv:{tmp_path}/pairs.csv", steps=2, augment=False)
     assert len([r for r in records(cfg) if "loss" in r]) == 2
+    reads = capsys.readouterr().out  # row 7 is in each step's batch with probability 32 / 40
+    assert re.search(r"bad samples skipped: ([12]) \(\1 undecodable image\)", reads), reads
 
 
 def test_command_line():

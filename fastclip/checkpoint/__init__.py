@@ -5,7 +5,8 @@
     export_hf(model, "dir", tokenizer)  ->  a directory transformers.CLIPModel.from_pretrained reads
 
 ``load_pretrained`` recognizes three layouts by their keys and converts them:
-  - fastclip's own (``visual_proj.weight``; the config comes from config.json);
+  - fastclip's own (``visual_proj.weight``; the config comes from config.json, else from the
+    weights' shapes as for OpenAI's, the heads and activation assumed unless given);
   - OpenAI / open_clip (``visual.transformer.resblocks.N.attn.in_proj_weight``, ``visual.proj``,
     or the ResNet's ``visual.layer1...``): the config is inferred from the weights' shapes, as
     OpenAI's ``build_model`` does (heads = width / 64, QuickGELU; override with keywords);

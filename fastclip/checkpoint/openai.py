@@ -40,7 +40,7 @@ KEYS = {  # by image tower
     "resnet": KeyMap(_TOWERS + (("visual_proj.", "visual.attnpool.c_proj."),), _BLOCK),
 }
 TRANSPOSED = ("visual.proj", "text_projection")  # OpenAI's names of the x @ P projections
-RESNET = "visual.layer1.0.conv1.weight"  # a weight only the ResNet tower has
+RESNET = "visual.layer1.0.conv1.weight"  # a weight only the ResNet tower has, in both layouts
 
 
 def from_openai_state_dict(
@@ -54,14 +54,16 @@ def from_openai_state_dict(
     }, infer_config(state, **overrides)
 
 
-def to_openai_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
-    """The model's weights under OpenAI / open_clip's names (q/k/v fused, projections as x @ P)."""
-    keys = KEYS["resnet" if model.config.resnet else "vit"]
-    state = {}
-    for key, value in model.state_dict().items():
+def to_openai_state_dict(model: CLIP | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's weights, or a fastclip state dict, under OpenAI / open_clip's names (q/k/v
+    fused, projections as x @ P)."""
+    state = model.state_dict() if isinstance(model, CLIP) else model
+    keys = KEYS["resnet" if RESNET in state else "vit"]
+    converted = {}
+    for key, value in state.items():
         name = keys.from_fastclip(key)
-        state[name] = value.t() if name in TRANSPOSED else value
-    return state
+        converted[name] = value.t() if name in TRANSPOSED else value
+    return converted
 
 
 def infer_config(state: Mapping[str, torch.Tensor], **overrides) -> CLIPConfig:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from fastclip.checkpoint.hf import from_hf_state_dict
-from fastclip.checkpoint.openai import from_openai_state_dict
+from fastclip.checkpoint.openai import from_openai_state_dict, infer_config, to_openai_state_dict
 from fastclip.files import Tokenizer, read_json, read_state_dict, require_match, write_checkpoint
 from fastclip.model import CLIP, CLIPConfig
 
@@ -24,6 +25,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "open_clip_pytorch_model.bin",
 )
+UNSEEN = ("vision_heads", "text_heads", "activation")  # CLIPConfig fields weights do not show
 # Entries of OpenAI / open_clip / HF state dicts that are not weights of the model.
 IGNORED = re.compile(r"(^|\.)(attn_mask|position_ids|input_resolution|context_length|vocab_size)$")
 
@@ -37,6 +39,8 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, torch.Tensor], **ov
             ``.safetensors``/``.pt``/``.bin`` file, or a state dict, in any of the three layouts.
         overrides: CLIPConfig fields to set where the weights cannot tell them (e.g.
             ``activation="gelu"`` for open_clip models trained without QuickGELU, or heads).
+            Without a config.json (a state dict, a bare weights file), the config is inferred
+            from the weights' shapes, in every layout.
 
     Returns:
         The model in fp32 and eval mode. Raises ValueError naming missing, unexpected or
@@ -55,9 +59,7 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, torch.Tensor], **ov
             state = read_state_dict(path)
     state = {k: v for k, v in state.items() if not IGNORED.search(k)}
     if "visual_proj.weight" in state:
-        if config_json is None or "fastclip" not in config_json:
-            raise ValueError("fastclip weights need the config.json that save_pretrained writes")
-        config = CLIPConfig.from_dict({**config_json["fastclip"], **overrides})
+        config = fastclip_config(state, (config_json or {}).get("fastclip"), **overrides)
     elif any(k.startswith("vision_model.") for k in state):
         state, config = from_hf_state_dict(state, config_json or {}, **overrides)
     elif "token_embedding.weight" in state:
@@ -71,6 +73,33 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, torch.Tensor], **ov
     model = CLIP(config)
     load_weights(model, state)
     return model.eval()
+
+
+def fastclip_config(
+    state: Mapping[str, torch.Tensor], saved: Mapping | None, **overrides
+) -> CLIPConfig:
+    """The CLIPConfig of fastclip-layout weights: the one ``save_pretrained`` wrote beside them
+    (``saved``), else inferred from their shapes as for OpenAI's layout, with the special tokens
+    last in the vocabulary as ``Tokenizer.train`` lays them out. Heads and the activation do not
+    show in the weights: unless given as ``overrides``, they are assumed (heads = width / 64,
+    GELU), with a warning."""
+    if saved is not None:
+        return CLIPConfig.from_dict({**saved, **overrides})
+    assumed = [name for name in UNSEEN if name not in overrides]
+    if assumed:
+        warnings.warn(
+            f"fastclip weights without their config.json: {', '.join(assumed)} assumed "
+            "(heads = width / 64, GELU); pass them to load_pretrained if the model differs",
+            stacklevel=3,
+        )
+    vocab = state["text.token_embedding.weight"].shape[0]
+    seen = dict(
+        activation="gelu",
+        sot_token_id=vocab - 2,
+        eot_token_id=vocab - 1,
+        proj_bias="visual_proj.bias" in state,
+    )
+    return infer_config(to_openai_state_dict(state), **{**seen, **overrides})
 
 
 def load_weights(model: CLIP, state: Mapping[str, torch.Tensor]) -> None:

@@ -9,10 +9,12 @@ command follow.
 
 from __future__ import annotations
 
+import copy
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from fastclip.checks import one_of
 from fastclip.data.digits import DigitsDataset
@@ -100,9 +102,29 @@ def find(spec: str, use: str = "training") -> tuple[Source, str]:
 
 
 def training_set(spec: str, seed: int, samples: int = 0) -> Dataset:
-    """The (image, caption) pairs to train on: map-style, or iterable for a stream of shards."""
+    """The (image, caption) pairs to train on: map-style, or iterable for a stream of shards. A
+    ValueError if the source yields no usable sample (see ``check_usable``)."""
     source, argument = find(spec)
-    return source.training(argument, seed, samples)
+    dataset = source.training(argument, seed, samples)
+    check_usable(dataset, spec)
+    return dataset
+
+
+def check_usable(dataset: Dataset, spec: str) -> None:
+    """Read ``dataset`` up to its first usable sample: a ValueError, with the reasons its bad
+    samples were skipped, if there is none (missing or empty shards, a CSV of bad rows). A copy
+    reads, with its own counts of skipped samples: the dataset's stay the run's."""
+    probe = copy.copy(dataset)
+    if hasattr(probe, "skip_reasons"):
+        probe.skipped, probe.skip_reasons = 0, Counter()
+    items = (
+        probe if isinstance(probe, IterableDataset) else map(probe.__getitem__, range(len(probe)))
+    )
+    if any(item is not None for item in items):
+        return
+    reasons = getattr(probe, "skip_reasons", Counter())
+    why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()) or "it is empty"
+    raise ValueError(f"--data {spec} yields no usable sample to train on ({why})")
 
 
 def evaluation_sets(spec: str, seed: int) -> EvaluationSets:

@@ -8,7 +8,8 @@ many (``torchrun --nproc-per-node 8 -m fastclip.train ...``: NCCL on GPUs, gloo 
     processes  torchrun's environment and the collectives the steps need
     batches    each step's rows, drawn from (seed, step), and their augmented pixels
     step       one optimizer step with the feature cache; the loss, AdamW, the schedule
-    state      checkpoints: saved atomically, the latest found, a run resumed bit for bit
+    state      the run directory and its checkpoints: one run each, saved atomically, resumed
+               bit for bit
     metrics    records (metrics.jsonl, the progress bar), the plot and the summary
     loop       train(cfg): setup, then steps, evaluations and checkpoints
 
@@ -18,12 +19,14 @@ The command line is ``fastclip.cli``; evaluation is ``fastclip.zeroshot.Evaluati
 from fastclip.train.config import TrainConfig
 from fastclip.train.loop import train
 from fastclip.train.processes import average_gradients
-from fastclip.train.state import latest_checkpoint
-from fastclip.train.step import contrastive_step
+from fastclip.train.state import checkpoint_of, latest_checkpoint
+from fastclip.train.step import Diverged, contrastive_step
 
 __all__ = [
+    "Diverged",
     "TrainConfig",
     "average_gradients",
+    "checkpoint_of",
     "contrastive_step",
     "latest_checkpoint",
     "train",

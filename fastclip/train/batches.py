@@ -27,7 +27,7 @@ def batches(
     loader_args = dict(num_workers=cfg.workers, collate_fn=collate_pairs)
     if isinstance(dataset, IterableDataset):
         loader = DataLoader(dataset, batch_size=rows, drop_last=True, **loader_args)
-        yield from itertools.islice(_forever(loader), start, None)
+        yield from itertools.islice(_forever(loader, rows), start, None)
         return
     per_epoch = len(dataset) // cfg.batch_size
     if per_epoch == 0:
@@ -47,9 +47,18 @@ def batches(
     yield from DataLoader(dataset, batch_sampler=indices(), **loader_args)
 
 
-def _forever(loader: Iterable) -> Iterator:
+def _forever(loader: Iterable, rows: int) -> Iterator:
+    """The loader's batches, pass after pass; a ValueError if a pass gives none."""
     while True:
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(
+                f"a pass over the data gave no batch of {rows} rows: the stream holds fewer "
+                "usable samples than one batch per process (and DataLoader worker)"
+            )
 
 
 def pixels(images: list, cfg: TrainConfig, step: int, rank: int, size: int) -> torch.Tensor:

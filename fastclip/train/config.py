@@ -5,19 +5,49 @@ every value is checked when a config is made, before a run starts."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-from fastclip.checks import check_choice
+from fastclip.checks import check_choice, check_number, number_range, one_of
 from fastclip.data import described, find
 from fastclip.model import PRESETS
-from fastclip.train.processes import DEVICES
+from fastclip.tokenizer import MIN_VOCAB_SIZE
+from fastclip.train.processes import DEVICES, check_available
 from fastclip.train.step import LOSSES, PRECISIONS
 
 
-def setting(default: Any, help: str, choices: Sequence[str] = ()) -> Any:
-    """A config field: its default, its ``--flag``'s help and, for a str, its allowed values."""
-    return field(default=default, metadata={"help": help, "choices": tuple(choices)})
+def setting(
+    default: Any,
+    help: str,
+    choices: Sequence[str] = (),
+    *,
+    low: float | None = None,
+    above: bool = False,
+) -> Any:
+    """A config field: its default, its ``--flag``'s help and its allowed values: ``choices``
+    for a str; for a number, at least ``low`` (more than ``low`` if ``above``)."""
+    limits = None if low is None else dict(low=low, open_low=above)
+    metadata = {"help": help, "choices": tuple(choices), "range": limits}
+    return field(default=default, metadata=metadata)
+
+
+def allowed(f: Field) -> str:
+    """The values a field allows, in words ("" if any value of its type)."""
+    if f.metadata["choices"]:
+        return one_of(f.metadata["choices"])
+    if f.metadata["range"] is not None:
+        return number_range(integer=isinstance(f.default, int), **f.metadata["range"])
+    return ""
+
+
+def check_setting(f: Field, value: object, name: str) -> None:
+    """A ValueError naming ``name`` (the field, or its flag) unless ``value`` is one that the
+    field allows."""
+    if f.metadata["choices"]:
+        check_choice(name, value, f.metadata["choices"])
+    elif f.metadata["range"] is not None:
+        check_number(name, value, integer=isinstance(f.default, int), **f.metadata["range"])
 
 
 @dataclass
@@ -27,43 +57,62 @@ class TrainConfig:
 
     out: str = setting("runs/shapes", "run directory: checkpoints, metrics.jsonl, metrics.png")
     data: str = setting("shapes", described("training"))
-    model: str = setting("tiny", f"preset: {', '.join(PRESETS)}")
+    model: str = setting("tiny", "a preset of fastclip.model.PRESETS", choices=tuple(PRESETS))
     init: str = setting("", "start from this checkpoint (and its tokenizer): fine-tuning")
     lock_image: bool = setting(False, "freeze the image tower and its head (LiT: train the text)")
     lock_text: bool = setting(False, "freeze the text tower and its head")
-    loss: str = setting("clip", "clip (InfoNCE) | siglip", choices=tuple(LOSSES))
-    steps: int = setting(1500, "optimizer steps")
-    batch_size: int = setting(256, "contrastive batch: pairs per step, all processes together")
-    micro_batch: int = setting(
-        0, "rows per forward with gradients, per process (0: all; else feature cache)"
+    loss: str = setting(
+        "clip", "the loss: clip is InfoNCE, siglip the sigmoid loss", choices=tuple(LOSSES)
     )
-    lr: float = setting(2e-3, "peak learning rate (AdamW, betas 0.9/0.98, eps 1e-6)")
-    weight_decay: float = setting(0.1, "on weight matrices only; none on biases, norms, scalars")
-    warmup: int = setting(100, "linear warm-up steps, then cosine decay to 0")
-    grad_clip: float = setting(1.0, "max global gradient norm (0: off)")
+    steps: int = setting(1500, "optimizer steps", low=1)
+    batch_size: int = setting(
+        256, "contrastive batch: pairs per step, all processes together", low=1
+    )
+    micro_batch: int = setting(
+        0, "rows per forward with gradients, per process (0: all; else feature cache)", low=0
+    )
+    lr: float = setting(
+        2e-3, "peak learning rate (AdamW, betas 0.9/0.98, eps 1e-6)", low=0, above=True
+    )
+    weight_decay: float = setting(
+        0.1, "on weight matrices only; none on biases, norms, scalars", low=0
+    )
+    warmup: int = setting(100, "linear warm-up steps, then cosine decay to 0", low=0)
+    grad_clip: float = setting(1.0, "max global gradient norm (0: off)", low=0)
     precision: str = setting(
-        "auto", "fp32 | bf16 (autocast) | auto: bf16 on CUDA, fp32 on CPU", choices=PRECISIONS
+        "auto", "bf16 autocasts; auto is bf16 on CUDA, fp32 on CPU", choices=PRECISIONS
     )
     device: str = setting(
         "auto",
-        "cuda | cpu | auto: CUDA (one GPU per process, NCCL) when present, else CPU (gloo)",
+        "auto: CUDA (one GPU per process, NCCL) when present, else CPU (gloo)",
         choices=DEVICES,
     )
     grad_checkpointing: bool = setting(False, "recompute transformer blocks in backward")
     augment: bool = setting(True, "random resized crops (area 0.9-1) while training")
-    vocab_size: int = setting(1024, "size of the BPE trained on the captions (a new run)")
-    samples: int = setting(0, "generated training images (0: the dataset's default)")
-    workers: int = setting(0, "DataLoader worker processes")
-    log_every: int = setting(10, "steps between metric records")
-    eval_every: int = setting(250, "steps between evaluations (0: at the end only)")
-    save_every: int = setting(500, "steps between checkpoints (0: at the end only)")
+    vocab_size: int = setting(
+        1024, "size of the BPE trained on the captions (a new run)", low=MIN_VOCAB_SIZE
+    )
+    samples: int = setting(0, "generated training images (0: the dataset's default)", low=0)
+    workers: int = setting(0, "DataLoader worker processes", low=0)
+    log_every: int = setting(10, "steps between metric records", low=1)
+    eval_every: int = setting(250, "steps between evaluations (0: at the end only)", low=0)
+    save_every: int = setting(500, "steps between checkpoints (0: at the end only)", low=0)
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
-    seed: int = setting(0, "model initialization, data order and augmentation")
+    overwrite: bool = setting(
+        False, "delete the run directory's earlier run (checkpoints, records, tokenizer) first"
+    )
+    seed: int = setting(0, "model initialization, data order and augmentation", low=0)
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.metadata["choices"]:
-                check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
+            check_setting(f, getattr(self, f.name), f.name)
         find(self.data)
+        check_available(self.device)
+        if self.init and not Path(self.init).exists():
+            raise ValueError(f"--init names no checkpoint: {self.init!r} does not exist")
         if self.lock_image and self.lock_text:
-            raise ValueError("lock_image and lock_text together leave nothing to train")
+            raise ValueError("--lock-image and --lock-text together leave nothing to train")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "--resume continues the run in --out, --overwrite deletes it: not both"
+            )

@@ -7,6 +7,7 @@ and ``finish``. Evaluation and saving run on rank 0; every process trains.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -33,14 +34,23 @@ from fastclip.train.processes import (
     setup_distributed,
     shutdown,
 )
-from fastclip.train.state import latest_checkpoint, resume, save_checkpoint
+from fastclip.train.state import (
+    checkpoint_of,
+    claim,
+    clear,
+    latest_checkpoint,
+    resume,
+    save_checkpoint,
+)
 from fastclip.train.step import (
     LOSSES,
+    Diverged,
     adamw,
     autocast_for,
     clamp_logit_scale,
     contrastive_step,
     cosine_schedule,
+    finite,
     lock_towers,
 )
 from fastclip.zeroshot import Evaluation
@@ -60,6 +70,7 @@ class Run:
     tokenizer: Tokenizer
     optimizer: torch.optim.Optimizer
     start: int  # the first step to take: 0, or the resumed checkpoint's
+    dataset: Dataset  # the training pairs; counts the samples it skips
     stream: Iterator[tuple[list, list[str]]]  # this process's (images, captions) of every step
     loss_fn: torch.nn.Module
     autocast: Callable[[], AbstractContextManager]
@@ -73,15 +84,16 @@ class Run:
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Train as ``cfg`` says; returns the final evaluation's metrics (rank 0; {} elsewhere)."""
     run, final = setup(cfg), {}
-    for step in range(run.start, cfg.steps):
-        done = step + 1
-        loss = train_step(run, step)
-        record_loss(run, done, loss)
-        if run.rank == 0 and _due(done, cfg.eval_every, cfg.steps):
-            final = evaluate(run, done)
-        if _due(done, cfg.save_every, cfg.steps):
-            save(run, done)
-        run.bar.update()
+    with contextlib.closing(run.bar):  # also on an error, whose message then has its own line
+        for step in range(run.start, cfg.steps):
+            done = step + 1
+            loss = train_step(run, step)
+            record_loss(run, done, loss)
+            if run.rank == 0 and _due(done, cfg.eval_every, cfg.steps):
+                final = evaluate(run, done)
+            if _due(done, cfg.save_every, cfg.steps):
+                save(run, done)
+            run.bar.update()
     finish(run, final)
     return final
 
@@ -98,18 +110,18 @@ def setup(cfg: TrainConfig) -> Run:
     rank, world, device = setup_distributed(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, checkpoint = run_directory(cfg, rank, world)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     dataset = training_set(cfg.data, cfg.seed, cfg.samples)
-    checkpoint = latest_checkpoint(out) if cfg.resume else None
     model, tokenizer = build_model(cfg, dataset, checkpoint, out, rank, world)
     lock_towers(model, cfg.lock_image, cfg.lock_text)
     model.to(device).set_grad_checkpointing(cfg.grad_checkpointing)
     broadcast_weights(model, world)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     start = 0 if checkpoint is None else resume(checkpoint, optimizer)
+    if start > cfg.steps:
+        raise ValueError(f"{checkpoint} is at step {start}, past steps={cfg.steps}: nothing to do")
     lead = rank == 0
     loss_fn = LOSSES[cfg.loss].build(rank, world)
     evaluation = Evaluation(cfg.data, cfg.seed, model.config.image_size) if lead else None
@@ -124,8 +136,23 @@ def setup(cfg: TrainConfig) -> Run:
     stream = batches(dataset, cfg, start, rank, world)
     autocast = autocast_for(cfg.precision, device)
     sinks = [metrics, bar] if lead else []
-    return Run(cfg, rank, world, device, model, tokenizer, optimizer, start, stream, loss_fn,
-               autocast, evaluation, bar, sinks)  # fmt: skip
+    return Run(cfg, rank, world, device, model, tokenizer, optimizer, start, dataset, stream,
+               loss_fn, autocast, evaluation, bar, sinks)  # fmt: skip
+
+
+def run_directory(cfg: TrainConfig, rank: int, world: int) -> tuple[Path, Path | None]:
+    """The run directory, checked to hold no other run (``state.claim``) and, with
+    ``--overwrite``, cleared of the earlier one; and the checkpoint to resume from, if any."""
+    out = Path(cfg.out)
+    claim(out, cfg.resume, cfg.overwrite)
+    barrier(world)  # every process has looked before rank 0 deletes or writes anything
+    if rank == 0 and cfg.overwrite:
+        clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_checkpoint(out) if cfg.resume else None
+    if rank == 0 and cfg.resume and checkpoint is None:
+        print(f"--resume: no checkpoint in {out}, starting a new run", flush=True)
+    return out, checkpoint
 
 
 def build_model(
@@ -133,7 +160,7 @@ def build_model(
 ) -> tuple[CLIP, Tokenizer]:
     """The model to train and its tokenizer: the checkpoint's when resuming, ``--init``'s when
     fine-tuning, else a new ``--model`` with a BPE learned from the training captions."""
-    source = checkpoint or cfg.init
+    source = checkpoint or (cfg.init and checkpoint_of(cfg.init))
     if source:
         return load_pretrained(source).train(), Tokenizer.from_pretrained(source)
     tokenizer = train_tokenizer(cfg, dataset, out / "tokenizer", rank, world)
@@ -177,7 +204,20 @@ def train_step(run: Run, step: int) -> torch.Tensor | None:
     run.optimizer.step()
     clamp_logit_scale(model)
     run.seen += len(images) * run.world
-    return average(loss, run.world)
+    loss = average(loss, run.world)
+    if not finite(model, loss):
+        raise Diverged(diverged(run, step + 1, loss))
+    return loss
+
+
+def diverged(run: Run, done: int, loss: torch.Tensor) -> str:
+    """Where a run diverged, and what to try."""
+    cfg, scale = run.cfg, run.model.logit_scale.exp().item()
+    clip = f"a tighter --grad-clip (now {cfg.grad_clip:g})" if cfg.grad_clip else "--grad-clip 1"
+    return (
+        f"training diverged at step {done} (loss {loss.item():.4g}, logit scale {scale:.4g}): "
+        f"try a lower --lr (now {cfg.lr:g}), a longer --warmup (now {cfg.warmup}) or {clip}"
+    )
 
 
 def record_loss(run: Run, done: int, loss: torch.Tensor | None) -> None:
@@ -219,10 +259,9 @@ def save(run: Run, done: int) -> None:
 
 
 def finish(run: Run, final: dict[str, float]) -> None:
-    """Close the progress bar; rank 0 plots the records and prints the final evaluation."""
-    run.bar.close()
+    """Rank 0 plots the records and prints the skipped samples and the final evaluation."""
     if run.rank == 0:
         out = Path(run.cfg.out)
         plot(out / "metrics.jsonl", out / "metrics.png")
-        print(summary(final, out))
+        print(summary(final, out, getattr(run.dataset, "skip_reasons", {}), run.world))
     shutdown(run.world)

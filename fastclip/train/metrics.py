@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
 from tqdm import tqdm
+
+from fastclip.files import write_text
 
 
 class Sink(Protocol):
@@ -22,14 +27,14 @@ class Sink(Protocol):
 
 class JsonlFile:
     """Records appended to a JSONL file. Opened at ``start`` > 0 (a resumed run), it first drops
-    the records after that step, which the run writes again: none is duplicated."""
+    the records after that step, which the run writes again: none is duplicated. A last line
+    that a kill cut short is dropped too."""
 
     def __init__(self, path: Path, start: int):
         self.path = path
         if path.is_file():
-            lines = path.read_text().splitlines()
-            kept = [line for line in lines if json.loads(line)["step"] <= start]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_records(path) if r["step"] <= start]
+            write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict[str, float]) -> None:
         """Append the record as one line."""
@@ -71,6 +76,25 @@ class ProgressBar:
         self.bar.close()
 
 
+def read_records(path: Path) -> list[dict[str, float]]:
+    """The records of a JSONL file. A torn last line (a write cut short by a kill) is dropped with
+    a warning; any other line that is not a record is a ValueError naming the file and line."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record with a step")
+        except ValueError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}, is not a metrics record: {e}") from None
+            warnings.warn(f"{path}: dropped its torn last line ({line[:40]!r})", stacklevel=2)
+            continue
+        records.append(record)
+    return records
+
+
 def plot(metrics_path: Path, png: Path) -> None:
     """Loss and evaluation metrics over steps, as a PNG (needs matplotlib)."""
     try:
@@ -81,7 +105,7 @@ def plot(metrics_path: Path, png: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    records = read_records(metrics_path)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "loss" not in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -98,8 +122,15 @@ def plot(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def summary(metrics: dict[str, float], out: Path) -> str:
-    """The run's last lines: where its files are, and the final evaluation."""
+def summary(
+    metrics: dict[str, float], out: Path, skipped: Mapping[str, int], world: int = 1
+) -> str:
+    """The run's last lines: where its files are, the samples it skipped (by reason, as rank 0
+    counted them) and the final evaluation."""
     lines = [f"done: checkpoints, metrics.jsonl and metrics.png in {out}"]
+    if skipped:
+        reasons = ", ".join(f"{n} {why}" for why, n in Counter(skipped).most_common())
+        where = " on rank 0" if world > 1 else ""
+        lines.append(f"bad samples skipped{where}: {sum(skipped.values())} ({reasons})")
     lines += [f"  {k:<28} {v:6.1%}" for k, v in metrics.items()]
     return "\n".join(lines)

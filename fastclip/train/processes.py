@@ -11,6 +11,16 @@ import torch.distributed as dist
 DEVICES = ("auto", "cuda", "cpu")
 
 
+def check_available(device: str) -> None:
+    """A ValueError if ``device`` (one of DEVICES) names hardware this machine lacks."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' asks for a GPU, but torch finds no CUDA device here "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): use "
+            "--device cpu, or auto, which takes a GPU when there is one"
+        )
+
+
 def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     """(rank, world size, device) for ``device`` (one of DEVICES): torchrun's environment when
     present, else one process."""

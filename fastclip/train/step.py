@@ -120,6 +120,17 @@ def _scale_and_bias(model: CLIP) -> list[torch.Tensor]:
     return [model.logit_scale.exp()] + ([] if model.logit_bias is None else [model.logit_bias])
 
 
+class Diverged(ArithmeticError):
+    """The loss, or the learned temperature or bias, left the finite numbers: training diverged."""
+
+
+def finite(model: CLIP, loss: torch.Tensor) -> bool:
+    """Whether the loss and the model's logit scale and bias are all finite (one number read back
+    from the device)."""
+    values = [loss.detach().float(), *(t.detach().float() for t in _scale_and_bias(model))]
+    return bool(torch.isfinite(torch.stack(values)).all())
+
+
 def clamp_logit_scale(model: CLIP) -> None:
     """Keep the learned temperature within CLIP's bound after an update."""
     with torch.no_grad():
