@@ -9,9 +9,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fastclip.checks import check_choice
-from fastclip.data import described, find
+from fastclip.data import column_keywords, described, find
 from fastclip.model import PRESETS
 from fastclip.train.processes import DEVICES
+from fastclip.train.reporting import REPORTERS, reporter_names
 from fastclip.train.step import LOSSES, PRECISIONS
 
 
@@ -27,6 +28,12 @@ class TrainConfig:
 
     out: str = setting("runs/shapes", "run directory: checkpoints, metrics.jsonl, metrics.png")
     data: str = setting("shapes", described("training"))
+    image_column: str = setting(
+        "", "image column of an hf: dataset (image) or a csv: file (filepath)"
+    )
+    caption_column: str = setting(
+        "", "caption column of an hf: dataset (text) or a csv: file (caption)"
+    )
     model: str = setting("tiny", f"preset: {', '.join(PRESETS)}")
     init: str = setting("", "start from this checkpoint (and its tokenizer): fine-tuning")
     lock_image: bool = setting(False, "freeze the image tower and its head (LiT: train the text)")
@@ -59,11 +66,15 @@ class TrainConfig:
     save_every: int = setting(500, "steps between checkpoints (0: at the end only)")
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
     seed: int = setting(0, "model initialization, data order and augmentation")
+    report_to: str = setting(
+        "", f"also log the records to {' and/or '.join(REPORTERS)} (comma-separated)"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.metadata["choices"]:
                 check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
-        find(self.data)
+        column_keywords(find(self.data)[0], self.image_column, self.caption_column)
+        reporter_names(self.report_to)
         if self.lock_image and self.lock_text:
             raise ValueError("lock_image and lock_text together leave nothing to train")

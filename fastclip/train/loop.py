@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from fastclip.train.processes import (
     setup_distributed,
     shutdown,
 )
+from fastclip.train.reporting import open_reporters
 from fastclip.train.state import latest_checkpoint, resume, save_checkpoint
 from fastclip.train.step import (
     LOSSES,
@@ -65,7 +66,7 @@ class Run:
     autocast: Callable[[], AbstractContextManager]
     evaluation: Evaluation | None  # rank 0's
     bar: ProgressBar
-    sinks: list[Sink]  # rank 0's records: metrics.jsonl, the progress bar
+    sinks: list[Sink]  # rank 0's records: metrics.jsonl, the progress bar, --report-to's
     seen: int = 0  # samples trained on by all processes since this one started
     tic: float = field(default_factory=time.perf_counter)
 
@@ -102,7 +103,7 @@ def setup(cfg: TrainConfig) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    dataset = training_set(cfg.data, cfg.seed, cfg.samples)
+    dataset = training_set(cfg.data, cfg.seed, cfg.samples, cfg.image_column, cfg.caption_column)
     checkpoint = latest_checkpoint(out) if cfg.resume else None
     model, tokenizer = build_model(cfg, dataset, checkpoint, out, rank, world)
     lock_towers(model, cfg.lock_image, cfg.lock_text)
@@ -123,7 +124,7 @@ def setup(cfg: TrainConfig) -> Run:
     bar = ProgressBar(cfg.steps, start, enabled=lead)
     stream = batches(dataset, cfg, start, rank, world)
     autocast = autocast_for(cfg.precision, device)
-    sinks = [metrics, bar] if lead else []
+    sinks = [metrics, bar, *open_reporters(cfg.report_to, out, start, asdict(cfg))] if lead else []
     return Run(cfg, rank, world, device, model, tokenizer, optimizer, start, stream, loss_fn,
                autocast, evaluation, bar, sinks)  # fmt: skip
 
@@ -219,8 +220,11 @@ def save(run: Run, done: int) -> None:
 
 
 def finish(run: Run, final: dict[str, float]) -> None:
-    """Close the progress bar; rank 0 plots the records and prints the final evaluation."""
+    """Close the progress bar and the records; rank 0 plots them and prints the final
+    evaluation."""
     run.bar.close()
+    for sink in run.sinks:
+        sink.close()
     if run.rank == 0:
         out = Path(run.cfg.out)
         plot(out / "metrics.jsonl", out / "metrics.png")
