@@ -15,7 +15,9 @@ require("tokenizers", "huggingface_hub")
 from hub_helpers import TEXT_HEADS, VISION_HEADS, cache_repo, tiny, use_cache, write_open_clip
 
 from fastclip import CLIP, Tokenizer, export_hf, load_pretrained, save_pretrained
+from fastclip.cli import eval_command
 from fastclip.files import write_json, write_weights
+from fastclip.finetune import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +158,12 @@ def test_a_fresh_process_reads_hf_home_offline(tmp_path, tokenizer):
     with torch.no_grad():
         expected = model.encode_text(tokenizer(["a red circle"]))
     torch.testing.assert_close(torch.load(tmp_path / "text.pt"), expected)
+
+
+def test_commands_take_repository_names(tmp_path, monkeypatch, tokenizer):
+    cache = use_cache(tmp_path / "hub", monkeypatch)
+    save_pretrained(tiny(tokenizer), tmp_path / "export", tokenizer)
+    cache_repo(cache, "test-org/tiny-clip", tmp_path / "export")
+    monkeypatch.chdir(tmp_path)
+    assert "zeroshot_top1" in eval_command(["test-org/tiny-clip"])
+    assert load_checkpoint("test-org/tiny-clip").config.vision_heads == VISION_HEADS
