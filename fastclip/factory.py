@@ -136,7 +136,7 @@ def get_tokenizer(model_name: str, *, revision: str | None = None) -> Tokenizer:
         return Tokenizer.from_pretrained(model_name, revision=revision)
     if model_name.removesuffix(QUICKGELU) not in PRETRAINED:
         raise ValueError(
-            f"model_name must be one of {list(PRETRAINED)} (a -quickgelu suffix allowed) or "
+            f"model_name must be one of {list(PRETRAINED)} (a {QUICKGELU} suffix allowed) or "
             f"hf-hub:org/name, got {model_name!r}; a new model's tokenizer is Tokenizer.train's"
         )
     return Tokenizer.from_pretrained(TOKENIZER_REPO, revision=revision)
@@ -162,8 +162,8 @@ def _build(
         )
     force_quick_gelu = force_quick_gelu or model_name.endswith(QUICKGELU)
     if pretrained is None:
-        activation = {"activation": "quick_gelu"} if force_quick_gelu else {}
-        return CLIP(name, **activation, **overrides), CLIP_MEAN, CLIP_STD
+        model = CLIP(name, **{**_activation(None, force_quick_gelu), **overrides})
+        return model, CLIP_MEAN, CLIP_STD
     return _load(_weights(name, pretrained), name, force_quick_gelu, revision, overrides)
 
 

@@ -111,4 +111,4 @@ def _not_found(name: str, layouts: Sequence[Layout], revision: str | None) -> st
             f"{where} is not a local path, and the Hugging Face cache ({constants.HF_HUB_CACHE}) "
             f"holds none of {markers} of it; HF_HUB_OFFLINE is set: download it once online"
         )
-    return f"{where} holds none of {markers}: not a checkpoint fastclip reads"
+    return f"{where} holds none of {markers}"

@@ -13,6 +13,7 @@ strings.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
@@ -52,7 +53,7 @@ class HfPairs(PairTable):
         return len(self.data)
 
     @property
-    def captions(self):
+    def captions(self) -> Iterable[str]:
         """Every caption, without decoding images (an iterable column)."""
         return self.data[self.caption_key]
 

@@ -28,12 +28,8 @@ class TrainConfig:
 
     out: str = setting("runs/shapes", "run directory: checkpoints, metrics.jsonl, metrics.png")
     data: str = setting("shapes", described("training"))
-    image_column: str = setting(
-        "", "image column of an hf: dataset (image) or a csv: file (filepath)"
-    )
-    caption_column: str = setting(
-        "", "caption column of an hf: dataset (text) or a csv: file (caption)"
-    )
+    image_column: str = setting("", "images' column of hf: or csv: data (empty: image, filepath)")
+    caption_column: str = setting("", "captions' column of hf: or csv: data (empty: text, caption)")
     model: str = setting("tiny", f"preset: {', '.join(PRESETS)}")
     init: str = setting("", "start from this checkpoint (and its tokenizer): fine-tuning")
     lock_image: bool = setting(False, "freeze the image tower and its head (LiT: train the text)")
@@ -67,7 +63,7 @@ class TrainConfig:
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
     seed: int = setting(0, "model initialization, data order and augmentation")
     report_to: str = setting(
-        "", f"also log the records to {' and/or '.join(REPORTERS)} (comma-separated)"
+        "", f"also log the records to {' and/or '.join(REPORTERS)}, comma-separated"
     )
 
     def __post_init__(self) -> None:
