@@ -1,5 +1,7 @@
 """fastclip: fast, memory-lean CLIP training with fused Triton kernels."""
 
+import importlib
+
 from fastclip.checkpoint import export_hf, load_pretrained, save_pretrained
 from fastclip.loss import ClipLoss, clip_loss, infonce
 from fastclip.model import CLIP, PRESETS, CLIPConfig
@@ -11,13 +13,20 @@ from fastclip.transforms import ImageTransform, preprocess
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # The tokenizer needs the `tokenizers` package: imported on first use, so that the losses and
-    # kernels import wherever torch and triton do.
-    if name == "Tokenizer":
-        from fastclip.tokenizer import Tokenizer
+# The tokenizer needs the `tokenizers` package, and so does open_clip's factory: imported on
+# first use, so that the losses and kernels import wherever torch and triton do.
+_LAZY = {
+    "Tokenizer": "fastclip.tokenizer",
+    "create_model": "fastclip.factory",
+    "create_model_and_transforms": "fastclip.factory",
+    "get_tokenizer": "fastclip.factory",
+    "list_pretrained": "fastclip.factory",
+}
 
-        return Tokenizer
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastclip' has no attribute {name!r}")
 
 
@@ -31,8 +40,12 @@ __all__ = [
     "SigLipLoss",
     "Tokenizer",
     "clip_loss",
+    "create_model",
+    "create_model_and_transforms",
     "export_hf",
+    "get_tokenizer",
     "infonce",
+    "list_pretrained",
     "load_pretrained",
     "normalized_linear",
     "preprocess",

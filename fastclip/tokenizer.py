@@ -36,6 +36,7 @@ from tokenizers.models import BPE
 
 from fastclip.checks import check_int
 from fastclip.files import atomic_write, read_json, write_json, write_text
+from fastclip.hub import Layout, resolve
 
 SOT, EOT, SUFFIX = "<|startoftext|>", "<|endoftext|>", "</w>"
 DEFAULT_CONTEXT_LENGTH = 77  # CLIP's text context, sot and eot included
@@ -45,6 +46,12 @@ _SPLIT = (  # CLIP's pre-tokenizer: the specials, contractions, letter runs, sin
     r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 )
 _WHITESPACE = re.compile(r"\s+")
+_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")  # special_tokens_map.json wins
+# What from_pretrained fetches of a Hugging Face Hub repository.
+HUB_LAYOUTS = (
+    Layout("tokenizer.json", also=_CONFIGS),
+    Layout("vocab.json", ("merges.txt",), _CONFIGS),
+)
 
 
 def _byte_chars() -> list[str]:
@@ -172,14 +179,16 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> Tokenizer:
-        """Load ``tokenizer.json``, else ``vocab.json`` + ``merges.txt``, from ``directory``.
+    def from_pretrained(cls, directory: str | Path, *, revision: str | None = None) -> Tokenizer:
+        """Load ``tokenizer.json``, else ``vocab.json`` + ``merges.txt``, from ``directory``: a
+        local directory or a Hugging Face Hub repository (``org/name`` or ``hf-hub:org/name``, at
+        ``revision``; ``fastclip.hub``).
 
         ``pad_token`` and ``model_max_length`` come from ``tokenizer_config.json`` and
         ``special_tokens_map.json`` (which wins, as in transformers); without them the pad id is
         OpenAI's 0 and the context length 77.
         """
-        root = Path(directory)
+        root = resolve(directory, HUB_LAYOUTS, revision)
         if not root.is_dir():
             raise FileNotFoundError(f"directory {root} does not exist")
         source = root / "tokenizer.json"
@@ -201,7 +210,7 @@ class Tokenizer:
                 f"{root} holds neither tokenizer.json nor vocab.json+merges.txt"
             )
         config = {}
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        for name in _CONFIGS:
             if (root / name).is_file():
                 config.update(read_json(root / name))
         pad, length = config.get("pad_token"), config.get("model_max_length")

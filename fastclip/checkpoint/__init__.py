@@ -1,7 +1,7 @@
 """Checkpoints: fastclip's own directory layout, and OpenAI / open_clip / Hugging Face weights.
 
     save_pretrained(model, "dir", tokenizer)  ->  dir/model.safetensors, config.json, tokenizer.json
-    load_pretrained("dir" | "weights.safetensors" | state_dict)  ->  CLIP
+    load_pretrained("dir" | "weights.safetensors" | state_dict | "org/name")  ->  CLIP
     export_hf(model, "dir", tokenizer)  ->  a directory transformers.CLIPModel.from_pretrained reads
 
 ``load_pretrained`` recognizes three layouts by their keys and converts them:
@@ -13,6 +13,10 @@
   - Hugging Face ``CLIPModel`` (``vision_model.encoder.layers.N.self_attn.q_proj``...): the config
     comes from the directory's config.json, the shapes otherwise.
 Nothing is unpickled: safetensors, or ``torch.load(weights_only=True)`` for .pt/.bin files.
+
+A Hugging Face Hub repository's name (``org/name``, ``hf-hub:org/name``) reads its snapshot
+(``fastclip.hub``); an open_clip directory's ``open_clip_config.json`` gives what the weights'
+shapes cannot (``open_clip``).
 
 ``pretrained`` holds fastclip's layout and the loading; ``openai`` and ``hf`` the converters, each
 one table of names read both ways; ``fastclip.files`` the file reading and writing.

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from fastclip.checkpoint.hf import from_hf_state_dict
+from fastclip.checkpoint.open_clip import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, open_clip_fields
 from fastclip.checkpoint.openai import from_openai_state_dict, infer_config, to_openai_state_dict
 from fastclip.files import Tokenizer, read_json, read_state_dict, require_match, write_checkpoint
+from fastclip.hub import Layout, resolve
 from fastclip.model import CLIP, CLIPConfig
 
 WEIGHT_FILES = (
@@ -26,17 +28,34 @@ WEIGHT_FILES = (
     "open_clip_pytorch_model.bin",
 )
 UNSEEN = ("vision_heads", "text_heads", "activation")  # CLIPConfig fields weights do not show
+# What load_pretrained fetches of a Hugging Face Hub repository: open_clip's files (its own and
+# timm's repositories), else a config.json and its weights (Hugging Face's CLIPModel, fastclip's).
+HUB_LAYOUTS = (
+    Layout(OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS),
+    Layout(
+        "config.json", ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    ),
+)
 # Entries of OpenAI / open_clip / HF state dicts that are not weights of the model.
 IGNORED = re.compile(r"(^|\.)(attn_mask|position_ids|input_resolution|context_length|vocab_size)$")
 
 
-def load_pretrained(source: str | os.PathLike | Mapping[str, torch.Tensor], **overrides) -> CLIP:
-    """A CLIP model from a checkpoint directory, a weights file or a state dict.
+def load_pretrained(
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    *,
+    revision: str | None = None,
+    **overrides,
+) -> CLIP:
+    """A CLIP model from a checkpoint directory, a weights file, a state dict or a Hugging Face
+    Hub repository.
 
     Args:
         source: a directory (fastclip's ``save_pretrained`` layout, a Hugging Face ``CLIPModel``
-            directory, or an open_clip directory with ``open_clip_model.safetensors``), a
-            ``.safetensors``/``.pt``/``.bin`` file, or a state dict, in any of the three layouts.
+            directory, or an open_clip directory with ``open_clip_model.safetensors`` and
+            ``open_clip_config.json``), a ``.safetensors``/``.pt``/``.bin`` file, or a state dict,
+            in any of the three layouts; or a Hub repository of one of these directories,
+            ``org/name`` or ``hf-hub:org/name`` (``fastclip.hub``).
+        revision: the repository's branch, tag or commit (default: its main branch).
         overrides: CLIPConfig fields to set where the weights cannot tell them (e.g.
             ``activation="gelu"`` for open_clip models trained without QuickGELU, or heads).
             Without a config.json (a state dict, a bare weights file), the config is inferred
@@ -50,8 +69,11 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, torch.Tensor], **ov
     if isinstance(source, Mapping):
         state = dict(source)
     else:
-        path = Path(source)
-        if path.is_dir():
+        path = resolve(source, HUB_LAYOUTS, revision)
+        if (path / OPEN_CLIP_CONFIG).is_file():
+            overrides = {**open_clip_fields(read_json(path / OPEN_CLIP_CONFIG)), **overrides}
+            state = _read_directory(path, OPEN_CLIP_WEIGHTS)
+        elif path.is_dir():
             if (path / "config.json").is_file():
                 config_json = read_json(path / "config.json")
             state = _read_directory(path)
@@ -123,16 +145,16 @@ def save_pretrained(
     return write_checkpoint(directory, model.state_dict(), config, tokenizer)
 
 
-def _read_directory(path: Path) -> dict[str, torch.Tensor]:
-    """The weights of a checkpoint directory: one file of WEIGHT_FILES, or the shards listed by
-    Hugging Face's ``model.safetensors.index.json``."""
+def _read_directory(path: Path, names: tuple[str, ...] = WEIGHT_FILES) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint directory: the first of ``names`` it holds, or the shards
+    listed by Hugging Face's ``model.safetensors.index.json``."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         if not shards:
             raise ValueError(f"{index} lists no weight files")
         return {k: v for shard in shards for k, v in read_state_dict(path / shard).items()}
-    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    weights = next((path / f for f in names if (path / f).is_file()), None)
     if weights is None:
-        raise FileNotFoundError(f"{path} holds none of {WEIGHT_FILES} (nor a sharded index)")
+        raise FileNotFoundError(f"{path} holds none of {names} (nor a sharded index)")
     return read_state_dict(weights)

@@ -10,12 +10,13 @@ loop applies ``fastclip.transforms.ImageTransform`` and the tokenizer itself.
 - ``WebDatasetPairs`` / ``write_shards`` (``shards``): img2dataset-style tar shards (``key.jpg`` +
   ``key.txt``).
 - ``CsvPairs`` (``imagefiles``): a CSV of image paths and captions.
+- ``HfPairs`` (``hf``): a Hugging Face ``datasets`` dataset's image and caption columns.
 - ``SOURCES`` (``sources``): the registry of what ``--data`` names, for training, evaluation and
   fine-tuning alike.
 
-Bad samples never crash training: shards skip them, ``CsvPairs`` returns None for them and
-``collate_pairs`` drops the Nones. Both count them in ``skipped`` (by reason in ``skip_reasons``)
-and warn. With DataLoader workers, each worker counts its own.
+Bad samples never crash training: shards skip them, ``CsvPairs`` and ``HfPairs`` return None
+for them and ``collate_pairs`` drops the Nones. All count them in ``skipped`` (by reason in
+``skip_reasons``) and warn. With DataLoader workers, each worker counts its own.
 """
 
 from fastclip.data.digits import (
@@ -25,6 +26,7 @@ from fastclip.data.digits import (
     DIGIT_WORDS,
     DigitsDataset,
 )
+from fastclip.data.hf import HfPairs
 from fastclip.data.imagefiles import CsvPairs, collate_pairs, decode_image
 from fastclip.data.shapes import (
     CAPTIONS,
@@ -43,6 +45,7 @@ from fastclip.data.sources import (
     SOURCES,
     EvaluationSets,
     Source,
+    column_keywords,
     described,
     evaluation_sets,
     few_shot_splits,
@@ -70,10 +73,12 @@ __all__ = [
     "CsvPairs",
     "DigitsDataset",
     "EvaluationSets",
+    "HfPairs",
     "ShapesDataset",
     "Source",
     "WebDatasetPairs",
     "collate_pairs",
+    "column_keywords",
     "decode_image",
     "described",
     "evaluation_sets",

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fastclip.checks import check_number
-from fastclip.data.imagefiles import require
+from fastclip.extras import require
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_CLASSNAMES = list(DIGIT_WORDS)

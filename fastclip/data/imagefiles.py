@@ -4,25 +4,17 @@ captions, and batching that drops bad samples."""
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import operator
 import warnings
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-
-def require(module: str, user: str, install: str) -> ModuleType:
-    """Import an optional dependency, or say how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{user} needs {module.split('.')[0]}: pip install {install}") from e
+from fastclip.extras import require
 
 
 def decode_image(data: bytes | str | Path, *, name: str | None = None) -> torch.Tensor:
@@ -42,14 +34,41 @@ def decode_image(data: bytes | str | Path, *, name: str | None = None) -> torch.
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-class CsvPairs(Dataset):
-    """(image, caption) pairs from a CSV with an image path column and a caption column; paths
-    are relative to ``root`` (default: the CSV's folder).
+class PairTable(Dataset):
+    """Rows of (image, caption) decoded on access, images from files or encoded bytes. A row
+    whose image is missing or undecodable, or whose caption is empty, gives None (counted in
+    ``skipped`` / ``skip_reasons``, with a warning): batch with ``collate_pairs``, which drops
+    them, so a bad file never stops training. Subclasses say what a row holds (``row``)."""
 
-    An image that is missing or undecodable, or an empty caption, makes ``__getitem__`` return
-    None (counted in ``skipped`` / ``skip_reasons``, with a warning): batch with
-    ``collate_pairs``, which drops them, so a bad file never stops training.
-    """
+    def __init__(self) -> None:
+        self.skipped, self.skip_reasons = 0, Counter()
+
+    def row(self, i: int) -> tuple[bytes | Path | str | None, str, str]:
+        """Row ``i``'s image (a path, encoded bytes, or None if it has none), its caption, and
+        how a warning names the row."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
+        i = range(len(self))[operator.index(index)]
+        data, caption, name = self.row(i)
+        why = "empty caption" if not caption else "missing image" if data is None else None
+        try:
+            image = None if why else decode_image(data, name=name)
+        except FileNotFoundError:
+            why = "missing image"
+        except ValueError:
+            why = "undecodable image"
+        if why is None:
+            return image, caption
+        self.skipped += 1
+        self.skip_reasons[why] += 1
+        warnings.warn(f"{type(self).__name__} skipped row {i} ({name}): {why}", stacklevel=2)
+        return None
+
+
+class CsvPairs(PairTable):
+    """(image, caption) pairs from a CSV with an image path column and a caption column; paths
+    are relative to ``root`` (default: the CSV's folder). Bad rows give None (``PairTable``)."""
 
     def __init__(
         self,
@@ -60,6 +79,7 @@ class CsvPairs(Dataset):
         root: str | Path | None = None,
         delimiter: str = ",",
     ):
+        super().__init__()
         path = Path(path)
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
@@ -74,26 +94,13 @@ class CsvPairs(Dataset):
         self.root = path.parent if root is None else Path(root)
         self.paths = [self.root / p for p, _ in rows]  # an absolute path stays as it is
         self.captions = [c.strip() for _, c in rows]
-        self.skipped, self.skip_reasons = 0, Counter()
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
-        i = range(len(self))[operator.index(index)]
-        why = "empty caption" if not self.captions[i] else None
-        try:
-            image = None if why else decode_image(self.paths[i])
-        except FileNotFoundError:
-            why = "missing image"
-        except ValueError:
-            why = "undecodable image"
-        if why is None:
-            return image, self.captions[i]
-        self.skipped += 1
-        self.skip_reasons[why] += 1
-        warnings.warn(f"CsvPairs skipped row {i} ({self.paths[i]}): {why}", stacklevel=2)
-        return None
+    def row(self, i: int) -> tuple[Path, str, str]:
+        """Row ``i``'s image path, caption, and the path again to name it."""
+        return self.paths[i], self.captions[i], str(self.paths[i])
 
 
 def collate_pairs(batch: list) -> tuple[list[torch.Tensor], list[str]]:

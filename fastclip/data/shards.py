@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from fastclip.checks import check_number
-from fastclip.data.imagefiles import decode_image, require
+from fastclip.data.imagefiles import decode_image
+from fastclip.extras import require
 from fastclip.transforms import to_tensor
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # image members of a shard sample, by priority

@@ -1,5 +1,5 @@
 """The data sources ``--data`` names, in one registry that training, evaluation and fine-tuning
-read: ``shapes``, ``digits``, ``wds:<urls>`` and ``csv:<file>``.
+read: ``shapes``, ``digits``, ``wds:<urls>``, ``csv:<file>`` and ``hf:<path or name>[:split]``.
 
 A source builds its training set of (uint8 image (3, H, W), caption) pairs and, where it has them,
 its evaluation sets (zero-shot tasks and a retrieval set) and its few-shot classification splits.
@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from fastclip.checks import one_of
 from fastclip.data.digits import DigitsDataset
+from fastclip.data.hf import HfPairs
 from fastclip.data.imagefiles import CsvPairs
 from fastclip.data.shapes import ShapesDataset
 from fastclip.data.shards import WebDatasetPairs
@@ -38,9 +39,10 @@ class Source:
 
     syntax: str  # "shapes", or "wds:<urls>" for a source that takes an argument
     help: str  # what it is, for the --data flag's help
-    training: Callable[[str, int, int], Dataset]  # (argument, seed, samples; 0: default) -> pairs
+    training: Callable[..., Dataset]  # (argument, seed, samples; 0: default, **columns) -> pairs
     evaluation: Callable[[int], EvaluationSets] | None = None  # seed -> evaluation sets
     few_shot: Callable[[int], tuple[Dataset, Dataset]] | None = None  # seed -> (train, test)
+    columns: bool = False  # reads named columns: training takes image_key= and caption_key=
 
 
 def _shapes_evaluation(seed: int) -> EvaluationSets:
@@ -76,7 +78,14 @@ SOURCES = {
     "csv": Source(
         "csv:<file>",
         "a CSV with filepath and caption columns",
-        training=lambda path, *_: CsvPairs(path),
+        training=lambda path, *_, **columns: CsvPairs(path, **columns),
+        columns=True,
+    ),
+    "hf": Source(
+        "hf:<path or name>[:split]",
+        "a Hugging Face dataset saved to disk, in a folder or in the cache; image and text columns",
+        training=lambda spec, *_, **columns: HfPairs(spec, **columns),
+        columns=True,
     ),
 }
 
@@ -101,11 +110,25 @@ def find(spec: str, use: str = "training") -> tuple[Source, str]:
     return source, argument
 
 
-def training_set(spec: str, seed: int, samples: int = 0) -> Dataset:
-    """The (image, caption) pairs to train on: map-style, or iterable for a stream of shards. A
+def column_keywords(source: Source, image: str = "", caption: str = "") -> dict[str, str]:
+    """The columns to read (``image_key``, ``caption_key``) where given; a ValueError if given
+    for a source without named columns."""
+    keywords = {k: v for k, v in dict(image_key=image, caption_key=caption).items() if v}
+    if keywords and not source.columns:
+        tables = one_of([s.syntax for s in SOURCES.values() if s.columns])
+        raise ValueError(f"image_column and caption_column apply to {tables}, not {source.syntax}")
+    return keywords
+
+
+def training_set(
+    spec: str, seed: int, samples: int = 0, image_column: str = "", caption_column: str = ""
+) -> Dataset:
+    """The (image, caption) pairs to train on: map-style, or iterable for a stream of shards.
+    ``image_column`` and ``caption_column`` name the columns of a table (its defaults if ""). A
     ValueError if the source yields no usable sample (see ``check_usable``)."""
     source, argument = find(spec)
-    dataset = source.training(argument, seed, samples)
+    columns = column_keywords(source, image_column, caption_column)
+    dataset = source.training(argument, seed, samples, **columns)
     check_usable(dataset, spec)
     return dataset
 

@@ -14,9 +14,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fastclip.checkpoint import WEIGHT_FILES, load_pretrained
+from fastclip.checkpoint.pretrained import HUB_LAYOUTS
 from fastclip.checks import check_classnames, check_int
 from fastclip.finetune import adapter, lora, probe, prompt
 from fastclip.finetune.base import FewShot, Method, Split, check_text_tower, top1
+from fastclip.hub import resolve
 from fastclip.tokenizer import Tokenizer
 from fastclip.zeroshot import TEMPLATES, build_zero_shot_classifier, encode_images, load_images
 
@@ -89,8 +91,9 @@ def prepare(model: nn.Module, dataset: Dataset, classnames: Sequence[str]) -> Sp
 
 def load_checkpoint(path: str | Path) -> nn.Module:
     """``load_pretrained(path)``, after reading the weight names of its safetensors file: a
-    missing tower is named, with what needs it, before anything is built."""
-    path = Path(path)
+    missing tower is named, with what needs it, before anything is built. A Hub repository's
+    name reads its snapshot."""
+    path = resolve(path, HUB_LAYOUTS)
     files = [path / name for name in WEIGHT_FILES] if path.is_dir() else [path]
     weights = next((f for f in files if f.suffix == ".safetensors" and f.is_file()), None)
     try:

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from fastclip.checks import check_choice, check_number, number_range, one_of
-from fastclip.data import described, find
+from fastclip.data import column_keywords, described, find
+from fastclip.hub import repo_id
 from fastclip.model import PRESETS
 from fastclip.tokenizer import MIN_VOCAB_SIZE
 from fastclip.train.processes import DEVICES, check_available
+from fastclip.train.reporting import REPORTERS, reporter_names
 from fastclip.train.step import LOSSES, PRECISIONS
 
 
@@ -57,6 +59,8 @@ class TrainConfig:
 
     out: str = setting("runs/shapes", "run directory: checkpoints, metrics.jsonl, metrics.png")
     data: str = setting("shapes", described("training"))
+    image_column: str = setting("", "images' column of hf: or csv: data (empty: image, filepath)")
+    caption_column: str = setting("", "captions' column of hf: or csv: data (empty: text, caption)")
     model: str = setting("tiny", "a preset of fastclip.model.PRESETS", choices=tuple(PRESETS))
     init: str = setting("", "start from this checkpoint (and its tokenizer): fine-tuning")
     lock_image: bool = setting(False, "freeze the image tower and its head (LiT: train the text)")
@@ -102,14 +106,20 @@ class TrainConfig:
         False, "delete the run directory's earlier run (checkpoints, records, tokenizer) first"
     )
     seed: int = setting(0, "model initialization, data order and augmentation", low=0)
+    report_to: str = setting(
+        "", f"also log the records to {' and/or '.join(REPORTERS)}, comma-separated"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
             check_setting(f, getattr(self, f.name), f.name)
-        find(self.data)
+        column_keywords(find(self.data)[0], self.image_column, self.caption_column)
+        reporter_names(self.report_to)
         check_available(self.device)
-        if self.init and not Path(self.init).exists():
-            raise ValueError(f"--init names no checkpoint: {self.init!r} does not exist")
+        if self.init and not (Path(self.init).exists() or repo_id(self.init)):
+            raise ValueError(
+                f"--init names no checkpoint: {self.init!r} is neither a path nor a Hub name"
+            )
         if self.lock_image and self.lock_text:
             raise ValueError("--lock-image and --lock-text together leave nothing to train")
         if self.resume and self.overwrite:

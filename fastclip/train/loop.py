@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from fastclip.train.processes import (
     setup_distributed,
     shutdown,
 )
+from fastclip.train.reporting import open_reporters
 from fastclip.train.state import (
     checkpoint_of,
     claim,
@@ -76,7 +77,7 @@ class Run:
     autocast: Callable[[], AbstractContextManager]
     evaluation: Evaluation | None  # rank 0's
     bar: ProgressBar
-    sinks: list[Sink]  # rank 0's records: metrics.jsonl, the progress bar
+    sinks: list[Sink]  # rank 0's records: metrics.jsonl, the progress bar, --report-to's
     seen: int = 0  # samples trained on by all processes since this one started
     tic: float = field(default_factory=time.perf_counter)
 
@@ -113,7 +114,7 @@ def setup(cfg: TrainConfig) -> Run:
     out, checkpoint = run_directory(cfg, rank, world)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    dataset = training_set(cfg.data, cfg.seed, cfg.samples)
+    dataset = training_set(cfg.data, cfg.seed, cfg.samples, cfg.image_column, cfg.caption_column)
     model, tokenizer = build_model(cfg, dataset, checkpoint, out, rank, world)
     lock_towers(model, cfg.lock_image, cfg.lock_text)
     model.to(device).set_grad_checkpointing(cfg.grad_checkpointing)
@@ -135,7 +136,8 @@ def setup(cfg: TrainConfig) -> Run:
     bar = ProgressBar(cfg.steps, start, enabled=lead)
     stream = batches(dataset, cfg, start, rank, world)
     autocast = autocast_for(cfg.precision, device)
-    sinks = [metrics, bar] if lead else []
+    reporters = open_reporters(cfg.report_to, out, start, asdict(cfg)) if lead else []
+    sinks = [metrics, bar, *reporters] if lead else []
     return Run(cfg, rank, world, device, model, tokenizer, optimizer, start, dataset, stream,
                loss_fn, autocast, evaluation, bar, sinks)  # fmt: skip
 
@@ -259,7 +261,10 @@ def save(run: Run, done: int) -> None:
 
 
 def finish(run: Run, final: dict[str, float]) -> None:
-    """Rank 0 plots the records and prints the skipped samples and the final evaluation."""
+    """Close the records (the progress bar, metrics.jsonl, --report-to's trackers); rank 0
+    plots them and prints the skipped samples and the final evaluation."""
+    for sink in run.sinks:
+        sink.close()
     if run.rank == 0:
         out = Path(run.cfg.out)
         plot(out / "metrics.jsonl", out / "metrics.png")

@@ -1,7 +1,8 @@
 """A run's records: every record (a step's loss, learning rate, throughput; an evaluation's
-metrics) goes to each sink: ``metrics.jsonl``, one JSON object per line, and the progress bar.
-Another destination is one more class with ``write(record)``. At the end, ``plot`` draws
-``metrics.png`` from the JSONL file and ``summary`` words the final evaluation."""
+metrics) goes to each sink: ``metrics.jsonl``, one JSON object per line, the progress bar, and
+the trackers of ``reporting``. Another destination is one more class with ``write(record)`` and
+``close()``. At the end, ``plot`` draws ``metrics.png`` from the JSONL file and ``summary`` words
+the final evaluation."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ class Sink(Protocol):
     def write(self, record: dict[str, float]) -> None:
         """Take one record: its "step", then metric names and values."""
 
+    def close(self) -> None:
+        """The run has ended: flush and release what is held."""
+
 
 class JsonlFile:
     """Records appended to a JSONL file. Opened at ``start`` > 0 (a resumed run), it first drops
@@ -40,6 +44,9 @@ class JsonlFile:
         """Append the record as one line."""
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        """Nothing is held open between records."""
 
 
 class ProgressBar:
