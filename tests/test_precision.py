@@ -155,3 +155,27 @@ def test_bf16_as_exact_as_its_rounding_allows(backend, scale):
         err = relative(g, r)
         assert err <= 2 * floor + 1e-2, f"{name}: {err:.3g} vs rounding's {floor:.3g}"
         assert err <= max(relative(e, r), 1e-2), f"{name}: {err:.3g} worse than eager"
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("loss", ["infonce", "siglip"])
+def test_rectangular_confident_batch_with_offset_and_bias(backend, loss):
+    """More texts than images, the pairs shifted by an offset (a rank's rows against gathered
+    texts), a bias: exact on confident rows too, at a trained scale."""
+    scale, offset = 30.0, 17
+    x, texts = confident_batch(64, 64, seed=21)
+    extra = F.normalize(torch.randn(40, 64, generator=torch.Generator().manual_seed(22),
+                                    dtype=torch.float64), dim=-1)  # fmt: skip
+    y = torch.cat([extra[:offset], texts, extra[offset:]])  # image i pairs with text i + offset
+    bias = -15.0
+    if loss == "infonce":
+        fn, ref_fn, kw = infonce, clip_loss_exact, {"offset": offset}
+    else:
+        fn, ref_fn = siglip_loss, siglip_loss_reference
+        kw = {"offset": offset}
+    got, grads = run(fn, x, y, scale, bias, torch.float32, backend=backend, **kw)
+    expected, ref_grads = reference(ref_fn, x, y, scale, bias, torch.float32, **kw)
+    assert got >= 0
+    assert relative(got, expected) < FP32_BOUND, f"loss {got.item()} vs {expected.item()}"
+    for name, g, r in zip(("d_image", "d_text", "d_scale"), grads, ref_grads, strict=True):
+        assert relative(g, r) < FP32_BOUND, f"{name}: {relative(g, r):.2e}"
