@@ -25,6 +25,7 @@ from fastclip.checkpoint import load_pretrained
 from fastclip.checks import check_number, one_of
 from fastclip.data import SOURCES, described, few_shot_splits, find, serving
 from fastclip.finetune import METHODS, Task, compare, load_checkpoint, render_table
+from fastclip.hub import repo_id
 from fastclip.tokenizer import Tokenizer
 from fastclip.train import Diverged, TrainConfig, checkpoint_of, latest_checkpoint
 from fastclip.train.config import allowed, check_setting
@@ -119,9 +120,12 @@ def eval_command(argv: list[str]) -> dict[str, float]:
     return metrics
 
 
-def existing_checkpoint(path: str) -> Path:
-    """A checkpoint as a flag names it: a checkpoint directory or weights file, or a run
-    directory (its latest checkpoint); a ValueError if there is nothing at ``path``."""
+def existing_checkpoint(path: str) -> str | Path:
+    """A checkpoint as a flag names it: a checkpoint directory or weights file, a run
+    directory (its latest checkpoint), or a Hugging Face Hub name (fetched when loaded); a
+    ValueError if there is nothing at ``path``."""
+    if repo_id(path):
+        return path
     if not Path(path).exists():
         raise ValueError(f"no checkpoint at {path}: no such file or directory")
     return checkpoint_of(path)
