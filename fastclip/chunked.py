@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastclip.kernels.blocks import blocked_gradients, default_block_bytes, plan_blocks
+from fastclip.kernels.blocks import (
+    blocked_gradients,
+    column_references,
+    default_block_bytes,
+    plan_blocks,
+)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,13 +43,6 @@ def positive_dots(x: torch.Tensor, y: torch.Tensor, offset: int) -> torch.Tensor
     """<x_i, y_i+offset> for every row of x: (n_x,) in the compute dtype."""
     cdt = _compute_dtype(x.dtype)
     return torch.linalg.vecdot(x.to(cdt), y[offset : offset + x.shape[0]].to(cdt))
-
-
-def column_references(pdot: torch.Tensor, n_y: int, offset: int) -> torch.Tensor:
-    """Each column's reference dot: its positive pair's, 0 for columns without one."""
-    ref = torch.zeros(n_y, dtype=pdot.dtype, device=pdot.device)
-    ref[offset : offset + pdot.shape[0]] = pdot
-    return ref
 
 
 def contrastive_forward(

@@ -68,6 +68,14 @@ def plan_blocks(n_x: int, n_y: int, element_bytes: int, block_bytes: int) -> tup
     return min(n_x, side), min(n_y, side)
 
 
+def column_references(pdot: torch.Tensor, n_y: int, offset: int) -> torch.Tensor:
+    """InfoNCE's column references: each column's positive dot (row j - offset's, from
+    ``pdot``), 0 for columns without a positive."""
+    ref = torch.zeros(n_y, dtype=pdot.dtype, device=pdot.device)
+    ref[offset : offset + pdot.shape[0]] = pdot
+    return ref
+
+
 def _has_out_dtype() -> bool:
     """torch.addmm(..., out_dtype=torch.float32) with 16-bit inputs (CUDA, torch >= 2.8)."""
     return "out_dtype" in (torch.addmm.__doc__ or "")

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .blocks import column_references
 from .tiles import (
     LN2,
     LOG2E,
@@ -452,13 +453,6 @@ _backward_tuned = triton.autotune(
 # ----------------------------------------------------------------------------------------------
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-
-
-def column_references(pdot: torch.Tensor, n_y: int, offset: int) -> torch.Tensor:
-    """Each column's reference dot: its positive pair's, 0 for columns without one."""
-    ref = torch.zeros(n_y, dtype=pdot.dtype, device=pdot.device)
-    ref[offset : offset + pdot.shape[0]] = pdot
-    return ref
 
 
 def contrastive_forward(

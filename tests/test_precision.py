@@ -58,6 +58,14 @@ def relative(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double().cpu() - expected).norm() / expected.norm()).item()
 
 
+def assert_fp32_exact(loss, grads, ref_loss, ref_grads):
+    """A non-negative loss and every gradient (image, text, scale) within FP32_BOUND."""
+    assert loss >= 0
+    assert relative(loss, ref_loss) < FP32_BOUND, f"loss {loss.item()} vs {ref_loss.item()}"
+    for name, g, r in zip(("d_image", "d_text", "d_scale"), grads, ref_grads, strict=True):
+        assert relative(g, r) < FP32_BOUND, f"{name}: {relative(g, r):.2e}"
+
+
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("hard", [0, 48], ids=["all-confident", "half-hard"])
@@ -65,10 +73,7 @@ def test_infonce_fp32_is_exact_on_confident_rows(backend, scale, hard):
     x, y = confident_batch(96, 64, hard=hard, seed=int(scale))
     loss, grads = run(infonce, x, y, scale, None, torch.float32, backend=backend)
     ref_loss, ref_grads = reference(clip_loss_exact, x, y, scale, None, torch.float32)
-    assert loss >= 0
-    assert relative(loss, ref_loss) < FP32_BOUND, f"loss {loss.item()} vs {ref_loss.item()}"
-    for name, g, r in zip(("d_image", "d_text", "d_scale"), grads, ref_grads, strict=True):
-        assert relative(g, r) < FP32_BOUND, f"{name}: {relative(g, r):.2e}"
+    assert_fp32_exact(loss, grads, ref_loss, ref_grads)
     confident = slice(0, 96 - hard)  # their gradient, tiny beside the hard rows', on its own
     for name, g, r in zip(("d_image", "d_text"), grads[:2], ref_grads[:2], strict=True):
         err = relative(g[confident], r[confident])
@@ -83,10 +88,7 @@ def test_siglip_fp32_is_exact_on_confident_pairs(backend, scale, bias):
     bias = None if bias is None else bias * scale / 10  # a bias that scales with the logits
     loss, grads = run(siglip_loss, x, y, scale, bias, torch.float32, backend=backend)
     ref_loss, ref_grads = reference(siglip_loss_reference, x, y, scale, bias, torch.float32)
-    assert loss >= 0
-    assert relative(loss, ref_loss) < FP32_BOUND, f"loss {loss.item()} vs {ref_loss.item()}"
-    for name, g, r in zip(("d_image", "d_text", "d_scale"), grads, ref_grads, strict=True):
-        assert relative(g, r) < FP32_BOUND, f"{name}: {relative(g, r):.2e}"
+    assert_fp32_exact(loss, grads, ref_loss, ref_grads)
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
@@ -175,7 +177,4 @@ def test_rectangular_confident_batch_with_offset_and_bias(backend, loss):
         kw = {"offset": offset}
     got, grads = run(fn, x, y, scale, bias, torch.float32, backend=backend, **kw)
     expected, ref_grads = reference(ref_fn, x, y, scale, bias, torch.float32, **kw)
-    assert got >= 0
-    assert relative(got, expected) < FP32_BOUND, f"loss {got.item()} vs {expected.item()}"
-    for name, g, r in zip(("d_image", "d_text", "d_scale"), grads, ref_grads, strict=True):
-        assert relative(g, r) < FP32_BOUND, f"{name}: {relative(g, r):.2e}"
+    assert_fp32_exact(got, grads, expected, ref_grads)
