@@ -76,28 +76,27 @@ def check_features(image_features: object, text_features: object) -> None:
 
 
 def as_scalar(name: str, value: object, device: torch.device) -> torch.Tensor:
-    """A one-element tensor on the features' device; python numbers become fp32 constants."""
+    """A one-element tensor on the features' device; python numbers become fp32 constants.
+
+    Numbers and CPU tensors must be finite. A tensor on a GPU is not read: reading it would make
+    the host wait for the device on every call (and break CUDA graphs and
+    ``torch.compile(fullgraph=True)``); a non-finite one gives NaN, as in eager PyTorch.
+    """
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
     if not isinstance(value, torch.Tensor):
-        return torch.tensor(float(value), dtype=torch.float32, device=device)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        return torch.full((), float(value), dtype=torch.float32, device=device)  # no copy, no wait
     if value.numel() != 1:
         raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    if value.device.type == "cpu" and not torch.isfinite(value.detach()).all():
+        raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
     return value
-
-
-def check_finite(**values: torch.Tensor | None) -> None:
-    """Every given scalar (logit scale, bias) is finite; one read back from the device for all."""
-    given = {name: v.detach().reshape(()).float() for name, v in values.items() if v is not None}
-    if not given or bool(torch.isfinite(torch.stack(list(given.values()))).all()):
-        return
-    for name, v in given.items():
-        if not bool(torch.isfinite(v)):
-            raise ValueError(f"{name} must be finite, got {v.item()}")
 
 
 def check_inputs(
@@ -105,13 +104,12 @@ def check_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Check the features and return (scale, bias) as one-element tensors on their device.
 
-    Scale and bias must be finite; testing that reads one number back from the device.
+    Scale and bias must be finite where given as numbers or CPU tensors (``as_scalar``).
     """
     check_features(image_features, text_features)
     device = image_features.device
     scale = as_scalar("logit_scale", logit_scale, device)
     bias = None if logit_bias is None else as_scalar("logit_bias", logit_bias, device)
-    check_finite(logit_scale=scale, logit_bias=bias)
     return scale, bias
 
 

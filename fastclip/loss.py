@@ -100,7 +100,8 @@ def clip_loss(
             Need not be normalized; any strides.
         text_features: (n_txt, D), same dtype and device, n_img + offset <= n_txt.
         logit_scale: the already-exponentiated scale, a one-element tensor (may require grad) or
-            a number. Must be finite.
+            a number. A number or a CPU tensor must be finite; one on a GPU is
+            not read back (a non-finite one gives a NaN loss, as eager PyTorch does).
         logit_bias: optional one-element tensor or number added to every logit. Its gradient is
             exactly zero: a constant shift cancels in every softmax.
         offset: column of image 0's positive text.

@@ -63,7 +63,8 @@ def siglip_loss(
         text_features: (n_txt, D), same dtype and device; n_img + offset <= n_txt unless
             ``negatives_only``.
         logit_scale: the already-exponentiated scale: a one-element tensor (may require grad) or
-            a number; must be finite.
+            a number. A number or a CPU tensor must be finite; one on a GPU is
+            not read back (a non-finite one gives a NaN loss, as eager PyTorch does).
         logit_bias: the learnable bias (one element or a number), or None for no bias.
         offset: column of image 0's positive text.
         negatives_only: every pair is a negative (a block of another rank's texts).

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastclip.backends import choose
-from fastclip.checks import as_scalar, check_features, check_finite, check_index
+from fastclip.checks import as_scalar, check_features, check_index
 
 try:
     from fastclip.kernels import similarity as triton_similarity
@@ -83,7 +83,8 @@ def similarity(
 
     Args:
         a: (n_a, D) and b: (n_b, D), same floating dtype and device, any strides.
-        scale, bias: numbers or one-element tensors (tensors may require grad).
+        scale, bias: numbers or one-element tensors (tensors may require grad); numbers and CPU
+            tensors must be finite (one on a GPU is not read back).
         normalize: divide every row of a and b by max(||row||, 1e-12) first (F.normalize).
         out_dtype: dtype of the result; defaults to the inputs' (products accumulate in fp32).
         backend: "triton" (CUDA), "torch" or "auto".
@@ -94,7 +95,6 @@ def similarity(
     check_pair(a, b, ("a", "b"))
     scale_t = as_scalar("scale", scale, a.device)
     bias_t = as_scalar("bias", bias, a.device)
-    check_finite(scale=scale_t, bias=bias_t)
     out_dtype = out_dtype or a.dtype
     if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
         raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
@@ -161,7 +161,6 @@ def topk_similarity(
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     scale_t = as_scalar("scale", scale, queries.device)
-    check_finite(scale=scale_t)
     if choose("similarity", backend, queries).triton and k <= triton_similarity.MAX_TOPK:
         inv_q = triton_similarity.inverse_norms(queries, EPS) if normalize else None
         inv_k = triton_similarity.inverse_norms(keys, EPS) if normalize else None

@@ -21,6 +21,7 @@ accumulate in fp32, within a block (cuBLAS) and across blocks (the accumulators)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -76,22 +77,36 @@ def column_references(pdot: torch.Tensor, n_y: int, offset: int) -> torch.Tensor
     return ref
 
 
-def _has_out_dtype() -> bool:
-    """torch.addmm(..., out_dtype=torch.float32) with 16-bit inputs (CUDA, torch >= 2.8)."""
-    return "out_dtype" in (torch.addmm.__doc__ or "")
+@functools.cache
+def out_dtype_products(device_type: str) -> bool:
+    """Does torch multiply 16-bit operands into an fp32 output here (``mm``/``addmm`` with
+    ``out_dtype``, cuBLAS writing fp32 straight from its fp32 accumulators)?
 
-
-_OUT_DTYPE = _has_out_dtype()
+    Probed once per device type on tiny operands, since the docstrings are no guide: torch 2.8
+    and 2.9 document ``addmm(..., out_dtype=)`` but require its input to have the operands'
+    dtype, older torch lacks the argument, and CPUs lack the kernels. A refusal is raised before
+    anything runs, so the probe reads nothing back from the device.
+    """
+    if device_type == "meta":
+        return False
+    a = torch.zeros((16, 16), dtype=torch.bfloat16, device=device_type)
+    acc = torch.zeros((16, 16), dtype=torch.float32, device=device_type)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (m, n) += a (m, k) @ b (k, n), accumulated in acc's dtype (fp32 or fp64).
 
-    16-bit operands on CUDA go straight to cuBLAS with an fp32 output where torch has
-    ``out_dtype``; elsewhere they are widened first (exact: a widened 16-bit value is an fp32
-    value), which costs a copy but never a rounding.
+    16-bit operands go straight to cuBLAS with an fp32 output where torch can
+    (``out_dtype_products``); elsewhere they are widened first (exact: a widened 16-bit value is
+    an fp32 value), which costs a copy but never a rounding.
     """
-    if a.dtype == b.dtype != acc.dtype and _OUT_DTYPE and acc.is_cuda:
+    if a.dtype == b.dtype != acc.dtype == torch.float32 and out_dtype_products(acc.device.type):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
@@ -99,8 +114,8 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def matmul_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """out (m, n) = a (m, k) @ b (k, n) in fp32, for 16-bit operands straight from cuBLAS where
-    torch has ``out_dtype`` (else widened first, exactly)."""
-    if a.dtype != torch.float32 and _OUT_DTYPE and a.is_cuda:
+    torch can (``out_dtype_products``; else widened first, exactly)."""
+    if a.dtype != torch.float32 and out_dtype_products(a.device.type):
         torch.mm(a, b, out_dtype=torch.float32, out=out)
     else:
         torch.mm(a.float(), b.float(), out=out)

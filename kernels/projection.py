@@ -54,12 +54,10 @@ from triton.runtime import driver
 from .tiles import (
     WORKSPACE_BYTES,
     TileConfig,
-    autotuning,
     bucket,
     column_chunk,
     configs,
     dot_precision,
-    interpreting,
     launch,
     similarity_tile,
     target_programs,
@@ -349,7 +347,7 @@ def prune(kernel: str, configs: list, named_args: dict, **meta) -> list:
 
 
 # Forward: BO is set by the launcher (``output_block``); the entries give BM and BI, with the
-# widest BO they can hold. Without autotuning, the first one that fits is used.
+# widest BO they can hold.
 _FORWARD_CONFIGS = configs(
     ("BM", "BI"),
     [  # (BM, BI, warps, stages)
@@ -398,19 +396,6 @@ _dw_tuned = triton.autotune(
 )(_dw_kernel)
 
 _BACKWARD_BLOCKS = {"BM": "block_m", "BO": "block_n", "BI": "block_d"}
-
-
-def _forward_config(config: TileConfig | None, meta: dict, x: torch.Tensor) -> TileConfig | None:
-    """The forward's fixed config, None to autotune. Without autotuning (FASTCLIP_AUTOTUNE=0),
-    not ``TileConfig()``: its 4 warps cannot hold a row block of BO columns; the first config that
-    fits does."""
-    if config is not None or interpreting() or autotuning():
-        return config
-    smem = driver.active.utils.get_device_properties(x.device.index)["max_shared_mem"]
-    fits = fitting("forward", _FORWARD_CONFIGS, meta, x.element_size(), smem)
-    c = (fits or _FORWARD_CONFIGS[-1:])[0]
-    return TileConfig(block_m=c.kwargs["BM"], block_k=c.kwargs["BI"], num_warps=c.num_warps,
-                      num_stages=c.num_stages)  # fmt: skip
 
 
 def output_block(n_out: int) -> int:
@@ -484,7 +469,6 @@ def projection_forward(
         **meta,
     )
     grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]),)  # noqa: E731
-    config = _forward_config(config, meta, x)
     launch(_forward_kernel, _forward_tuned, grid, config, args,
            {"BM": "block_m", "BI": "block_k"})  # fmt: skip
     return y, norm

@@ -30,6 +30,18 @@ LN2 = math.log(2.0)
 # A finite "minus infinity" for running maxima: max(-inf, -inf) - -inf would be NaN, and a row
 # whose every logit is masked (a lone pair) must come out as an empty sum, 2^NEG = 0.
 NEG = tl.constexpr(-1e30)
+# fp16 G buffers hold G times this: G's entries are at most 2 in magnitude (InfoNCE's two
+# softmaxes, SigLIP's 1), so 2^14 G stays below fp16's largest number (65504), while a confident
+# row's entries (1e-8 and less) become normal numbers rather than subnormals or zeros. The
+# products divide it out in fp32, exactly (a power of two). bf16 has fp32's range: factor 1.
+FP16_G_SCALE = 2.0**14
+
+
+def g_storage_scale(dtype: torch.dtype) -> float:
+    """The factor a G buffer (or tile) of ``dtype`` holds G times (``FP16_G_SCALE``)."""
+    return FP16_G_SCALE if dtype == torch.float16 else 1.0
+
+
 # A gradient's fp32 accumulator never exceeds this; larger problems run in row slices.
 WORKSPACE_BYTES = 256 * 2**20
 # Smallest block in any config: the work splits are sized with it.
@@ -45,14 +57,16 @@ SM_SHARED_MEMORY = 232448  # bytes a CTA can use: 227 KiB
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Fixed launch parameters: for tests, the interpreter and FASTCLIP_AUTOTUNE=0.
+    """Fixed launch parameters: given by tests and benchmarks, the interpreter's, or an autotune
+    config fixed (``fixed_config``, as FASTCLIP_AUTOTUNE=0 launches them).
 
     The names mean the same in every kernel: ``block_m`` rows of the owned operand per tile,
     ``block_n`` rows of the other operand (columns of S) per tile, ``block_k`` the feature chunk
     of the similarity product, ``block_d`` the feature chunk of a gradient product and its
     accumulator. Every block is >= 16, the smallest shape ``tl.dot`` compiles. ``row_split`` and
     ``col_split`` set how many programs share the rows and the columns; None sizes them to the
-    device.
+    device. ``maxnreg`` caps registers per thread (ptxas), as a ``SizedConfig`` for several CTAs
+    per SM does.
     """
 
     block_m: int = 64
@@ -63,6 +77,7 @@ class TileConfig:
     num_stages: int = 2
     row_split: int | None = None
     col_split: int | None = None
+    maxnreg: int | None = None
 
 
 INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_stages=1)
@@ -355,21 +370,26 @@ def configs(blocks: tuple[str, ...], rows: list[tuple]) -> list[triton.Config]:
     return [SizedConfig(dict(zip(blocks, row[:n], strict=True)), *row[n:]) for row in rows]
 
 
-def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs whose pipelined operand tiles would not fit the GPU's shared memory.
-
-    The compiler rejects the rest anyway ("out of resources"); pruning saves the attempt. The
-    smallest config is kept as a fallback for GPUs with little shared memory.
-    """
-    x = named_args.get("x_ptr", named_args.get("a_ptr"))
-    budget = driver.active.utils.get_device_properties(x.device.index)["max_shared_mem"]
+def fitting_configs(configs: list, element_size: int, shared_memory: int) -> list:
+    """The configs whose pipelined operand tiles fit within 3/4 of ``shared_memory`` bytes, for
+    operands of ``element_size`` bytes; the smallest config if none does (a fallback for GPUs
+    with little shared memory)."""
     kept = []
     for c in configs:
         kw = c.kwargs
         operands = (kw["BM"] + kw["BN"]) * kw["BK"] * c.num_stages + kw.get("BD", 0) * kw["BN"]
-        if operands * x.element_size() <= 0.75 * budget:
+        if operands * element_size <= 0.75 * shared_memory:
             kept.append(c)
     return kept or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])]
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """``early_config_prune``: drop configs whose operand tiles would not fit this GPU's shared
+    memory (``fitting_configs``). The compiler rejects them anyway ("out of resources"); pruning
+    saves the attempt."""
+    x = named_args.get("x_ptr", named_args.get("a_ptr"))
+    budget = driver.active.utils.get_device_properties(x.device.index)["max_shared_mem"]
+    return fitting_configs(configs, x.element_size(), budget)
 
 
 def autotuning() -> bool:
@@ -377,19 +397,34 @@ def autotuning() -> bool:
     return not interpreting() and os.environ.get("FASTCLIP_AUTOTUNE", "1") != "0"
 
 
+def fixed_config(config: triton.Config, blocks: dict[str, str] = BLOCKS) -> TileConfig:
+    """An autotune config as fixed launch parameters (``blocks`` maps the kernel's block names
+    to TileConfig fields), its register cap included."""
+    sizes = {field: config.kwargs[name] for name, field in blocks.items() if name in config.kwargs}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return TileConfig(**sizes, **options, maxnreg=config.maxnreg)
+
+
 def launch(kernel, tuned, grid, config: TileConfig | None, args: dict, blocks=BLOCKS) -> None:
     """Launch the autotuned kernel, or the plain one with a fixed config; ``args`` are the
     kernel's arguments by name, ``blocks`` maps its block meta-parameters to TileConfig fields.
 
-    Fixed configs: the one given; the interpreter's small tiles; ``TileConfig()`` when the
-    environment sets FASTCLIP_AUTOTUNE=0 (no tuning runs, e.g. for short jobs).
+    Fixed configs: the one given; the interpreter's small tiles; without autotuning
+    (FASTCLIP_AUTOTUNE=0), the first of the kernel's autotune configs that its pruning keeps for
+    this GPU, so that every config a GPU can launch is one the Hopper compile test checks.
     """
     if config is None and autotuning():
         tuned[grid](**args)
         return
-    config = config or (INTERPRETER_CONFIG if interpreting() else TileConfig())
+    if config is None and not interpreting():
+        kept = tuned.early_config_prune(tuned.configs, args, **args)
+        config = fixed_config(kept[0], blocks)
+    config = config or INTERPRETER_CONFIG
     sizes = {name: getattr(config, field) for name, field in blocks.items()}
-    kernel[grid(sizes)](**args, **sizes, num_warps=config.num_warps, num_stages=config.num_stages)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg:
+        options["maxnreg"] = config.maxnreg
+    kernel[grid(sizes)](**args, **sizes, **options)
 
 
 def target_programs(device: torch.device) -> int:

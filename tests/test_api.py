@@ -116,7 +116,7 @@ BAD_INPUTS = {
         "logit_scale must be finite",
     ),
     "scale-nan": (
-        lambda: (features(), features(), torch.tensor(float("nan"), device=DEVICE), None),
+        lambda: (features(device="cpu"), features(device="cpu"), torch.tensor(float("nan")), None),
         ValueError,
         "logit_scale must be finite",
     ),
@@ -151,7 +151,7 @@ BAD_INPUTS = {
         "logit_bias must be a tensor or a number",
     ),
     "bias-nan": (
-        lambda: (features(), features(), 1.0, torch.tensor(float("nan"), device=DEVICE)),
+        lambda: (features(device="cpu"), features(device="cpu"), 1.0, torch.tensor(float("nan"))),
         ValueError,
         "logit_bias must be finite",
     ),

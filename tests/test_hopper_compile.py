@@ -12,8 +12,16 @@ must compile with
   64-row tile at 8 warps issues n64 and fails here);
 - TMA instructions (cp.async.bulk.tensor) where the kernel uses tensor descriptors.
 
+The configs are every one a GPU can launch: the autotune lists, and without autotuning
+(FASTCLIP_AUTOTUNE=0, as the tests and the GPU script run) the first of each list that fits.
+Register allocation differs between Triton versions, so every case compiles twice: with the
+installed Triton and with the GPU machine's (GPU_TRITON, installed beside it by
+``pip install --no-deps --target .gate/triton-3.6.0 triton==3.6.0``, as .ci/run does).
+
 Arguments are specialized as the JIT would for contiguous, 16-byte aligned inputs. Running this
-file prints every case's registers, spills, shared memory and wgmma shapes as JSON.
+file prints every case's registers, spills, shared memory and wgmma shapes as JSON
+(``python tests/test_hopper_compile.py [NAME-PART ...]`` compiles only the cases whose names
+contain one of the parts).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -35,6 +44,9 @@ import fastclip.kernels.siglip as ks
 import fastclip.kernels.similarity as ksim
 import fastclip.kernels.tiles as tiles
 
+# The GPU machine's Triton, and where the gate finds it beside the installed one.
+GPU_TRITON = "3.6.0"
+GPU_TRITON_DIR = Path(__file__).resolve().parents[1] / ".gate" / f"triton-{GPU_TRITON}"
 # Sizes compiled as multiples of 16, as the JIT specializes them for the usual widths (512, 768).
 DIVISIBLE = ("D", "n_in", "n_out")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -129,8 +141,8 @@ def cases() -> dict[str, Case]:
     def add(name, kernel, pointers, constants, config, *products):
         out[name] = Case(kernel, pointers, constants, config, products)
 
-    def smallest(configs):
-        return min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])
+    def first_fp32(configs):  # what FASTCLIP_AUTOTUNE=0 launches for fp32 features
+        return tiles.fitting_configs(configs, 4, tiles.SM_SHARED_MEMORY)[0]
 
     def tile(c, m="BM", n="BN"):  # a product's (M, N) output tile
         return c.kwargs[m], c.kwargs[n]
@@ -153,16 +165,27 @@ def cases() -> dict[str, Case]:
         const = {"A_TERM": True, "B_TERM": True, "DOT_PRECISION": "ieee"}
         add(f"backward-{label(c)}", kc._backward_kernel, bf16, const, c, tile(c),
             tile(c, n="BD"))  # fmt: skip
-    for precision in ("ieee", "tf32"):  # fp32 features: the configs pruning keeps as fallback
+    for precision in ("ieee", "tf32"):  # fp32 features
         const = {"COL_STATS": True, "ONE_EXP": False, "DOT_PRECISION": precision, "TMA": False}
         add(f"forward-fp32-{precision}", kc._forward_kernel, fp32, const,
-            smallest(kc._FORWARD_CONFIGS))  # fmt: skip
+            first_fp32(kc._FORWARD_CONFIGS))  # fmt: skip
         const = {"B_TERM": True, "DOTS_GIVEN": False, "DOT_PRECISION": precision, "TMA": False}
         add(f"block-fp32-{precision}", kc._gradient_block_kernel, fp32, const,
-            smallest(kc._BLOCK_CONFIGS))  # fmt: skip
+            first_fp32(kc._BLOCK_CONFIGS))  # fmt: skip
         const = {"A_TERM": True, "B_TERM": True, "DOT_PRECISION": precision}
         add(f"backward-fp32-{precision}", kc._backward_kernel, fp32, const,
-            smallest(kc._BACKWARD_CONFIGS))  # fmt: skip
+            first_fp32(kc._BACKWARD_CONFIGS))  # fmt: skip
+        const = {"HAS_BIAS": True, "HAS_PAIRS": True, "LOSS": True, "GRAD": True,
+                 "DOT_PRECISION": precision}  # fmt: skip
+        add(f"siglip-fp32-{precision}", ks._sweep_kernel, fp32, const,
+            first_fp32(ks._SWEEP_CONFIGS))  # fmt: skip
+        const = {"HAS_BIAS": True, "HAS_PAIRS": True, "DOTS_GIVEN": False,
+                 "DOT_PRECISION": precision, "TMA": False}  # fmt: skip
+        add(f"siglip-block-fp32-{precision}", ks._gradient_block_kernel, fp32, const,
+            first_fp32(ks._BLOCK_CONFIGS))  # fmt: skip
+        const = {"HAS_BIAS": True, "NORMALIZE": True, "DOT_PRECISION": precision, "GROUP": 8}
+        add(f"similarity-fp32-{precision}", ksim._similarity_kernel, fp32, const,
+            first_fp32(ksim._SIMILARITY_CONFIGS))  # fmt: skip
     for c in ks._SWEEP_CONFIGS:
         for loss, grad in ((True, True), (False, True), (True, False)):
             const = {"HAS_BIAS": True, "HAS_PAIRS": True, "LOSS": loss, "GRAD": grad,
@@ -189,8 +212,8 @@ def cases() -> dict[str, Case]:
         const = {"NORMALIZE": True, "DOT_PRECISION": "ieee", "K": width}
         add(f"topk-{width}", ksim._topk_kernel, {**bf16, "out_ptr": "i64"}, const, c, tile(c))
     # Normalized projection. Forward: each config at the widest column block it can hold (as
-    # pruned on an H100), registers-only and two-stage epilogue; backward: every config, the
-    # fixed default tiles, fp32 fallbacks. eps, a float argument, is compiled as a constant.
+    # pruned on an H100), registers-only and two-stage epilogue; backward: every config; fp32:
+    # what FASTCLIP_AUTOTUNE=0 launches. eps, a float argument, is compiled as a constant.
     # Products: forward x w^T, (BM, BO); dx: dz w, (BM, BI); dw: dz^T x, (BO, BI).
     proj = {**bf16, "w_ptr": "bf16", "g_ptr": "bf16", "dx_ptr": "bf16"}
     proj.update(dict.fromkeys(("norm_ptr", "yg_ptr", "dw_ptr", "db_ptr"), "fp32"))
@@ -204,13 +227,10 @@ def cases() -> dict[str, Case]:
                 const = {**meta, "BO": width, "eps": 1e-12}
                 add(f"projection-forward-{label(c)}-BO{width}-wide{wide}", kproj._forward_kernel,
                     proj, const, c, (c.kwargs["BM"], width))  # fmt: skip
-    default = tiles.TileConfig()  # the backward's tiles without autotuning
-    fixed = triton.Config({"BM": default.block_m, "BO": default.block_n, "BI": default.block_d},
-                          num_warps=default.num_warps, num_stages=default.num_stages)  # fmt: skip
-    for c in [*kproj._DX_CONFIGS, fixed]:
+    for c in kproj._DX_CONFIGS:
         const = {"DX": True, "DOT_PRECISION": "ieee", "eps": 1e-12}
         add(f"projection-dx-{label(c)}", kproj._dx_kernel, proj, const, c, tile(c, n="BI"))
-    for c in [*kproj._DW_CONFIGS, fixed]:
+    for c in kproj._DW_CONFIGS:
         for db in (True, False):
             const = {"DW": True, "DB": db, "DOT_PRECISION": "ieee", "eps": 1e-12}
             add(f"projection-dw-{label(c)}-db{db}", kproj._dw_kernel, proj, const, c,
@@ -219,32 +239,47 @@ def cases() -> dict[str, Case]:
     add("projection-dx-statistic-only", kproj._dx_kernel, proj, const, kproj._DX_CONFIGS[0])
     const = {"DW": False, "DB": True, "DOT_PRECISION": "ieee", "eps": 1e-12}
     add("projection-dw-bias-only", kproj._dw_kernel, proj, const, kproj._DW_CONFIGS[0])
-    for precision in ("ieee", "tf32"):  # fp32: the configs pruning keeps as fallbacks
+    for precision in ("ieee", "tf32"):  # fp32
         const = {"HAS_BIAS": True, "WIDE": False, "DOT_PRECISION": precision, "BO": 512,
                  "eps": 1e-12}  # fmt: skip
         c = kproj.fitting("forward", kproj._FORWARD_CONFIGS, {"BO": 512}, 4,
                           tiles.SM_SHARED_MEMORY)[0]  # fmt: skip
         add(f"projection-forward-fp32-{precision}", kproj._forward_kernel, proj32, const, c)
         const = {"DX": True, "DOT_PRECISION": precision, "eps": 1e-12}
-        add(f"projection-dx-fp32-{precision}", kproj._dx_kernel, proj32, const, fixed)
+        c = kproj.fitting("dx", kproj._DX_CONFIGS, {}, 4, tiles.SM_SHARED_MEMORY)[0]
+        add(f"projection-dx-fp32-{precision}", kproj._dx_kernel, proj32, const, c)
         const = {"DW": True, "DB": True, "DOT_PRECISION": precision, "eps": 1e-12}
-        add(f"projection-dw-fp32-{precision}", kproj._dw_kernel, proj32, const, fixed)
+        c = kproj.fitting("dw", kproj._DW_CONFIGS, {}, 4, tiles.SM_SHARED_MEMORY)[0]
+        add(f"projection-dw-fp32-{precision}", kproj._dw_kernel, proj32, const, c)
     rows = triton.Config({"BM": tiles.ROWS, "BD": 128}, num_warps=4, num_stages=1)
     add("finalize", tiles.finalize_kernel, bf16, {}, rows)
     add("row-dot", tiles.row_dot_kernel, bf16, {}, rows)
     return out
 
 
-@pytest.fixture(scope="module")
-def compiled() -> dict:
-    """Compile everything in a child process: under TRITON_INTERPRET=1 (set by conftest.py on
-    CPU machines) kernels are interpreted functions, which cannot be compiled."""
+@pytest.fixture(scope="module", params=["installed", GPU_TRITON], ids=lambda v: f"triton-{v}")
+def compiled(request) -> dict:
+    """Compile everything in a child process, with the installed Triton or the GPU machine's:
+    under TRITON_INTERPRET=1 (set by conftest.py on CPU machines) kernels are interpreted
+    functions, which cannot be compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if request.param == GPU_TRITON:
+        if not (GPU_TRITON_DIR / "triton").is_dir():
+            install = f"pip install --no-deps --target {GPU_TRITON_DIR} triton=={GPU_TRITON}"
+            if os.environ.get("CI"):  # CI gates both versions: a missing one is a failure there
+                pytest.fail(f"Triton {GPU_TRITON} is missing; .ci/run runs: {install}")
+            pytest.skip(f"the GPU machine's Triton {GPU_TRITON} is not installed: {install}")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GPU_TRITON_DIR),
+                                                          env.get("PYTHONPATH")]))  # fmt: skip
     run = subprocess.run(
         [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=1800
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    if request.param == GPU_TRITON:
+        assert results.pop("triton") == GPU_TRITON, "the child imported another Triton"
+    results.pop("triton", None)
+    return results
 
 
 CASES = cases()
@@ -287,9 +322,11 @@ def test_compiles_within_occupancy(compiled, name):
         assert result["tma"], f"{name}: tensor descriptors without TMA instructions"
 
 
-def main() -> None:
-    results = {}
+def main(parts: list[str]) -> None:
+    results = {"triton": triton.__version__}
     for name, case in CASES.items():
+        if parts and not any(part in name for part in parts):
+            continue
         try:
             results[name] = compile_for_hopper(case)
         except TypeError as e:  # the ahead-of-time API of this Triton version differs
@@ -300,4 +337,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
