@@ -1,20 +1,25 @@
 """The short GPU run: what each implementation of the losses costs, stage by stage, in minutes.
 
-    python benchmarks/gpu_quick.py [--out quick.json] [--budget SECONDS] [--parts a,b] [--tiny]
+    python benchmarks/gpu_quick.py [--out quick.json] [--merge] [--budget SECONDS] [--parts a,b]
+                                   [--tiny]
     TRITON_INTERPRET=1 python benchmarks/gpu_quick.py --tiny --out runs/quick.json   # a CPU
 
-No autotuning: every loss kernel (and the similarity's) launches with the fixed tiles of
-CONFIGS, the others with their own defaults (FASTCLIP_AUTOTUNE=0). Times are medians (with p20
-and p80) of runs back to back on the GPU's timeline, from CUDA events; peak memory is what a run
-allocates on top of its inputs. The JSON is rewritten after every measurement, so a part
-stopped at its time limit, or a killed run, keeps what finished. ``quick_summary.py`` turns it
-into summary.md and ``tuning.py`` into fastclip/tuning.json; ``gpu_quick.sh`` runs all three
-after the CUDA tests.
+No autotuning (FASTCLIP_AUTOTUNE=0): every kernel launches the first config of its autotune
+list that fits the GPU, one the Hopper compile test checks; the JSON's "configs" names them.
+Times are medians (with p20 and p80) of runs back to back on the GPU's timeline, from CUDA
+events; peak memory is what a run allocates on top of its inputs. The JSON is rewritten
+(atomically) after every measurement, so a part stopped at its time limit, or a killed process,
+keeps what finished; each part's status is in its "parts", "running" until the part ends.
+--merge adds the parts run to an existing JSON, replacing their earlier rows and keeping the
+others': ``gpu_quick.sh`` runs each part that never ran on a GPU in a process of its own, under
+a hard limit, all into one JSON. ``quick_summary.py`` turns it into summary.md and ``tuning.py``
+into fastclip/tuning.json.
 
 --tiny runs every part at tiny sizes. On a GPU it compiles the kernels the full run launches
 (Triton caches them on disk; gpu_quick.sh runs it beside the tests). On a CPU, with
-TRITON_INTERPRET=1, it runs the script's logic through Triton's interpreter in about two
-minutes, in fp16 (the interpreter's bf16 products are wrong): its times mean nothing.
+TRITON_INTERPRET=1, it runs the script's logic through Triton's interpreter in under a minute,
+at feature widths of 32 and in fp16 (the interpreter's bf16 products are wrong): its times mean
+nothing.
 
 Parts, in this order (``--parts`` picks some, in the order given):
   bandwidth       HBM and L2 read and copy bandwidth (a Triton streaming kernel; torch's copy)
@@ -24,16 +29,18 @@ Parts, in this order (``--parts`` picks some, in the order given):
   siglip          SigLIP, D = 768, at N = 4,096, 16,384, 65,536: blocks, blocks-mm, fused and
                   eager. Per case: the forward+backward time, TFLOP/s counting the matmul passes
                   it executes and the floor's, each stage's time beside ``fastclip.costs``'
-                  prediction, peak extra memory against N D 8 bytes + the buffer, the gradients'
-                  error in bf16 against the fp32 PyTorch path on the same inputs. Also the
-                  evaluation forward (no grad, 1 pass) against eager.
+                  prediction (on the constants of the GPU it runs on), peak extra memory against
+                  N D 8 bytes + the buffer, the gradients' error in bf16 against the fp32 PyTorch
+                  path on the same inputs. Also the evaluation forward (no grad, 1 pass) against
+                  eager.
   confident       bf16 gradients on a confident batch (texts = images + 5% noise, logit scale
                   100) against float64 (``clip_loss_exact``, ``siglip_loss_reference``)
   retrieval       similarity at 16,384^2 against cuBLAS; top-k at 65,536, k = 10, against eager
   projection      the normalized projection, N = 32,768, 768 -> 512, against eager
   large           InfoNCE at N = 2^20, D = 512, forward+backward once by auto's implementation,
                   then by the other bounded-block one while the part's time lasts
-  block-configs   the bounded-block G kernel with each candidate tile: one G pass at 16,384
+  block-configs   the bounded-block G kernels with each config of their autotune lists (InfoNCE
+                  5, SigLIP 3): one G pass at 16,384
   tma             InfoNCE's forward and both G kernels at 16,384 with their operands read through
                   tensor descriptors (FASTCLIP_TMA=1, opt-in until this measures it) and without
   compile         the projection's torch.compile baseline (its compilation dominates)
@@ -44,33 +51,36 @@ adds S (cuBLAS computing the blocks' dots, which G then excludes); fused = forwa
 SigLIP computes its gradients with its loss: blocks = G (S, loss and G), products; fused =
 forward (both sweeps).
 
-Budget on an H200, in seconds. The limits are enforced (and capped by --budget). The estimates
-are not measurements: they take the 2026-11-27 H200 run's rates (InfoNCE at N = 65,536: forward
-16.4 ms, fused forward+backward 132 ms, eager 114 ms and its forward 50 ms; SigLIP: fused
-204 ms, eager 83 ms), ``fastclip.costs``' predictions for what never ran (blocks and blocks-mm
+Budget on an H100 or H200, in seconds. The limits are enforced (and capped by --budget; in
+gpu_quick.sh each process also runs under a hard limit of its parts' limits plus ~4 s to start
+Python, torch and CUDA). The estimates are not measurements: they take the 2026-11-27 H200
+run's rates (InfoNCE at N = 65,536: forward 16.4 ms, fused forward+backward 132 ms, eager 114 ms
+and its forward 50 ms; SigLIP: fused 204 ms, eager 83 ms; an H100 has ~30% less HBM bandwidth
+and the same compute), ``fastclip.costs``' predictions for what never ran (blocks and blocks-mm
 ~46 ms at 65,536 and 11.7 s at 2^20), and guesses (g) for compilation, which gpu_quick.sh mostly
 does beforehand. A case runs ~11 times (error, memory, a probe, up to 9 timed runs filling
 0.4 s), a stage ~11 times:
 
   | part          | limit | estimate | how                                                   |
   |---------------|------:|---------:|-------------------------------------------------------|
-  | bandwidth     |     8 |        2 | 2 GiB streamed ~22 times at ~4 TB/s: 0.6 s            |
-  | cublas        |    12 |        3 | 15 shapes x 4 products x 11 runs of 0.05-3 ms         |
-  | contrastive   |    40 |        8 | N = 65,536: fp32 reference 0.5, forwards 0.7, eager   |
+  | bandwidth     |     6 |        2 | 2 GiB streamed ~22 times at 3-4 TB/s: 0.8 s           |
+  | cublas        |    10 |        3 | 15 shapes x 4 products x 11 runs of 0.05-3 ms         |
+  | contrastive   |    28 |        8 | N = 65,536: fp32 reference 0.5, forwards 0.7, eager   |
   |               |       |          | 6 x 114 ms, blocks and blocks-mm 11 x 46 ms + stages  |
   |               |       |          | 0.7 each, fused 6 x 132 ms + stages 0.8: ~6 s; the    |
   |               |       |          | smaller N ~1 s; 20 s more if nothing was compiled (g) |
-  | siglip        |    40 |        9 | N = 65,536: reference 0.7, eager 7 x 83 ms, blocks    |
+  | siglip        |    28 |        9 | N = 65,536: reference 0.7, eager 7 x 83 ms, blocks    |
   |               |       |          | 1.3, blocks-mm 1.4, fused 11 x 204 ms: ~7 s           |
-  | confident     |    12 |        2 | N = 4,096: float64 on the GPU, 4 bf16 runs per loss   |
-  | retrieval     |    12 |        4 | top-k at 65,536: eager ~40 ms (g), fastclip ~20 ms;   |
+  | confident     |    10 |        2 | N = 4,096: float64 on the GPU, 4 bf16 runs per loss   |
+  | retrieval     |    10 |        4 | top-k at 65,536: eager ~40 ms (g), fastclip ~20 ms;   |
   |               |       |          | 2 kernels to compile if not yet (g)                   |
-  | projection    |    10 |        2 | runs under 1 ms                                       |
-  | large         |    35 |       25 | the model's 11.7 s and 11.8 s, once each, plus inputs |
-  | block-configs |    15 |        3 | 6 G passes of ~1.5 ms x 11; compiled beforehand       |
+  | projection    |     6 |        2 | runs under 1 ms                                       |
+  | large         |    25 |       25 | the model's 11.7 s, then the other implementation's   |
+  |               |       |          | 11.8 s, which the limit may stop                      |
+  | block-configs |    15 |        4 | 8 G passes of ~1.5 ms x 11; compiled beforehand       |
   | tma           |    10 |        4 | 6 passes of ~1.5 ms x 11, 4 kernels to compile (g)    |
-  | compile       |    30 |       25 | Inductor compiling a forward and a backward (g)       |
-  | sum           |   224 |       87 | plus ~5 s to start Python and CUDA                    |
+  | compile       |    22 |       20 | Inductor compiling a forward and a backward (g)       |
+  | sum           |   170 |       83 | plus ~4 s per process to start Python, torch, CUDA    |
 """
 
 from __future__ import annotations
@@ -101,12 +111,24 @@ import triton.language as tl
 from tuning import within_tolerance
 
 import fastclip.kernels.contrastive as kc
+import fastclip.kernels.projection as kp
 import fastclip.kernels.siglip as ks
 import fastclip.kernels.similarity as ksim
 from fastclip import backends, clip_loss, costs, siglip_loss, similarity, topk_similarity
-from fastclip.kernels import blocks
-from fastclip.kernels.blocks import accumulate_mm, default_block_bytes, matmul_f32, plan_blocks
-from fastclip.kernels.tiles import TileConfig, interpreting
+from fastclip.kernels.blocks import (
+    accumulate_mm,
+    default_block_bytes,
+    matmul_f32,
+    out_dtype_products,
+    plan_blocks,
+)
+from fastclip.kernels.tiles import (
+    INTERPRETER_CONFIG,
+    TileConfig,
+    first_fitting,
+    fixed_config,
+    interpreting,
+)
 from fastclip.measure import peak_memory_bytes
 from fastclip.projection import normalized_linear
 from fastclip.reference import (
@@ -118,33 +140,6 @@ from fastclip.reference import (
 )
 
 MIB, GIB = 2**20, 2**30
-
-# Fixed tiles (TileConfig fields: block_m, block_n, block_k, block_d, warps, stages).
-CONFIGS = {
-    # The InfoNCE forward: the autotuner's pick at N = 32,768, D = 512 on 2026-11-27 (283 TFLOP/s).
-    "forward": TileConfig(block_m=128, block_n=256, block_k=32, num_warps=8, num_stages=3),
-    # The fused sweeps (both losses) and SigLIP's loss-only sweep: the InfoNCE backward's pick
-    # that day (151 TFLOP/s per pass).
-    "sweep": TileConfig(
-        block_m=64, block_n=128, block_k=64, block_d=128, num_warps=8, num_stages=3
-    ),
-    # The bounded-block G kernels: never ran; compiled for sm_90 it takes 128 registers and
-    # 96 KiB of shared memory, two programs per SM. block-configs times the alternatives.
-    "block": TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    # The similarity matrix: a GEMM's usual Hopper tile (the first of its autotune configs).
-    "similarity": TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
-}
-BLOCK_CANDIDATES = (
-    CONFIGS["block"],
-    TileConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3),
-    TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
-)
-# The entry points CONFIGS patches, as the modules define them.
-_CONTRASTIVE_FORWARD = kc.contrastive_forward
-_BLOCKED_BACKWARD = kc.blocked_backward
-_FUSED_BACKWARD = kc.fused_backward
-_SIGLIP_FORWARD = ks.siglip_forward
-_SIMILARITY_FORWARD = ksim.similarity_forward
 
 
 @dataclass(frozen=True)
@@ -162,6 +157,8 @@ class Sizes:
     block_bytes: int | None  # the losses' G buffer; None: the library's default
     block_configs_n: int  # N of the block-configs part
     max_runs: int  # timed runs after the probe, at most
+    # Every feature width (the projection's: 1.5 x width -> width); None: the real ones.
+    width: int | None = None
 
 
 FULL = Sizes(
@@ -191,6 +188,11 @@ TINY = Sizes(
     block_bytes=8 * 2**10,
     block_configs_n=64,
     max_runs=1,
+)
+# TINY narrower still, for Triton's interpreter: it compiles nothing, and pays for every feature
+# chunk of every program in Python.
+INTERPRETED = dataclasses.replace(
+    TINY, batches=(64,), confident=32, large=128, block_configs_n=32, width=32
 )
 
 
@@ -253,53 +255,51 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-@contextlib.contextmanager
-def fixed_tiles(block: TileConfig = CONFIGS["block"]) -> Iterator[None]:
-    """Every loss kernel (and the similarity's) launches with its CONFIGS tiles, the bounded-block
-    G kernels with ``block``: the entry points are patched, which the backends look up at each
-    call."""
-
-    def siglip_forward(
-        x, y, scale, bias, offset, need_dx, need_dy, need_dparams, method="blocks", **kw
-    ):
-        blocked = method != "fused" and (need_dx or need_dy or need_dparams)
-        config = block if blocked else CONFIGS["sweep"]
-        return _SIGLIP_FORWARD(
-            x,
-            y,
-            scale,
-            bias,
-            offset,
-            need_dx,
-            need_dy,
-            need_dparams,
-            method=method,
-            config=config,
-            **kw,
-        )
-
-    patches = {
-        (kc, "contrastive_forward"): functools.partial(
-            _CONTRASTIVE_FORWARD, config=CONFIGS["forward"]
-        ),
-        (kc, "blocked_backward"): functools.partial(_BLOCKED_BACKWARD, config=block),
-        (kc, "fused_backward"): functools.partial(_FUSED_BACKWARD, config=CONFIGS["sweep"]),
-        (ks, "siglip_forward"): siglip_forward,
-        (ksim, "similarity_forward"): functools.partial(
-            _SIMILARITY_FORWARD, config=CONFIGS["similarity"]
-        ),
-    }
-    with contextlib.ExitStack() as stack:
-        for (module, name), fn in patches.items():
-            stack.enter_context(mock.patch.object(module, name, fn))
-        yield
+# The kernels the parts launch, by their autotuners: without autotuning each launches the first
+# config of its list that its pruning keeps for the GPU (``tiles.launch``). The projection's
+# forward prunes by its output block, here the projection case's.
+KERNELS = {
+    "InfoNCE forward": (kc._forward_tuned, {}),
+    "InfoNCE G": (kc._block_tuned, {}),
+    "InfoNCE fused backward": (kc._backward_tuned, {}),
+    "SigLIP sweep": (ks._sweep_tuned, {}),
+    "SigLIP G": (ks._block_tuned, {}),
+    "similarity": (ksim._similarity_tuned, {}),
+    "projection forward": (
+        kp._forward_tuned,
+        {"BO": kp.output_block(PROJECTION[1]), "WIDE": False},
+    ),
+    "projection dx": (kp._dx_tuned, {}),
+    "projection dW": (kp._dw_tuned, {}),
+}
 
 
 def config_name(config: TileConfig) -> str:
-    return (
-        f"{config.block_m}x{config.block_n}x{config.block_k}, {config.num_warps} warps, "
-        f"{config.num_stages} stages"
-    )
+    blocks = "x".join(str(getattr(config, f)) for f in ("block_m", "block_n", "block_k"))
+    cap = f", maxnreg {config.maxnreg}" if config.maxnreg else ""
+    return f"{blocks}, {config.num_warps} warps, {config.num_stages} stages{cap}"
+
+
+def launched_configs(operand: torch.Tensor) -> dict[str, dict]:
+    """What each kernel of KERNELS launches without autotuning, for operands like ``operand``
+    (its dtype and device): block sizes, warps, stages, register cap. On a CPU, the
+    interpreter's tiles."""
+    if operand.device.type != "cuda" and interpreting():
+        c = INTERPRETER_CONFIG
+        blocks = {"BM": c.block_m, "BN": c.block_n, "BK": c.block_k, "BD": c.block_d}
+        return {"every kernel (the interpreter's)": describe(blocks, c)}
+    configs = {}
+    for name, (tuned, meta) in KERNELS.items():
+        args = {"a_ptr": operand, **meta}
+        first = first_fitting(tuned, args)
+        configs[name] = describe(first.kwargs, first)
+    return configs
+
+
+def describe(blocks: dict, config) -> dict:
+    """A config (TileConfig or triton.Config) as the JSON's "configs" names it."""
+    return {"blocks": dict(blocks), "warps": config.num_warps, "stages": config.num_stages,
+            "maxnreg": config.maxnreg}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,22 +410,35 @@ def case(row: dict, results: Results) -> Iterator[None]:
 
 
 class Results:
-    """The run's JSON, rewritten whole (atomically) after every measurement."""
+    """The run's JSON, rewritten whole (atomically, through ``<name>.partial`` beside it) after
+    every measurement. With ``merge``, an existing JSON at ``path`` is kept: its facts (those of
+    the first process) and the rows of the parts this run does not repeat."""
 
-    def __init__(self, path: Path, header: dict) -> None:
+    def __init__(self, path: Path, header: dict, merge: bool = False) -> None:
         self.path = path
-        self.data = {**header, "parts": {}}
+        old = json.loads(path.read_text()) if merge and path.exists() else {}
+        self.data = {**header, **old}
+        self.data.setdefault("parts", {})
+        self.part: str | None = None  # the part running, which the rows added belong to
         path.parent.mkdir(parents=True, exist_ok=True)
         self.save()
 
-    def add(self, part: str, row: dict) -> dict:
-        """Append ``row`` to the part's list; fill it in afterwards and save again."""
-        self.data.setdefault(part, []).append(row)
+    def start(self, part: str) -> None:
+        """Rows added from now on belong to ``part``; its rows of an earlier run are dropped."""
+        self.part = part
+        for key, rows in self.data.items():
+            if isinstance(rows, list):
+                self.data[key] = [row for row in rows if row.get("part") != part]
+
+    def add(self, section: str, row: dict) -> dict:
+        """Append ``row`` to the section's list; fill it in afterwards and save again."""
+        row["part"] = self.part
+        self.data.setdefault(section, []).append(row)
         self.save()
         return row
 
     def save(self) -> None:
-        partial = self.path.with_suffix(".partial")
+        partial = self.path.with_name(self.path.name + ".partial")
         partial.write_text(json.dumps(self.data, indent=1))
         os.replace(partial, self.path)
 
@@ -437,6 +450,7 @@ class Run:
     device: torch.device
     sizes: Sizes
     results: Results
+    model: costs.Device  # the constants fastclip.costs predicts with
 
     @property
     def dtype(self) -> torch.dtype:
@@ -450,6 +464,20 @@ class Run:
     @property
     def block_bytes(self) -> int:
         return self.sizes.block_bytes or default_block_bytes(self.device)
+
+    def loss(self, op: str) -> Loss:
+        """LOSSES[op] at the sizes' feature width."""
+        width = self.sizes.width
+        return LOSSES[op] if width is None else dataclasses.replace(LOSSES[op], D=width)
+
+    @property
+    def retrieval_d(self) -> int:
+        return self.sizes.width or RETRIEVAL_D
+
+    @property
+    def projection(self) -> tuple[int, int]:
+        width = self.sizes.width
+        return PROJECTION if width is None else (width * 3 // 2, width)
 
     def timed(self, fn: Callable[[], object], warmup: bool = True) -> dict:
         """Median milliseconds of ``fn()`` with p20 and p80: a probe run, then as many more as
@@ -480,7 +508,8 @@ class Run:
         return peak_memory_bytes(fn, self.device) / MIB
 
 
-def device_facts(device: torch.device, sizes: Sizes) -> dict:
+def device_facts(device: torch.device, sizes: Sizes, model: costs.Device) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # as Run.dtype
     facts = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
@@ -490,13 +519,17 @@ def device_facts(device: torch.device, sizes: Sizes) -> dict:
         "gpu": None,
         "cpu": platform.processor() or platform.machine(),
         "interpreter": interpreting(),
-        "tiny": sizes == TINY,
-        "out_dtype_gemm": blocks._OUT_DTYPE,  # cuBLAS writes fp32 from bf16 operands directly
+        "tiny": sizes != FULL,
+        # cuBLAS writes fp32 from bf16 operands directly
+        "out_dtype_gemm": out_dtype_products(device.type),
         "autotune": False,
-        "configs": {name: dataclasses.asdict(config) for name, config in CONFIGS.items()},
         "block_bytes": sizes.block_bytes or default_block_bytes(device),
-        "model_device": costs.H200.name,  # the device fastclip.costs' predictions describe
+        "model_device": model.name,  # the constants fastclip.costs' predictions use
     }
+    try:  # a fact, not a reason to lose the run
+        facts["configs"] = launched_configs(torch.empty(0, dtype=dtype, device=device))
+    except Exception as error:  # noqa: BLE001
+        facts["configs"] = {"error": f"{type(error).__name__}: {error}"[:300]}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         facts.update(
@@ -581,7 +614,8 @@ def block_plans(run: Run) -> dict[tuple[int, int, int], list[str]]:
     """The (R, C, D) block shapes each loss case walks, with the cases that walk them (and how
     many blocks make one pass), and the 8192 x 8192 blocks of the design notes."""
     shapes: dict[tuple[int, int, int], list[str]] = {}
-    for op, loss in LOSSES.items():
+    for op in LOSSES:
+        loss = run.loss(op)
         batches = run.sizes.batches + ((run.sizes.large,) if op == "contrastive" else ())
         for n in batches:
             for impl, element in (("blocks", 2), ("blocks-mm", 6)):
@@ -619,15 +653,21 @@ def cublas_shape(run: Run, R: int, C: int, D: int, uses: list[str]) -> None:
             row["tflops"] = 2 * R * C * D / row["ms"] / 1e9
 
 
+# The bounded-block G kernels' autotune lists, which block-configs times config by config.
+BLOCK_CONFIGS = {"contrastive": kc._BLOCK_CONFIGS, "siglip": ks._BLOCK_CONFIGS}
+
+
 def part_block_configs(run: Run) -> None:
-    """One G pass (the backward with neither gradient wanted) per candidate tile."""
+    """One G pass (the backward with neither gradient wanted) per config of the G kernel's
+    autotune list, the first (what runs without autotuning) first."""
     device, n = run.device, run.sizes.block_configs_n
-    for op, loss in LOSSES.items():
+    for op in LOSSES:
+        loss = run.loss(op)
         args = [t.detach() for t in stage_inputs(run, op, n)]
-        for config in BLOCK_CANDIDATES:
+        for config in map(fixed_config, BLOCK_CONFIGS[op]):
             row = {"op": op, "N": n, "D": loss.D, "config": config_name(config)}
-            with case(run.results.add("block_configs", row), run.results), fixed_tiles(config):
-                g_only = stage_functions(run, op, "blocks", *args)["G-only"]
+            with case(run.results.add("block_configs", row), run.results):
+                g_only = stage_functions(run, op, "blocks", *args, config=config)["G-only"]
                 row.update(run.timed(g_only))
                 row["tflops"] = 2 * n * n * loss.D / row["ms"] / 1e9
         settle(device)
@@ -637,7 +677,8 @@ def part_tma(run: Run) -> None:
     """The kernels that compute dots (InfoNCE's forward, both G kernels) with their operands
     through tensor descriptors (FASTCLIP_TMA=1) and through pointer loads, one G pass each."""
     n = run.sizes.block_configs_n
-    for op, loss in LOSSES.items():
+    for op in LOSSES:
+        loss = run.loss(op)
         args = [t.detach() for t in stage_inputs(run, op, n)]
         stages = stage_functions(run, op, "blocks", *args)
         timed = {"G-only": stages["G-only"]}
@@ -656,27 +697,32 @@ def part_tma(run: Run) -> None:
 
 
 def stage_inputs(run: Run, op: str, n: int) -> list[torch.Tensor]:
-    loss = LOSSES[op]
+    loss = run.loss(op)
     x, y = (features(n, loss.D, run.device, seed) for seed in (n, n + 1))
     return leaves(loss, x, y, loss.scale, loss.bias, run.dtype)
 
 
-def stage_functions(run: Run, op: str, impl: str, x, y, scale, bias=None) -> dict[str, Callable]:
+def stage_functions(
+    run: Run, op: str, impl: str, x, y, scale, bias=None, config: TileConfig | None = None
+) -> dict[str, Callable]:
     """One implementation's stages as separate calls, without autograd: "gradients" (InfoNCE's
     backward; SigLIP's whole step, whose gradients come with its loss), "forward" (InfoNCE),
     "G-only" (the blocked implementations' G kernels with neither product) and "S" (blocks-mm's
-    dots by cuBLAS, as ``sweep_blocks`` asks for them)."""
+    dots by cuBLAS, as ``sweep_blocks`` asks for them). ``config``: the tiles of the kernels
+    that compute the gradients (None: the first of their autotune lists)."""
     n = x.shape[0]
     ops = backends.IMPLEMENTATIONS[op][impl].ops(run.sizes.block_bytes)
+    tiles = {} if config is None else {"config": config}
     if op == "contrastive":
         stats = ops.contrastive_forward(x, y, scale, 0, True)
         w = torch.ones(n, device=x.device)
         weight = torch.tensor(0.5 / n, device=x.device)
-        step = functools.partial(ops.contrastive_backward, x, y, scale, stats, w, w, weight, 0)
+        backward = functools.partial(ops.contrastive_backward, **tiles)
+        step = functools.partial(backward, x, y, scale, stats, w, w, weight, 0)
         fns = {"forward": functools.partial(ops.contrastive_forward, x, y, scale, 0, True)}
     else:
         step = functools.partial(ops.siglip_forward, x, y, scale, bias, 0)
-        step = functools.partial(step, need_dparams=True)
+        step = functools.partial(step, need_dparams=True, **tiles)
         fns = {}
     fns["gradients"] = functools.partial(step, True, True)
     if impl != "fused":
@@ -718,7 +764,7 @@ def part_losses(run: Run, op: str) -> None:
 
 def loss_batch(run: Run, op: str, n: int) -> None:
     """One batch size of a loss: the evaluation forward, then each implementation and eager."""
-    loss, device, block_bytes = LOSSES[op], run.device, run.sizes.block_bytes
+    loss, device, block_bytes = run.loss(op), run.device, run.sizes.block_bytes
     args = stage_inputs(run, op, n)
     # The reference: the fp32 PyTorch path on the same (bf16-rounded) features.
     exact = leaves(loss, args[0].float(), args[1].float(), loss.scale, loss.bias, torch.float32)
@@ -735,7 +781,9 @@ def loss_batch(run: Run, op: str, n: int) -> None:
             row.update(run.timed(functools.partial(fn, *args)))
             row["tflops"] = pass_flops / row["ms"] / 1e9
             if provider == "fastclip":
-                cost = costs.loss_cost(op, "blocks", n, loss.D, 2, False, block_bytes=block_bytes)
+                cost = costs.loss_cost(
+                    op, "blocks", n, loss.D, 2, False, run.model, block_bytes=block_bytes
+                )
                 row["predicted_ms"] = cost.seconds * 1e3
         settle(device)
 
@@ -747,7 +795,9 @@ def loss_batch(run: Run, op: str, n: int) -> None:
             fn = loss.reference
             if impl != "eager":
                 fn = functools.partial(loss.public, backend=impl, block_bytes=block_bytes)
-                cost = costs.loss_cost(op, impl, n, loss.D, 2, block_bytes=block_bytes)
+                cost = costs.loss_cost(
+                    op, impl, n, loss.D, 2, device=run.model, block_bytes=block_bytes
+                )
                 element = 6 if impl == "blocks-mm" else 2  # G, and the fp32 dots of blocks-mm
                 row.update(
                     plan=None if impl == "fused" else plan_blocks(n, n, element, run.block_bytes),
@@ -788,7 +838,7 @@ def part_confident(run: Run) -> None:
 
 
 def confident_loss(run: Run, op: str) -> None:
-    loss, n = LOSSES[op], run.sizes.confident
+    loss, n = run.loss(op), run.sizes.confident
     x, y = (t.to(run.dtype) for t in confident_batch(n, loss.D, run.device))
     params = (CONFIDENT_SCALE, CONFIDENT_BIAS)
     # The float64 reference on the features as rounded to bf16: exact on the same inputs.
@@ -827,9 +877,9 @@ def measure_provider(run: Run, row: dict, fn: Callable, flops: float) -> None:
 
 
 def part_retrieval(run: Run) -> None:
-    similarity_case(run, run.sizes.similarity, RETRIEVAL_D)
+    similarity_case(run, run.sizes.similarity, run.retrieval_d)
     settle(run.device)
-    topk_case(run, run.sizes.topk, RETRIEVAL_D)
+    topk_case(run, run.sizes.topk, run.retrieval_d)
 
 
 def similarity_case(run: Run, n: int, dim: int) -> None:
@@ -863,7 +913,7 @@ def projection_step(fn: Callable, inputs: list[torch.Tensor], grad: torch.Tensor
 
 def projection_case(run: Run, providers: dict[str, Callable]) -> None:
     device, n = run.device, run.sizes.projection
-    n_in, n_out = PROJECTION
+    n_in, n_out = run.projection
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, n_in, generator=gen, device=device).to(run.dtype)
     weight = (torch.randn(n_out, n_in, generator=gen, device=device) / n_in**0.5).to(run.dtype)
@@ -890,7 +940,7 @@ def part_projection(run: Run) -> None:
 
 
 def part_compile(run: Run) -> None:
-    if run.sizes == TINY:
+    if run.sizes != FULL:
         run.results.data["parts"]["compile"]["note"] = "not run with --tiny"
         return
     import torch._inductor.config as inductor
@@ -902,7 +952,7 @@ def part_compile(run: Run) -> None:
 def part_large(run: Run) -> None:
     """InfoNCE at N = 2^20: once by the implementation ``auto`` picks, then by the other
     bounded-block one while the part's time lasts."""
-    picked = backends.fastest("contrastive", run.dtype, LOSSES["contrastive"].D, run.sizes.large)
+    picked = backends.fastest("contrastive", run.dtype, run.loss("contrastive").D, run.sizes.large)
     for impl in dict.fromkeys((picked, "blocks", "blocks-mm")):
         large_case(run, impl, auto=impl == picked)
         settle(run.device)
@@ -911,8 +961,10 @@ def part_large(run: Run) -> None:
 def large_case(run: Run, impl: str, auto: bool) -> None:
     """One forward+backward, peak memory and time from the same run; the forward timed first
     on its own, so that a run stopped in its backward keeps it."""
-    device, n, loss = run.device, run.sizes.large, LOSSES["contrastive"]
-    cost = costs.loss_cost("contrastive", impl, n, loss.D, 2, block_bytes=run.sizes.block_bytes)
+    device, n, loss = run.device, run.sizes.large, run.loss("contrastive")
+    cost = costs.loss_cost(
+        "contrastive", impl, n, loss.D, 2, device=run.model, block_bytes=run.sizes.block_bytes
+    )
     row = {"op": "contrastive", "dtype": run.dtype_name, "D": loss.D, "N": n, "impl": impl}
     row.update(auto=auto, passes=loss.passes[impl], floor_passes=loss.floor)
     row.update(
@@ -951,28 +1003,33 @@ class Part:
 
 
 PARTS = (  # most wanted first: a run short of time skips the last ones
-    Part("bandwidth", part_bandwidth, 8),
-    Part("cublas", part_cublas, 12),
-    Part("contrastive", functools.partial(part_losses, op="contrastive"), 40),
-    Part("siglip", functools.partial(part_losses, op="siglip"), 40),
-    Part("confident", part_confident, 12),
-    Part("retrieval", part_retrieval, 12),
-    Part("projection", part_projection, 10),
-    Part("large", part_large, 35),
+    Part("bandwidth", part_bandwidth, 6),
+    Part("cublas", part_cublas, 10),
+    Part("contrastive", functools.partial(part_losses, op="contrastive"), 28),
+    Part("siglip", functools.partial(part_losses, op="siglip"), 28),
+    Part("confident", part_confident, 10),
+    Part("retrieval", part_retrieval, 10),
+    Part("projection", part_projection, 6),
+    Part("large", part_large, 25),
     Part("block-configs", part_block_configs, 15),
     Part("tma", part_tma, 10),
-    Part("compile", part_compile, 30),
+    Part("compile", part_compile, 22),
 )
 MIN_PART_S = 3  # a part with less time left than this is skipped
 
 
 def run_parts(run: Run, parts: list[Part], budget_s: float) -> None:
     """Each part under min(its limit, what is left of the budget); its status, time and limit
-    recorded in the JSON's "parts"."""
+    recorded in the JSON's "parts": "not started" for all of them first, then "running" while
+    one runs, so that a process killed from outside leaves where it was."""
     deadline = time.monotonic() + budget_s
+    statuses = run.results.data["parts"]
+    for part in parts:
+        statuses[part.name] = {"status": "not started", "limit_s": part.limit_s}
+    run.results.save()
     for part in parts:
         left = deadline - time.monotonic()
-        status = run.results.data["parts"][part.name] = {"limit_s": round(min(part.limit_s, left))}
+        status = statuses[part.name] = {"limit_s": round(min(part.limit_s, left))}
         if left < MIN_PART_S:
             status["status"] = "skipped: the run's budget was spent"
             run.results.save()
@@ -980,13 +1037,17 @@ def run_parts(run: Run, parts: list[Part], budget_s: float) -> None:
         print(f"=== {part.name} (limit {status['limit_s']} s)", flush=True)
         start = time.monotonic()
         status["status"] = "running"
+        run.results.start(part.name)
         run.results.save()
         try:
-            with time_limit(min(part.limit_s, left)), fixed_tiles():
+            with time_limit(min(part.limit_s, left)):
                 part.run(run)
             status["status"] = "ok"
         except PartTimeout:
             status["status"] = "stopped at its limit"
+        except KeyboardInterrupt:  # SIGINT: the process's own limit (timeout) or a user
+            status["status"] = "interrupted"
+            raise
         except Exception as error:  # noqa: BLE001 - recorded; the other parts still run
             traceback.print_exc()
             status["status"] = f"error: {type(error).__name__}: {error}"[:500]
@@ -1004,6 +1065,11 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Parts: " + ", ".join(p.name for p in PARTS),
     )
     parser.add_argument("--out", type=Path, default=Path("quick.json"), help="the JSON written")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add to the JSON at --out if there is one, replacing the rows of the parts run",
+    )
     parser.add_argument(
         "--budget",
         type=float,
@@ -1031,17 +1097,17 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not (args.tiny and interpreting()):
         parser.error("needs a CUDA device; on a CPU, run TRITON_INTERPRET=1 ... --tiny")
-    os.environ["FASTCLIP_AUTOTUNE"] = "0"  # fixed tiles wherever CONFIGS does not set them
+    os.environ["FASTCLIP_AUTOTUNE"] = "0"  # each kernel's first config that fits the GPU
+    # SIGINT (the limit of timeout --signal=INT) raises KeyboardInterrupt, even where the process
+    # was started with it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # Triton's interpreter computes padding lanes too (e.g. log2(0)); their values are masked out.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
-    sizes = TINY if args.tiny else FULL
-    results = Results(args.out, device_facts(device, sizes))
-    try:
-        run_parts(Run(device, sizes, results), parts, args.budget)
-    except KeyboardInterrupt:  # stopped from outside: keep what finished
-        results.data["interrupted"] = True
-        results.save()
-        raise
+    sizes = FULL if not args.tiny else TINY if device.type == "cuda" else INTERPRETED
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    model = costs.device_constants(gpu)
+    results = Results(args.out, device_facts(device, sizes, model), merge=args.merge)
+    run_parts(Run(device, sizes, results, model), parts, args.budget)
     print(f"wrote {args.out}")
 
 

@@ -1,13 +1,20 @@
 """summary.md from a gpu_quick.py run: where and how it ran, the targets, then each part's table.
 
 python benchmarks/quick_summary.py quick.json [--tests tests.log] [--note TEXT ...]
-                                   [--out summary.md]
+                                   [--process PARTS EXIT LIMIT_S ...] [--out summary.md]
+
+``--process`` reports how each gpu_quick.py process ended (``gpu_quick.sh`` runs one per group
+of parts): its comma-separated parts, its exit status ("skipped" if it never started) and its
+limit. A part whose process ended while it was still "not started", "running" or "interrupted"
+(or before it wrote anything) gets the status that explains it, in the JSON too: every part
+has a status there, whatever was killed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +31,23 @@ LEGEND = (
     "Peak MiB: allocated on top of the inputs, against the bound N·D·8 bytes + the G buffer. "
     "Errors: relative norm error of dL/dx and dL/dy in bf16 against the fp32 PyTorch path on the "
     "same (bf16) inputs; floor: the fp32 gradient rounded to bf16; ✓: within tolerance "
-    "(benchmarks/tuning.py). Predicted: fastclip.costs (H200 constants)."
+    "(benchmarks/tuning.py). Predicted: fastclip.costs on the constants of the {model}."
 )
+# Statuses gpu_quick.py leaves when its process ends from outside.
+UNFINISHED = ("not started", "running", "interrupted")
+
+
+def model_name(results: dict) -> str:
+    """The GPU whose constants ``fastclip.costs`` predicted with."""
+    return results.get("model_device") or "NVIDIA H200"
+
+
+def predicted(results: dict, what: str = "predicted ms") -> str:
+    """A predicted column's head, naming the constants: "predicted ms (H100 constants)"."""
+    words = model_name(results).split()
+    model = words[1] if words[0] == "NVIDIA" and len(words) > 1 else words[0]
+    default = ", the default" if "default" in model_name(results) else ""
+    return f"{what} ({model} constants{default})"
 
 
 def num(x: float | None) -> str:
@@ -196,16 +218,11 @@ def header(results: dict, tests: str | None, notes: list[str]) -> list[str]:
         where = f"{gpu} ({', '.join(facts)}), CUDA {results.get('cuda')}"
     else:
         where = f"none: CPU ({results.get('cpu')}), Triton's interpreter, tiny sizes"
-    configs = "; ".join(
-        f"{name} {c['block_m']}×{c['block_n']}×{c['block_k']}"
-        + (f" (BD {c['block_d']})" if name == "sweep" else "")
-        + f", {c['num_warps']} warps, {c['num_stages']} stages"
-        for name, c in results.get("configs", {}).items()
-    )
+    configs = "; ".join(config_text(name, c) for name, c in results.get("configs", {}).items())
     parts = "; ".join(
         f"{name}: {p.get('status')}"
         + (f", {p['seconds']} s" if "seconds" in p else "")
-        + f" (limit {p.get('limit_s')} s)"
+        + (f" (limit {p['limit_s']} s)" if "limit_s" in p else "")
         for name, p in results.get("parts", {}).items()
     )
     lines = [
@@ -216,15 +233,23 @@ def header(results: dict, tests: str | None, notes: list[str]) -> list[str]:
         f"Python {results.get('python')}; cuBLAS fp32 output from bf16: "
         f"{'native (out_dtype)' if results.get('out_dtype_gemm') else 'widened operands'}",
         f"- Date: {results.get('date')}",
-        f"- Fixed tiles: {configs}; G buffer {num(results.get('block_bytes', 0) / 2**20)} MiB",
+        f"- Tiles, each kernel's first autotune config that fits: {configs}; G buffer "
+        f"{num(results.get('block_bytes', 0) / 2**20)} MiB",
         f"- Parts: {parts}",
     ]
-    if results.get("interrupted"):
-        lines.append("- The run was interrupted: later parts are missing.")
     if tests:
         lines.append(f"- CUDA tests: {tests}")
     lines += [f"- {note}" for note in notes]
-    return [*lines, "", LEGEND, ""]
+    return [*lines, "", LEGEND.format(model=model_name(results)), ""]
+
+
+def config_text(name: str, config: dict) -> str:
+    """One entry of gpu_quick's "configs" as text: InfoNCE G 128×128×64, 8 warps, 3 stages."""
+    if "blocks" not in config:
+        return f"{name}: {config}"
+    blocks = "×".join(str(size) for size in config["blocks"].values())
+    cap = f", maxnreg {config['maxnreg']}" if config.get("maxnreg") else ""
+    return f"{name} {blocks}, {config['warps']} warps, {config['stages']} stages{cap}"
 
 
 def section_targets(results: dict) -> list[str]:
@@ -316,8 +341,8 @@ def section_loss(results: dict, op: str) -> list[str]:
         "vs eager",
         "peak MiB",
         "bound MiB",
-        "predicted ms",
-        "stages ms (predicted)",
+        predicted(results),
+        predicted(results, "stages ms (predicted)"),
         "error dx / dy",
         "floor dx / dy",
         "ok",
@@ -343,7 +368,8 @@ def section_loss(results: dict, op: str) -> list[str]:
             ]
         )
     if cells:
-        head = ["N", "fastclip ms", "TFLOP/s", "predicted ms", "eager ms", "TFLOP/s", "vs eager"]
+        head = ["N", "fastclip ms", "TFLOP/s", predicted(results)]
+        head += ["eager ms", "TFLOP/s", "vs eager"]
         lines += [f"Evaluation forward (no grad, 1 pass), {TITLES[op]}:", "", *table(head, cells)]
     return lines
 
@@ -416,8 +442,8 @@ def section_large(results: dict) -> list[str]:
         "TFLOP/s floor",
         "peak MiB",
         "bound MiB",
-        "predicted ms",
-        "predicted stages ms",
+        predicted(results),
+        predicted(results, "predicted stages ms"),
     ]
     title = (
         f"## InfoNCE at N = {rows[0]['N']:,}, D={rows[0]['D']}, {rows[0]['dtype']} (one run each)"
@@ -515,14 +541,63 @@ def tests_line(log: str) -> str | None:
     return found[-1] if found else None
 
 
+def ended(code: str, limit: str, state: str | None) -> str:
+    """The status of a part left ``state`` (None: never written) by a process that ended with
+    exit status ``code`` (timeout's 124 or 137 at its limit of ``limit`` seconds)."""
+    if code == "skipped":
+        return "skipped: the run's budget was spent before its process"
+    stopped = {
+        "124": f"stopped at its {limit} s limit",
+        "137": f"killed at its {limit} s limit (SIGINT ignored)",
+    }.get(code)
+    if state in ("running", "interrupted"):
+        return f"{stopped} in this part" if stopped else f"process exit {code} in this part"
+    if stopped:
+        return f"not reached: its process was {stopped}"
+    return f"not reached: its process ended with exit status {code}"
+
+
+def reconcile(results: dict, processes: list[list[str]]) -> list[str]:
+    """Give each part of ``processes`` ([parts, exit status, limit]) whose status its process
+    left unfinished the one that explains it; returns a line per process for the summary."""
+    statuses = results.setdefault("parts", {})
+    lines = []
+    for names, code, limit in processes:
+        for name in names.split(","):
+            part = statuses.setdefault(name, {})
+            if part.get("status") in (None, *UNFINISHED):
+                part["status"] = ended(code, limit, part.get("status"))
+        lines.append(f"{names.replace(',', ', ')}: exit {code} (limit {limit} s)")
+    return lines
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Replace ``path`` atomically, through ``<name>.partial`` (gpu_quick.py's temporary)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1))
+    os.replace(partial, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="the JSON gpu_quick.py wrote")
     parser.add_argument("--tests", type=Path, help="the CUDA tests' log")
     parser.add_argument("--note", action="append", default=[], help="extra line for the header")
+    parser.add_argument(
+        "--process",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("PARTS", "EXIT", "LIMIT_S"),
+        help="how a gpu_quick.py process ended: its parts (a,b), exit status or 'skipped', limit",
+    )
     parser.add_argument("--out", type=Path, help="default: summary.md beside the results")
     args = parser.parse_args(argv)
-    results = json.loads(args.results.read_text())
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    if args.process:
+        processes = reconcile(results, args.process)
+        write_json(args.results, results)
+        args.note.append("gpu_quick.py processes: " + "; ".join(processes))
     tests = None
     if args.tests and args.tests.exists():
         tests = tests_line(args.tests.read_text()) or "no result line (stopped?)"

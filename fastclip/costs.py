@@ -6,15 +6,29 @@ stages; a stage takes max(FLOPs / its compute rate, HBM bytes / HBM bandwidth, L
 bandwidth, exponentials / MUFU rate) plus its launches' host overhead. Matmul passes are
 2 N_x N_y D FLOPs each.
 
-The device constants are the H200's, calibrated on benchmarks/results/2026-11-27-h200-partial:
-the Triton forward sweep ran at 268 TFLOP/s (N = 65,536, D = 512, bf16); the fused backward at
-151 TFLOP/s per pass, which the L2 traffic of its fp32 workspace explains (28 FLOP per byte at
-5.3 TB/s); cuBLAS bf16 GEMMs at 790 TFLOP/s. A kernel that never ran on a GPU (the
-bounded-block G kernel) is assumed to sweep at the forward's measured rate.
+The H200's constants are calibrated on benchmarks/results/2026-11-27-h200-partial: the Triton
+forward sweep ran at 268 TFLOP/s (N = 65,536, D = 512, bf16); the fused backward at 151 TFLOP/s
+per pass, which the L2 traffic of its fp32 workspace explains (28 FLOP per byte at 5.3 TB/s);
+cuBLAS bf16 GEMMs at 790 TFLOP/s. Its HBM bandwidth is the nominal 4.8 TB/s. A kernel that never
+ran on a GPU (the bounded-block G kernel) is assumed to sweep at the forward's measured rate.
+
+The H100's (SXM, 80 GB HBM3) are the H200's with the HBM bandwidth scaled by the ratio of the
+two nominal figures, 3.35 / 4.8 TB/s (a device-to-device copy on an H100 measured ~3.0 TB/s, so
+HBM-bound stages may take ~10% longer than predicted). Both GPUs have the same SMs at the same
+clocks (132; the H100 50 MB of L2, the H200 60 MB), so the sweep, L2, MUFU and launch constants
+are assumed equal, not measured on an H100. Its cuBLAS rate is measured: dense bf16 GEMMs at
+8192^3 ran at 769-798 TFLOP/s. ``device_constants`` picks the constants by GPU name.
+
+fp16 and bf16 cost the same: an fp16 G holds G times ``FP16_G_SCALE`` (kernels/tiles.py), a
+factor folded into the loss weights or the kernels' epilogue (0 bytes, 0 passes), where the
+alternatives would cost per block a second, column-scaled G (2 R C bytes written and read,
+cuBLAS then reading each G once more) or an fp32 G (4 R C bytes instead of 2 and products off
+the 16-bit tensor cores, at ``fp32_ratio`` of their rate).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -38,6 +52,22 @@ class Device:
 
 
 H200 = Device()
+H100 = dataclasses.replace(
+    H200,
+    name="NVIDIA H100 80GB HBM3",
+    gemm_flops=780e12,  # measured: 769-798 TFLOP/s at 8192^3
+    hbm=H200.hbm * 3.35 / 4.8,  # nominal 3.35 TB/s; copies measured ~3.0
+)
+DEVICES = {"H100": H100, "H200": H200}  # by the model in a GPU's name
+
+
+def device_constants(gpu: str | None) -> Device:
+    """The constants of the GPU named ``gpu`` (as ``torch.cuda.get_device_name`` gives it): the
+    H100's for any H100, the H200's for an H200 and, renamed to say so, for any other device."""
+    for model, device in DEVICES.items():
+        if model in (gpu or ""):
+            return device
+    return dataclasses.replace(H200, name=f"{H200.name} (the default: {gpu or 'no GPU'})")
 
 
 @dataclass

@@ -405,6 +405,12 @@ def fixed_config(config: triton.Config, blocks: dict[str, str] = BLOCKS) -> Tile
     return TileConfig(**sizes, **options, maxnreg=config.maxnreg)
 
 
+def first_fitting(tuned, args: dict) -> triton.Config:
+    """The config an autotuned kernel launches without autotuning: the first of its list that its
+    pruning keeps for these arguments (``args``, by name) on this GPU."""
+    return tuned.early_config_prune(tuned.configs, args, **args)[0]
+
+
 def launch(kernel, tuned, grid, config: TileConfig | None, args: dict, blocks=BLOCKS) -> None:
     """Launch the autotuned kernel, or the plain one with a fixed config; ``args`` are the
     kernel's arguments by name, ``blocks`` maps its block meta-parameters to TileConfig fields.
@@ -417,8 +423,7 @@ def launch(kernel, tuned, grid, config: TileConfig | None, args: dict, blocks=BL
         tuned[grid](**args)
         return
     if config is None and not interpreting():
-        kept = tuned.early_config_prune(tuned.configs, args, **args)
-        config = fixed_config(kept[0], blocks)
+        config = fixed_config(first_fitting(tuned, args), blocks)
     config = config or INTERPRETER_CONFIG
     sizes = {name: getattr(config, field) for name, field in blocks.items()}
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -73,3 +73,17 @@ def test_the_table_picks_measurements_first(monkeypatch):
     assert fb.fastest("contrastive", torch.bfloat16, 500, 60000) == other  # nearest D, N
     assert fb.fastest("contrastive", torch.bfloat16, 512, 5000) == modeled
     assert fb.fastest("siglip", torch.bfloat16, 512, N) in ("blocks", "blocks-mm", "fused")
+
+
+def test_constants_by_gpu_name():
+    """The H100's differ from the H200's in HBM bandwidth (and the measured GEMM rate) alone;
+    any other GPU gets the H200's, named as the default."""
+    assert costs.device_constants("NVIDIA H100 80GB HBM3") is costs.H100
+    assert costs.device_constants("NVIDIA H200") is costs.H200
+    assert costs.H100.hbm == pytest.approx(3.35e12) and costs.H100.l2 == costs.H200.l2
+    other = costs.device_constants("NVIDIA A100-SXM4-80GB")
+    assert other.hbm == costs.H200.hbm and "default" in other.name and "A100" in other.name
+    assert "default" in costs.device_constants(None).name
+    # Less HBM bandwidth and a slower GEMM: the same forward+backward takes longer.
+    h100 = costs.loss_cost("contrastive", "blocks", N, 512, device=costs.H100).seconds
+    assert h100 > costs.loss_cost("contrastive", "blocks", N, 512).seconds

@@ -1,11 +1,16 @@
-"""The short GPU run's tools: benchmarks/gpu_quick.py's logic at tiny sizes (through Triton's
-interpreter on a CPU), its summary, and the conversion of its results into the table that
-``backend="auto"`` reads."""
+"""The short GPU run's tools: benchmarks/gpu_quick.sh rehearsed whole on a CPU (gpu_quick.py at
+tiny sizes through Triton's interpreter, a process per group of parts, one JSON), its summary,
+and the conversion of its results into the table that ``backend="auto"`` reads."""
 
-import dataclasses
 import importlib
 import json
+import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,28 +161,167 @@ def test_summary_checks_the_targets(bench):
     assert "| InfoNCE (CLIP) | bfloat16 | 512 | 4,096 | blocks | blocks-mm: gradient error" in text
 
 
-@pytest.fixture
-def tiny(bench, monkeypatch):
-    """gpu_quick at its tiny sizes, narrower still: every part in seconds on a CPU."""
-    quick = bench("gpu_quick")
-    sizes = dataclasses.replace(quick.TINY, batches=(64,), confident=32, large=128)
-    monkeypatch.setattr(quick, "TINY", dataclasses.replace(sizes, block_configs_n=32))
-    losses = {op: dataclasses.replace(loss, D=32) for op, loss in quick.LOSSES.items()}
-    monkeypatch.setattr(quick, "LOSSES", losses)
-    monkeypatch.setattr(quick, "PROJECTION", (48, 32))
-    monkeypatch.setattr(quick, "RETRIEVAL_D", 32)
-    monkeypatch.setenv("FASTCLIP_AUTOTUNE", "0")
-    return quick
+def test_summary_labels_predictions_with_the_constants_used(bench):
+    summary = bench("quick_summary").summary
+    h100 = summary({**fake_results(), "model_device": costs.H100.name})
+    assert "predicted ms (H100 constants)" in h100 and "constants of the NVIDIA H100 80GB" in h100
+    other = costs.device_constants("NVIDIA A100-SXM4-80GB").name
+    assert "predicted ms (H200 constants, the default)" in summary(
+        {**fake_results(), "model_device": other}
+    )
 
 
-def test_tiny_run_measures_every_part(tiny, bench, tmp_path):
-    out = tmp_path / "quick.json"
-    tiny.main(["--tiny", "--out", str(out)])
-    results = json.loads(out.read_text())
-
-    assert {name: part["status"] for name, part in results["parts"].items()} == {
-        part.name: "ok" for part in tiny.PARTS
+def test_a_process_that_ended_early_leaves_every_part_a_status(bench):
+    """What quick_summary.py makes of how gpu_quick.sh's processes ended."""
+    results = {"parts": {"a": {"status": "ok"}, "b": {"status": "running"}}}
+    results["parts"]["c"] = {"status": "not started"}
+    results["parts"]["d"] = {"status": "interrupted"}
+    processes = [
+        ["a,b,c", "137", "14"],
+        ["d", "124", "32"],
+        ["e", "1", "14"],
+        ["f", "skipped", "9"],
+    ]
+    lines = bench("quick_summary").reconcile(results, processes)
+    status = {name: part["status"] for name, part in results["parts"].items()}
+    assert status == {
+        "a": "ok",
+        "b": "killed at its 14 s limit (SIGINT ignored) in this part",
+        "c": "not reached: its process was killed at its 14 s limit (SIGINT ignored)",
+        "d": "stopped at its 32 s limit in this part",
+        "e": "not reached: its process ended with exit status 1",
+        "f": "skipped: the run's budget was spent before its process",
     }
+    assert lines[0] == "a, b, c: exit 137 (limit 14 s)"
+
+
+def test_the_script_gives_each_part_its_limit_plus_a_start(bench):
+    """gpu_quick.sh's processes: every part once, each process's limit its parts' limits in
+    gpu_quick.py plus STARTUP_S."""
+    script = (ROOT / "benchmarks" / "gpu_quick.sh").read_text()
+    listed = re.search(r"^PROCESSES=\((.*?)^\)", script, flags=re.S | re.M).group(1).split()
+    startup = int(re.search(r"^STARTUP_S=\$\{STARTUP_S:-(\d+)\}", script, flags=re.M).group(1))
+    limits = {part.name: part.limit_s for part in bench("gpu_quick").PARTS}
+    names = []
+    for entry in listed:
+        parts, limit = entry.split(":")
+        names += parts.split(",")
+        assert int(limit) == sum(limits[name] for name in parts.split(",")) + startup, entry
+    assert sorted(names) == sorted(limits)
+
+
+@pytest.fixture
+def quick(bench, monkeypatch):
+    """gpu_quick, whose --tiny sizes on a CPU run every part in seconds."""
+    monkeypatch.setenv("FASTCLIP_AUTOTUNE", "0")
+    return bench("gpu_quick")
+
+
+def test_tiny_run_keeps_what_finished_when_a_part_runs_out_of_time(quick, tmp_path, monkeypatch):
+    def endless(run):
+        run.results.add("bandwidth", {"what": "first"})
+        while True:
+            pass
+
+    part = quick.Part("bandwidth", endless, 0.5)
+    monkeypatch.setattr(quick, "PARTS", (part, *quick.PARTS[1:]))
+    out = tmp_path / "quick.json"
+    quick.main(["--tiny", "--parts", "bandwidth,cublas", "--out", str(out), "--budget", "30"])
+    results = json.loads(out.read_text())
+    assert results["parts"]["bandwidth"]["status"] == "stopped at its limit"
+    assert results["bandwidth"] == [{"what": "first", "part": "bandwidth"}]
+    assert results["parts"]["cublas"]["status"] == "ok"
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_merge_adds_parts_and_replaces_a_repeated_one(quick, tmp_path):
+    out = tmp_path / "quick.json"
+    quick.main(["--tiny", "--parts", "cublas", "--out", str(out)])
+    first = json.loads(out.read_text())
+    quick.main(["--tiny", "--parts", "bandwidth,cublas", "--out", str(out), "--merge"])
+    merged = json.loads(out.read_text())
+    assert merged["date"] == first["date"]  # the first process's facts
+    assert merged["parts"].keys() == {"cublas", "bandwidth"}
+    assert len(merged["cublas"]) == len(first["cublas"])  # replaced, not appended
+    assert merged["bandwidth"] and all(row["part"] == "bandwidth" for row in merged["bandwidth"])
+
+
+def test_facts_name_the_first_config_of_each_kernel_that_fits(quick, monkeypatch):
+    """As on a GPU with a Hopper's shared memory: the configs each kernel launches without
+    autotuning, the first of its autotune list."""
+    from fastclip.kernels import projection, tiles
+
+    hopper = SimpleNamespace(get_device_properties=lambda index: {"max_shared_mem": 232448})
+    for module in (tiles, projection):
+        monkeypatch.setattr(module, "driver", SimpleNamespace(active=SimpleNamespace(utils=hopper)))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    configs = quick.launched_configs(torch.empty(0, dtype=torch.bfloat16))
+    assert configs.keys() == quick.KERNELS.keys()
+    first = quick.BLOCK_CONFIGS["contrastive"][0]
+    expected = {"blocks": first.kwargs, "warps": first.num_warps, "stages": first.num_stages}
+    assert configs["InfoNCE G"] == {**expected, "maxnreg": first.maxnreg}
+
+
+def rehearse(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """benchmarks/gpu_quick.sh on this CPU: Triton's interpreter, tiny sizes, no GPU even where
+    there is one, the package as installed (no pip install)."""
+    out = tmp_path / "out"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # this Python first
+    env = {**os.environ, "PATH": path, "QUICK_ARGS": "--tiny", "TRITON_INTERPRET": "1",
+           "SKIP_INSTALL": "1", "CUDA_VISIBLE_DEVICES": "", "OUT": str(out), **env}  # fmt: skip
+    script = ["bash", "benchmarks/gpu_quick.sh"]
+    done = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    return done, out
+
+
+def test_a_failed_install_check_stops_the_run_with_one_line(tmp_path):
+    """A Python that cannot import the run: summary.md says so, and nothing else runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python = bin_dir / "python"
+    python.write_text("#!/bin/sh\necho 'ModuleNotFoundError: no torch here' >&2\nexit 1\n")
+    python.chmod(0o755)
+    done, out = rehearse(tmp_path, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert done.returncode == 1
+    summary = (out / "summary.md").read_text()
+    assert "- The install check failed (exit 1): ModuleNotFoundError: no torch here" in summary
+    assert {path.name for path in returned_files(out)} == {"env.txt", "summary.md"}
+
+
+def returned_files(out: Path) -> list[Path]:
+    """Every file under ``out``, checked as the GPU machine returns them: at most 8, at most two
+    folders deep, no temporary left."""
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert len(files) <= 8, files
+    assert all(len(path.relative_to(out).parts) <= 3 for path in files), files
+    assert not [path for path in files if path.name.endswith(".partial")], files
+    return files
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    """One rehearsal of the whole script, shared by the tests below (about a minute)."""
+    done, out = rehearse(tmp_path_factory.mktemp("rehearsal"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_rehearsal_reports_every_part(rehearsal, bench):
+    names = [part.name for part in bench("gpu_quick").PARTS]
+    files = returned_files(rehearsal)
+    assert {path.name for path in files} >= {"env.txt", "tests.log", "quick.json", "summary.md"}
+    results = json.loads((rehearsal / "quick.json").read_text())
+    assert {name: part["status"] for name, part in results["parts"].items()} == {
+        name: "ok" for name in names
+    }
+    parts_line = next(
+        line for line in (rehearsal / "summary.md").read_text().splitlines() if "Parts:" in line
+    )
+    assert all(f"{name}: ok" in parts_line for name in names), parts_line
+
+
+def test_rehearsal_measures_every_part(rehearsal, bench):
+    results = json.loads((rehearsal / "quick.json").read_text())
     assert {row["impl"] for row in results["losses"]} == {"eager", "blocks", "blocks-mm", "fused"}
     for row in results["losses"]:
         assert row["ms"] > 0 and row["ok"], row
@@ -187,24 +331,52 @@ def test_tiny_run_measures_every_part(tiny, bench, tmp_path):
     assert len(results["cublas"]) % 4 == 0 and all("tflops" in r for r in results["cublas"])
     for part in ("bandwidth", "block_configs", "forward", "retrieval", "projection", "large"):
         assert results[part] and all("ms" in row for row in results[part]), part
+    quick = bench("gpu_quick")
+    configs = {op: len(listed) for op, listed in quick.BLOCK_CONFIGS.items()}
+    for op, count in configs.items():  # every config of the G kernel's autotune list
+        assert sum(row["op"] == op for row in results["block_configs"]) == count, op
 
-    summary = bench("quick_summary").summary(results)
+    summary = (rehearsal / "summary.md").read_text()
     assert "## InfoNCE (CLIP), D=32" in summary and "## auto's table" in summary
     picks = {c["pick"] for c in bench("tuning").choices(results)}
     assert picks <= {"blocks", "blocks-mm", "fused"} and None not in picks
 
 
-def test_tiny_run_keeps_what_finished_when_a_part_runs_out_of_time(tiny, tmp_path, monkeypatch):
-    def endless(run):
-        run.results.add("bandwidth", {"what": "first"})
-        while True:
-            pass
+def test_a_process_past_its_limit_is_stopped_and_the_next_one_runs(tmp_path):
+    """A 5 s process limit stops InfoNCE's part (or the process's start, on a slow machine);
+    the next process still runs, and both parts have a status in the JSON and the summary."""
+    done, out = rehearse(
+        tmp_path,
+        QUICK_PROCESSES="contrastive:5 bandwidth:30",
+        STARTUP_S="0",
+        TESTS_LIMIT_S="0",
+        WARM_PARTS="",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    returned_files(out)
+    status = {
+        name: part["status"]
+        for name, part in json.loads((out / "quick.json").read_text())["parts"].items()
+    }
+    assert status["bandwidth"] == "ok"
+    assert "stopped at its 5 s limit" in status["contrastive"], status
+    assert "contrastive: exit 124 (limit 5 s)" in (out / "summary.md").read_text()
 
-    part = tiny.Part("bandwidth", endless, 0.5)
-    monkeypatch.setattr(tiny, "PARTS", (part, *tiny.PARTS[1:]))
-    out = tmp_path / "quick.json"
-    tiny.main(["--tiny", "--parts", "bandwidth,cublas", "--out", str(out), "--budget", "30"])
-    results = json.loads(out.read_text())
-    assert results["parts"]["bandwidth"]["status"] == "stopped at its limit"
-    assert results["bandwidth"] == [{"what": "first"}]
-    assert results["parts"]["cublas"]["status"] == "ok"
+
+def test_processes_past_the_budget_are_skipped_and_reported(tmp_path):
+    """A 20 s budget leaves the processes less than the start they need (20 s here)."""
+    start = time.monotonic()
+    done, out = rehearse(
+        tmp_path,
+        BUDGET_S="20",
+        STARTUP_S="20",
+        QUICK_PROCESSES="cublas:14 bandwidth,projection:14",
+        TESTS_LIMIT_S="0",
+        WARM_PARTS="",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert time.monotonic() - start < 20
+    parts = json.loads((out / "quick.json").read_text())["parts"]
+    skipped = "skipped: the run's budget was spent before its process"
+    assert parts == {name: {"status": skipped} for name in ("cublas", "bandwidth", "projection")}
+    assert "bandwidth: skipped" in (out / "summary.md").read_text()
