@@ -24,7 +24,13 @@ of row i and q_ij that of column j, is
     G_ij = -(wx_i sigmoid(m_i) + wy_j sigmoid(m'_j))        for the positive pair,
 
 because 1 - p_ii = sum_{j != i} p_ij = sigmoid(m_i) exactly. G is formed in fp32 with the
-positive's term folded in before any rounding, so a confident row keeps its gradient. Then
+positive's term folded in before any rounding, so a confident row keeps its gradient. Its
+entries, in units of the loss weights, are at most 2; in fp16 they meet the tensor cores times
+``tiles.FP16_G_SCALE`` (folded into the weights), so that a confident row's (1e-8 and less)
+stay normal fp16 numbers under any loss scale; the products divide it out in fp32, exactly. No
+byte or pass more: the alternatives cost more (per-row and per-column power-of-two scales: a
+second G per block, 2 R C bytes more; fp32 G for fp16: twice the G bytes and products off the
+fp16 tensor cores). Then
 dL/dx = s G y, dL/dy = s G^T x, dL/ds = sum_ij G_ij <x_i, y_j>, and dL/db = 0 exactly (each
 softmax sums to one: the bias cancels, and the kernels never load it).
 
@@ -76,6 +82,7 @@ from .tiles import (
     column_chunk,
     configs,
     dot_precision,
+    g_storage_scale,
     launch,
     operand,
     pairs_of,
@@ -525,8 +532,12 @@ def _side_stats(ref: torch.Tensor, m: torch.Tensor, w: torch.Tensor) -> torch.Te
     return torch.stack([ref, F.softplus(m) / LN2, w, w * torch.sigmoid(m)]).contiguous()
 
 
-def _stats_by_side(stats: Stats, w_x, w_y, n_y: int, offset: int):
+def _stats_by_side(stats: Stats, w_x, w_y, n_y: int, offset: int, g_scale: float):
+    """Both softmaxes' statistics, their weights times ``g_scale``: G is formed in those units
+    (``tiles.FP16_G_SCALE``)."""
     pdot, row, col = stats
+    w_x = w_x * g_scale
+    w_y = None if w_y is None else w_y * g_scale
     x_side = _side_stats(pdot, row, w_x)
     y_side = None
     if col is not None:
@@ -557,7 +568,8 @@ def blocked_backward(
         w_x (n_x,), w_y (n_y,) or None: fp32 relative loss weights, O(1) (1 on the rows and on
             the columns that hold a positive), and weight: the 0-dim fp32 factor they share
             (dL_out / (2 n_x) for CLIP's loss). G is formed with the relative weights, so that
-            its entries are O(1) whatever dL_out is, and the products are scaled by weight.
+            its entries are O(1) whatever dL_out is (in fp16, times ``FP16_G_SCALE``, so that a
+            confident row's stay normal numbers), and the products are scaled by weight.
         need_dx, need_dy: which feature gradients to produce. dL/ds comes with either.
         dots_by_gemm: cuBLAS computes each block's dots in fp32 and the kernel reads them.
         block_bytes: the G buffer's bound (``blocks.default_block_bytes`` when None).
@@ -565,7 +577,9 @@ def blocked_backward(
     Returns:
         dx (n_x, D) in x's dtype or None, dy (n_y, D) in y's dtype or None, dscale (0-dim fp32).
     """
-    x_side, y_side = _stats_by_side(stats, w_x, w_y, y.shape[0], offset)
+    g_scale = g_storage_scale(x.dtype)
+    x_side, y_side = _stats_by_side(stats, w_x, w_y, y.shape[0], offset, g_scale)
+    weight = weight / g_scale
 
     def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
         return dict(
@@ -608,7 +622,9 @@ def fused_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Gradients of L by the fused row sweeps (module docstring); arguments and returns as in
     ``blocked_backward``."""
-    x_side, y_side = _stats_by_side(stats, w_x, w_y, y.shape[0], offset)
+    g_scale = g_storage_scale(x.dtype)  # G tiles meet the tensor cores in x's dtype
+    x_side, y_side = _stats_by_side(stats, w_x, w_y, y.shape[0], offset, g_scale)
+    weight = weight / g_scale
 
     def sweep(a, b, a_side, b_side, off):
         def args_of(rows):

@@ -16,7 +16,10 @@ pair is independent, so with
 
     dL/dx = s G y,  dL/dy = s G^T x,  dL/ds = sum_ij G_ij <x_i, y_j>,  dL/db = sum_ij G_ij.
 
-softplus and sigmoid share one exponential, e = exp(-|z S|), and ``tiles.log1p_unit``.
+softplus and sigmoid share one exponential, e = exp(-|z S|), and ``tiles.log1p_unit``. In
+fp16, G (O(1): n_x G is at most 1) meets the tensor cores times ``tiles.FP16_G_SCALE``, so that
+the tiny sigmoids of confident pairs and of far negatives stay normal fp16 numbers; the
+products divide it out in fp32 (a power of two: exact). No byte or pass more.
 
 Design and cost, in matmul passes of n_x * n_y * D multiply-adds. Nothing needs a statistic of a
 whole row first, so the gradients come out of the forward (the backward only scales them by
@@ -51,6 +54,7 @@ from .tiles import (
     clear_rows,
     column_chunk,
     configs,
+    g_storage_scale,
     pairs_of,
     prune_configs,
     sigmoid_base2,
@@ -122,6 +126,7 @@ def _sweep_kernel(
     LOSS: tl.constexpr,
     GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    G_SCALE: tl.constexpr,  # G meets the tensor cores times this (``tiles.FP16_G_SCALE``)
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -164,8 +169,8 @@ def _sweep_kernel(
             g_sum += tl.sum(g, axis=1)
             loss_sum += tl.sum(tl.where(tile_ok, softplus_base2(t, e), 0.0), axis=1)
         if GRAD:
-            accumulate_tile(g, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b, stride_bd,
-                            cb == cb_start, BM, BN, BD, DOT_PRECISION)  # fmt: skip
+            accumulate_tile(g * G_SCALE, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b,
+                            stride_bd, cb == cb_start, BM, BN, BD, DOT_PRECISION)  # fmt: skip
 
     store_parts(parts_ptr, g_dots, 0, rows, row_ok, n_a)
     if LOSS:
@@ -203,6 +208,7 @@ def _gradient_block_kernel(
     DOTS_GIVEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    G_SCALE: tl.constexpr,  # G is written times this (``tiles.FP16_G_SCALE``)
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -221,7 +227,7 @@ def _gradient_block_kernel(
     g = _siglip_gradient(t, e, pairs, tile_ok, HAS_PAIRS)
     tl.store(sums_ptr + program, tl.sum(g * dots))
     tl.store(sums_ptr + 2 * stride_sums + program, tl.sum(g))
-    store_tile(g_ptr, g, stride_g, tile_ok, BM, BN)
+    store_tile(g_ptr, g * G_SCALE, stride_g, tile_ok, BM, BN)
 
 
 # The sweep with loss and gradient keeps S, G and a BM x BD accumulator live: BD = 128 (at
@@ -269,9 +275,11 @@ def _sweep(a, b, scale, bias, n_x, offset, loss, grad, config):
             HAS_PAIRS=offset is not None,
             LOSS=loss,
             GRAD=grad,
+            G_SCALE=g_scale,
         )
 
-    grad_scale = scale / n_x if grad else None
+    g_scale = g_storage_scale(a.dtype)
+    grad_scale = scale / (n_x * g_scale) if grad else None
     tuned = _sweep_tuned
     da, sums = sweep_rows(_sweep_kernel, tuned, a, b, scale, config, args_of, 3, grad_scale)
     return da, sums / n_x
@@ -320,15 +328,17 @@ def siglip_forward(
             offset=0 if offset is None else offset + r0 - c0,
             HAS_BIAS=bias is not None,
             HAS_PAIRS=offset is not None,
+            G_SCALE=g_scale,
         )
 
+    g_scale = g_storage_scale(x.dtype)
     dx, dy, sums = sweep_blocks(
         _gradient_block_kernel,
         _block_tuned,
         x,
         y,
         scale,
-        scale / n_x,
+        scale / (n_x * g_scale),
         config,
         args_of,
         n_sums=3,

@@ -176,11 +176,11 @@ def cases() -> dict[str, Case]:
         add(f"backward-fp32-{precision}", kc._backward_kernel, fp32, const,
             first_fp32(kc._BACKWARD_CONFIGS))  # fmt: skip
         const = {"HAS_BIAS": True, "HAS_PAIRS": True, "LOSS": True, "GRAD": True,
-                 "DOT_PRECISION": precision}  # fmt: skip
+                 "DOT_PRECISION": precision, "G_SCALE": 1.0}  # fmt: skip
         add(f"siglip-fp32-{precision}", ks._sweep_kernel, fp32, const,
             first_fp32(ks._SWEEP_CONFIGS))  # fmt: skip
         const = {"HAS_BIAS": True, "HAS_PAIRS": True, "DOTS_GIVEN": False,
-                 "DOT_PRECISION": precision, "TMA": False}  # fmt: skip
+                 "DOT_PRECISION": precision, "TMA": False, "G_SCALE": 1.0}  # fmt: skip
         add(f"siglip-block-fp32-{precision}", ks._gradient_block_kernel, fp32, const,
             first_fp32(ks._BLOCK_CONFIGS))  # fmt: skip
         const = {"HAS_BIAS": True, "NORMALIZE": True, "DOT_PRECISION": precision, "GROUP": 8}
@@ -189,14 +189,14 @@ def cases() -> dict[str, Case]:
     for c in ks._SWEEP_CONFIGS:
         for loss, grad in ((True, True), (False, True), (True, False)):
             const = {"HAS_BIAS": True, "HAS_PAIRS": True, "LOSS": loss, "GRAD": grad,
-                     "DOT_PRECISION": "ieee"}  # fmt: skip
+                     "DOT_PRECISION": "ieee", "G_SCALE": 1.0}  # fmt: skip
             products = (tile(c), tile(c, n="BD")) if grad else (tile(c),)
             add(f"siglip-{label(c)}-loss{loss}-grad{grad}", ks._sweep_kernel, bf16, const, c,
                 *products)  # fmt: skip
     for c in ks._BLOCK_CONFIGS:
         for given, tma in ((False, False), (False, True), (True, False)):
             const = {"HAS_BIAS": True, "HAS_PAIRS": True, "DOTS_GIVEN": given,
-                     "DOT_PRECISION": "ieee", "TMA": tma}  # fmt: skip
+                     "DOT_PRECISION": "ieee", "TMA": tma, "G_SCALE": 1.0}  # fmt: skip
             products = () if given else (tile(c),)
             add(f"siglip-block-{label(c)}-dots{given}-tma{tma}", ks._gradient_block_kernel,
                 bf16, const, c, *products)  # fmt: skip
