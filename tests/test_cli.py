@@ -99,6 +99,7 @@ BAD_FLAGS = [
     (["train", "--lr", "nan"], "--lr must be a finite number > 0"),
     (["train", "--model", "ViT-Z-99"], "--model must be tiny, RN50, ViT-B-32"),
     (["train", "--resume", "--overwrite"], "not both"),
+    (["train", "--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a CUDA device"),
     (["eval", "no-such-run"], "no checkpoint at no-such-run"),
     (["eval", ".", "--seed", "-1"], "--seed must be an int >= 0"),
     (["finetune", "--shots", "0"], "--shots must be an int >= 1"),

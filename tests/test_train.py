@@ -1,19 +1,22 @@
 """Training: the loss falls, feature-cache accumulation equals one big batch, two gloo processes
-equal one, kill-and-resume equals an uninterrupted run, and checkpoints survive a failed save."""
+equal one, kill-and-resume equals an uninterrupted run, checkpoints survive a failed save, and
+fp16's GradScaler skips, counts and resumes its steps."""
 
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from dist_helpers import results_of, run_on_ranks
-from helpers import require
+from helpers import needs_cuda, require
 from safetensors.torch import load_file
 
 require("tokenizers", "tqdm")
@@ -26,7 +29,8 @@ from fastclip.cli import main as cli
 from fastclip.cli import parse_train_args as parse_args
 from fastclip.data import ShapesDataset, write_shards
 from fastclip.model import CLIP
-from fastclip.train import TrainConfig, contrastive_step
+from fastclip.train import TrainConfig, contrastive_step, optimizer_step
+from fastclip.train.step import MAX_NONFINITE_LOSSES, Scaling, autocast_dtype
 
 # On the CPU everywhere (a GPU machine too): gloo for two processes, and bit-exact resumes.
 SMALL = dict(steps=6, batch_size=32, samples=512, warmup=2, log_every=1, eval_every=0, save_every=3,
@@ -143,18 +147,40 @@ def _two_process_gradients(rank, world, case, images, tokens):
     return own, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+# Every two-rank case runs in one spawn of two gloo processes, most of whose time is starting
+# them: micro-batch sizes of a contrastive step, then loss-scaling cases of ``optimizer_step``.
+TWO_RANK_CASES = [0, 8, "finite", "inf on rank 1"]
+
+
+def two_rank_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of 32 (images, tokens), and (2 ranks, 8, 4) inputs of a linear layer."""
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(32, 3, 32, 32, generator=gen)
+    tokens = torch.randint(1, 1000, (32, 32), generator=gen)
+    tokens[:, 0], tokens[:, 9] = 1022, 1023
+    return images, tokens, torch.randn(2, 8, 4, generator=gen)
+
+
+def _on_two_ranks(rank, world, case, images, tokens, rows):
+    if isinstance(case, int):
+        return _two_process_gradients(rank, world, case, images, tokens)
+    return _skip_together(rank, world, case, rows)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """Per rank, {case: result} for every case of TWO_RANK_CASES."""
+    out = tmp_path_factory.mktemp("ranks")
+    return run_on_ranks(_on_two_ranks, TWO_RANK_CASES, 2, two_rank_inputs(), out)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("micro_batch", [0, 8])
-def test_two_gloo_processes_give_the_gradients_of_one(tmp_path, micro_batch):
+def test_two_gloo_processes_give_the_gradients_of_one(two_ranks, micro_batch):
     """What data parallelism claims: the same gradients as one process on the whole batch, to
     fp32 summation accuracy (see ORDER_SLACK)."""
-    gen = torch.Generator().manual_seed(1)
-    images, tokens = torch.randn(32, 3, 32, 32, generator=gen), torch.randint(1, 1000, (32, 32))
-    tokens[:, 0], tokens[:, 9] = 1022, 1023
-    ranks = results_of(
-        run_on_ranks(_two_process_gradients, [micro_batch], 2, (images, tokens), tmp_path),
-        micro_batch,
-    )
+    images, tokens, _ = two_rank_inputs()
+    ranks = results_of(two_ranks, micro_batch)
     torch.manual_seed(0)
     model = CLIP("tiny")
     contrastive_step(model, ClipLoss(), images, tokens, micro_batch, contextlib.nullcontext)
@@ -164,6 +190,40 @@ def test_two_gloo_processes_give_the_gradients_of_one(tmp_path, micro_batch):
         magnitude = (own0[name].abs() + own1[name].abs()).max() / 2
         atol = ORDER_SLACK * U * magnitude
         torch.testing.assert_close(avg0[name], p.grad, rtol=0, atol=atol, msg=name)
+
+
+def _skip_together(rank, world, case, inputs):
+    """A scaled backward on this rank's rows, an inf in rank 1's gradients if the case says so,
+    and ``optimizer_step``: (taken, the scale after it, the weights)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(model(inputs[rank]).square().sum()).backward()
+    if case == "inf on rank 1" and rank == 1:
+        model.bias.grad[0] = math.inf
+    taken = optimizer_step(model, optimizer, scaler, 1.0, world)
+    return taken, scaler.get_scale(), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.distributed
+def test_the_ranks_average_scaled_gradients_and_skip_together(two_ranks):
+    """Averaged scaled, then unscaled: the update of one process on the mean loss; an inf on one
+    rank makes every rank skip the step and halve its scale."""
+    *_, inputs = two_rank_inputs()
+    cases = TWO_RANK_CASES[2:]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    (sum(model(x).square().sum() for x in inputs) / 2).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    outcomes = [(True, 2.0**16, model.state_dict()), (False, 2.0**15, initial)]
+    for case, expected in zip(cases, outcomes, strict=True):
+        for taken, scale, state in results_of(two_ranks, case):
+            assert (taken, scale) == expected[:2], case
+            for key, value in expected[2].items():
+                torch.testing.assert_close(state[key], value, msg=f"{case}: {key}")
 
 
 def test_two_gloo_processes_train_as_one(tmp_path):
@@ -210,26 +270,146 @@ class Killed(Exception):
     pass
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    whole = run(tmp_path, "whole", micro_batch=8)
+def faulty_steps(monkeypatch, kill_at: int = 0, inf_at: tuple[int, ...] = ()) -> None:
+    """From now on training's n-th contrastive step (counted from 1) raises Killed if n is
+    ``kill_at``, and leaves an inf in a gradient if n is in ``inf_at``."""
     calls, step = [0], train.contrastive_step
 
-    def dies_at_step_5(*args):
+    def faulty(*args):
         calls[0] += 1
-        if calls[0] == 5:  # after the checkpoint of step 3, before that of step 6
+        if calls[0] == kill_at:
             raise Killed
-        return step(*args)
+        loss = step(*args)
+        if calls[0] in inf_at:
+            args[0].logit_scale.grad.fill_(math.inf)
+        return loss
 
-    monkeypatch.setattr(fastclip.train.loop, "contrastive_step", dies_at_step_5)
+    monkeypatch.setattr(fastclip.train.loop, "contrastive_step", faulty)
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    whole = run(tmp_path, "whole", micro_batch=8)
+    faulty_steps(monkeypatch, kill_at=5)  # after the checkpoint of step 3, before that of step 6
     with pytest.raises(Killed):
         run(tmp_path, "resumed", micro_batch=8)
-    monkeypatch.setattr(fastclip.train.loop, "contrastive_step", step)
+    monkeypatch.setattr(fastclip.train.loop, "contrastive_step", train.contrastive_step)
     resumed = run(tmp_path, "resumed", micro_batch=8, resume=True)
     for key, value in weights(whole).items():
         assert torch.equal(weights(resumed)[key], value), key
     fields = [[(r["step"], r.get("loss"), r.get("zeroshot_top1")) for r in records(cfg)]
               for cfg in (resumed, whole)]  # fmt: skip
     assert fields[0] == fields[1]  # each step once, no record lost or repeated
+
+
+# fp16 needs CUDA. On a CPU its loss scaling runs in fp32 with a CPU GradScaler, where scaling by
+# a power of two is exact: the gradients are those of the unscaled loss times the scale.
+def cpu_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cpu", growth_interval=2)  # grows within a short run
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("fp16", marks=needs_cuda)])
+def test_skipped_steps_are_counted_and_resume_exactly(tmp_path, monkeypatch, capsys, precision):
+    """An inf in a gradient at step 1 skips the step and halves the scale, counted in the records
+    and on the progress line; killed after the checkpoint of step 2 and resumed, the run ends
+    with the weights, the scaler's state and the records of an uninterrupted one."""
+    settings = dict(steps=4, save_every=2, batch_size=16, micro_batch=8)
+    exact = contextlib.nullcontext()
+    if precision == "fp32":
+        monkeypatch.setattr(fastclip.train.loop, "grad_scaler", cpu_scaler)
+    else:  # GPU kernels that give the same bits every run: flash attention's backward does not
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        settings.update(precision="fp16", device="cuda")
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        exact = sdpa_kernel(SDPBackend.MATH)
+    with exact:
+        faulty_steps(monkeypatch, inf_at=(1,))
+        whole = run(tmp_path, "whole", **settings)
+        faulty_steps(monkeypatch, kill_at=3, inf_at=(1,))
+        with pytest.raises(Killed):
+            run(tmp_path, "resumed", **settings)
+        monkeypatch.setattr(fastclip.train.loop, "contrastive_step", train.contrastive_step)
+        resumed = run(tmp_path, "resumed", resume=True, **settings)
+    for key, value in weights(whole).items():
+        assert torch.equal(weights(resumed)[key], value), key
+    states = [
+        torch.load(f"{cfg.out}/step-000004/trainer.pt")["scaling"] for cfg in (resumed, whole)
+    ]
+    assert states[0] == states[1]
+    fields = [[(r["step"], r["loss"], r["skipped_steps"], r["loss_scale"]) for r in records(cfg)
+               if "loss" in r] for cfg in (resumed, whole)]  # fmt: skip
+    assert fields[0] == fields[1]
+    counts = [(skipped, scale) for _, _, skipped, scale in fields[1]]
+    assert counts[0] == (1, 2.0**15)  # GradScaler's initial scale is 2^16
+    if precision == "fp32":  # the scale doubles after every 2 steps taken in a row
+        assert counts == [(1, 2.0**15), (1, 2.0**15), (1, 2.0**16), (1, 2.0**16)]
+        scaler = dict(scale=2.0**16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2)
+        assert states[1] == dict(scaler=dict(scaler, _growth_tracker=1), skipped=1, nonfinite=0)
+    else:  # halved once per skipped step; 2000 steps in a row double it
+        assert all(scale == 2.0 ** (16 - skipped) for skipped, scale in counts), counts
+    assert f"skipped={counts[-1][0]}" in capsys.readouterr().err  # the progress line
+
+
+def clip_batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random images and token rows, each row with its start and end token."""
+    images, tokens = torch.randn(n, 3, 32, 32), torch.randint(0, 1000, (n, 32))
+    tokens[:, 0], tokens[:, 9] = 1022, 1023
+    return images, tokens
+
+
+@pytest.mark.parametrize("micro_batch", [0, 4])
+def test_the_loss_scale_reaches_every_micro_batch(micro_batch):
+    """The scaled loss's backward, through the cached features' gradients into each micro-batch's
+    backward, gives 2^16 times the unscaled gradients, bit for bit (fp32, a power of two)."""
+    torch.manual_seed(0)
+    model, (images, tokens) = CLIP("tiny"), clip_batch()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    losses, grads = [], []
+    for scaled in (None, scaler):
+        model.zero_grad()
+        step = contrastive_step(model, ClipLoss(), images, tokens, micro_batch,
+                                contextlib.nullcontext, scaled)  # fmt: skip
+        losses.append(step)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert torch.equal(losses[1], losses[0])  # the loss returned is unscaled
+    for name, grad in grads[0].items():
+        assert torch.equal(grads[1][name], grad * 2.0**16), name
+
+
+def test_an_inf_gradient_skips_the_step_and_halves_the_scale():
+    torch.manual_seed(0)
+    model, (images, tokens) = CLIP("tiny"), clip_batch()
+    optimizer = train.step.adamw(model, 1e-3, 0.1)
+    scaling = Scaling(torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    contrastive_step(model, ClipLoss(), images, tokens, 4, contextlib.nullcontext, scaling.scaler)
+    model.text_proj.weight.grad[0, 0] = math.inf
+    taken = optimizer_step(model, optimizer, scaling.scaler, 1.0, 1)
+    assert not taken and not scaling.count(taken, finite_loss=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not optimizer.state  # AdamW's moments and step count untouched
+    assert scaling.record() == dict(skipped_steps=1, loss_scale=2.0**15)
+    optimizer.zero_grad()
+    contrastive_step(model, ClipLoss(), images, tokens, 4, contextlib.nullcontext, scaling.scaler)
+    assert optimizer_step(model, optimizer, scaling.scaler, 1.0, 1)
+    assert not torch.equal(model.text_proj.weight, before["text_proj.weight"])
+    assert scaling.record() == dict(skipped_steps=1, loss_scale=2.0**15)
+
+
+def test_a_nan_loss_that_persists_diverges_a_skipped_step_does_not():
+    scaling = Scaling(torch.amp.GradScaler("cpu"))
+    assert not any(scaling.count(taken=False, finite_loss=True) for _ in range(50))  # inf grads
+    assert not any(scaling.count(False, False) for _ in range(MAX_NONFINITE_LOSSES - 1))
+    assert not scaling.count(True, True)  # a finite loss ends the streak
+    assert not any(scaling.count(False, False) for _ in range(MAX_NONFINITE_LOSSES - 1))
+    assert scaling.count(False, False)
+    assert scaling.skipped == 50 + 2 * MAX_NONFINITE_LOSSES - 1
+    run = SimpleNamespace(cfg=TrainConfig(device="cpu"), model=CLIP("tiny"), scaling=scaling)
+    message = fastclip.train.loop.diverged(run, 70, torch.tensor(math.nan))
+    assert f"at step 70 (loss nan on {MAX_NONFINITE_LOSSES} steps in a row" in message, message
+    assert "--lr (now 0.002)" in message and "--precision bf16" in message, message
+    # Without fp16's scaler no step is skipped: a non-finite loss diverges at once.
+    assert Scaling(torch.amp.GradScaler("cpu", enabled=False)).count(True, False)
 
 
 def test_a_torn_last_record_is_dropped_on_resume(tmp_path):
@@ -337,6 +517,24 @@ def test_trains_from_shards_and_from_a_csv_with_a_broken_image(tmp_path, capsys)
     assert re.search(r"bad samples skipped: ([12]) \(\1 undecodable image\)", reads), reads
 
 
+def test_precision_names(capsys):
+    """open_clip's names: amp is fp16 autocast with a GradScaler, amp_bf16 is bf16. fp16 needs
+    CUDA: on a CPU the flag is refused in one line, exit status 2."""
+    half, bf16 = torch.float16, torch.bfloat16
+    names = {"fp32": None, "bf16": bf16, "amp_bf16": bf16, "fp16": half, "amp": half}
+    for name, dtype in names.items():
+        assert autocast_dtype(name, "cuda") == autocast_dtype(name, "cpu") == dtype, name
+    assert (autocast_dtype("auto", "cuda"), autocast_dtype("auto", "cpu")) == (bf16, None)
+    assert parse_args(["--precision", "amp_bf16", "--device", "cpu"]).precision == "amp_bf16"
+    with pytest.raises(SystemExit) as exit:
+        parse_args(["--precision", "amp", "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert exit.value.code == 2 and re.search(r"--precision amp needs a CUDA device", error)
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "auto, fp32, bf16, fp16, amp or amp_bf16" in " ".join(capsys.readouterr().out.split())
+
+
 def test_command_line():
     cfg = parse_args(["--batch-size", "64", "--no-augment", "--lr", "1e-4", "--data", "digits"])
     assert (cfg.batch_size, cfg.augment, cfg.lr, cfg.data) == (64, False, 1e-4, "digits")
@@ -351,6 +549,7 @@ def test_command_line():
         (dict(data="imagenet"), "data must be"),
         (dict(loss="triplet"), "loss must be"),
         (dict(precision="fp8"), "precision must be"),
+        (dict(precision="fp16"), "--precision fp16 needs a CUDA device"),
         (dict(batch_size=4096), "exceeds"),
         (dict(lock_image=True, lock_text=True), "nothing to train"),
         (dict(device="tpu"), "device must be"),

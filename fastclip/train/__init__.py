@@ -7,7 +7,8 @@ many (``torchrun --nproc-per-node 8 -m fastclip.train ...``: NCCL on GPUs, gloo 
     config     TrainConfig: every setting with its default, help text and allowed values
     processes  torchrun's environment and the collectives the steps need
     batches    each step's rows, drawn from (seed, step), and their augmented pixels
-    step       one optimizer step with the feature cache; the loss, AdamW, the schedule
+    step       one optimizer step with the feature cache; the loss, AdamW, the schedule, the
+               precision and fp16's loss scaling
     state      the run directory and its checkpoints: one run each, saved atomically, resumed
                bit for bit
     metrics    records (metrics.jsonl, the progress bar), the plot and the summary
@@ -20,7 +21,7 @@ from fastclip.train.config import TrainConfig
 from fastclip.train.loop import train
 from fastclip.train.processes import average_gradients
 from fastclip.train.state import checkpoint_of, latest_checkpoint
-from fastclip.train.step import Diverged, contrastive_step
+from fastclip.train.step import Diverged, contrastive_step, optimizer_step
 
 __all__ = [
     "Diverged",
@@ -29,5 +30,6 @@ __all__ = [
     "checkpoint_of",
     "contrastive_step",
     "latest_checkpoint",
+    "optimizer_step",
     "train",
 ]

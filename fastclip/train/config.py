@@ -16,7 +16,7 @@ from fastclip.model import PRESETS
 from fastclip.tokenizer import MIN_VOCAB_SIZE
 from fastclip.train.processes import DEVICES, check_available
 from fastclip.train.reporting import REPORTERS, reporter_names
-from fastclip.train.step import LOSSES, PRECISIONS
+from fastclip.train.step import LOSSES, PRECISIONS, check_precision
 
 
 def setting(
@@ -84,7 +84,10 @@ class TrainConfig:
     warmup: int = setting(100, "linear warm-up steps, then cosine decay to 0", low=0)
     grad_clip: float = setting(1.0, "max global gradient norm (0: off)", low=0)
     precision: str = setting(
-        "auto", "bf16 autocasts; auto is bf16 on CUDA, fp32 on CPU", choices=PRECISIONS
+        "auto",
+        "autocast: bf16, or fp16 with a GradScaler (CUDA only); open_clip's amp is fp16, "
+        "amp_bf16 bf16; auto is bf16 on CUDA, fp32 on CPU",
+        choices=PRECISIONS,
     )
     device: str = setting(
         "auto",
@@ -116,6 +119,7 @@ class TrainConfig:
         column_keywords(find(self.data)[0], self.image_column, self.caption_column)
         reporter_names(self.report_to)
         check_available(self.device)
+        check_precision(self.precision, self.device)
         if self.init and not (Path(self.init).exists() or repo_id(self.init)):
             raise ValueError(
                 f"--init names no checkpoint: {self.init!r} is neither a path nor a Hub name"

@@ -27,7 +27,6 @@ from fastclip.train.config import TrainConfig
 from fastclip.train.metrics import JsonlFile, ProgressBar, Sink, plot, summary
 from fastclip.train.processes import (
     average,
-    average_gradients,
     barrier,
     broadcast_weights,
     common_rows,
@@ -46,13 +45,16 @@ from fastclip.train.state import (
 from fastclip.train.step import (
     LOSSES,
     Diverged,
+    Scaling,
     adamw,
     autocast_for,
     clamp_logit_scale,
     contrastive_step,
     cosine_schedule,
     finite,
+    grad_scaler,
     lock_towers,
+    optimizer_step,
 )
 from fastclip.zeroshot import Evaluation
 
@@ -70,6 +72,7 @@ class Run:
     model: CLIP
     tokenizer: Tokenizer
     optimizer: torch.optim.Optimizer
+    scaling: Scaling  # fp16's GradScaler (a pass-through otherwise) and the steps it skipped
     start: int  # the first step to take: 0, or the resumed checkpoint's
     dataset: Dataset  # the training pairs; counts the samples it skips
     stream: Iterator[tuple[list, list[str]]]  # this process's (images, captions) of every step
@@ -120,7 +123,8 @@ def setup(cfg: TrainConfig) -> Run:
     model.to(device).set_grad_checkpointing(cfg.grad_checkpointing)
     broadcast_weights(model, world)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
-    start = 0 if checkpoint is None else resume(checkpoint, optimizer)
+    scaling = Scaling(grad_scaler(cfg.precision, device))
+    start = 0 if checkpoint is None else resume(checkpoint, optimizer, scaling)
     if start > cfg.steps:
         raise ValueError(f"{checkpoint} is at step {start}, past steps={cfg.steps}: nothing to do")
     lead = rank == 0
@@ -138,8 +142,8 @@ def setup(cfg: TrainConfig) -> Run:
     autocast = autocast_for(cfg.precision, device)
     reporters = open_reporters(cfg.report_to, out, start, asdict(cfg)) if lead else []
     sinks = [metrics, bar, *reporters] if lead else []
-    return Run(cfg, rank, world, device, model, tokenizer, optimizer, start, dataset, stream,
-               loss_fn, autocast, evaluation, bar, sinks)  # fmt: skip
+    return Run(cfg, rank, world, device, model, tokenizer, optimizer, scaling, start, dataset,
+               stream, loss_fn, autocast, evaluation, bar, sinks)  # fmt: skip
 
 
 def run_directory(cfg: TrainConfig, rank: int, world: int) -> tuple[Path, Path | None]:
@@ -189,7 +193,8 @@ def train_tokenizer(
 def train_step(run: Run, step: int) -> torch.Tensor | None:
     """One optimizer step on this process's rows of the step's batch. Returns the loss averaged
     over the processes, or None when every sample of the batch was undecodable (and reported):
-    no update then."""
+    no update then. In fp16 the GradScaler skips a step whose gradients hold an inf or NaN; the
+    run diverges when the loss stays inf or NaN (``Scaling.count``)."""
     cfg, model = run.cfg, run.model
     images, texts = common_rows(*next(run.stream), run.world)
     if not images:
@@ -199,32 +204,37 @@ def train_step(run: Run, step: int) -> torch.Tensor | None:
     for group in run.optimizer.param_groups:
         group["lr"] = cfg.lr * cosine_schedule(step, cfg.warmup, cfg.steps)
     run.optimizer.zero_grad(set_to_none=True)
-    loss = contrastive_step(model, run.loss_fn, inputs, tokens, cfg.micro_batch, run.autocast)
-    average_gradients(model, run.world)
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    run.optimizer.step()
+    scaler = run.scaling.scaler
+    loss = contrastive_step(
+        model, run.loss_fn, inputs, tokens, cfg.micro_batch, run.autocast, scaler
+    )
+    taken = optimizer_step(model, run.optimizer, scaler, cfg.grad_clip, run.world)
     clamp_logit_scale(model)
     run.seen += len(images) * run.world
     loss = average(loss, run.world)
-    if not finite(model, loss):
+    finite_loss, finite_weights = finite(model, loss)
+    if run.scaling.count(taken, finite_loss) or not finite_weights:
         raise Diverged(diverged(run, step + 1, loss))
     return loss
 
 
 def diverged(run: Run, done: int, loss: torch.Tensor) -> str:
     """Where a run diverged, and what to try."""
-    cfg, scale = run.cfg, run.model.logit_scale.exp().item()
+    cfg, scale, streak = run.cfg, run.model.logit_scale.exp().item(), run.scaling.nonfinite
     clip = f"a tighter --grad-clip (now {cfg.grad_clip:g})" if cfg.grad_clip else "--grad-clip 1"
+    skipped = f" on {streak} steps in a row" if streak > 1 else ""
+    tries = [f"a lower --lr (now {cfg.lr:g})", f"a longer --warmup (now {cfg.warmup})", clip]
+    if run.scaling.scaler.is_enabled():
+        tries.append("--precision bf16 on a GPU that has it")
     return (
-        f"training diverged at step {done} (loss {loss.item():.4g}, logit scale {scale:.4g}): "
-        f"try a lower --lr (now {cfg.lr:g}), a longer --warmup (now {cfg.warmup}) or {clip}"
+        f"training diverged at step {done} (loss {loss.item():.4g}{skipped}, logit scale "
+        f"{scale:.4g}): try {', '.join(tries[:-1])} or {tries[-1]}"
     )
 
 
 def record_loss(run: Run, done: int, loss: torch.Tensor | None) -> None:
     """Every ``--log-every`` steps and at the end, rank 0 records the loss, learning rate,
-    temperature and throughput."""
+    temperature and throughput; in fp16 also the steps skipped so far and the loss scale."""
     every, steps = run.cfg.log_every, run.cfg.steps
     if run.rank != 0 or loss is None or not (done % every == 0 or done == steps):
         return
@@ -236,6 +246,7 @@ def record_loss(run: Run, done: int, loss: torch.Tensor | None) -> None:
             lr=run.optimizer.param_groups[0]["lr"],
             logit_scale=run.model.logit_scale.exp().item(),
             samples_per_s=run.seen / (time.perf_counter() - run.tic),
+            **run.scaling.record(),
         ),
     )
 
@@ -256,7 +267,8 @@ def _write(run: Run, record: dict[str, float]) -> None:
 def save(run: Run, done: int) -> None:
     """A checkpoint, written by rank 0 while the others wait."""
     if run.rank == 0:
-        save_checkpoint(Path(run.cfg.out), done, run.model, run.tokenizer, run.optimizer, run.cfg)
+        save_checkpoint(Path(run.cfg.out), done, run.model, run.tokenizer, run.optimizer,
+                        run.scaling, run.cfg)  # fmt: skip
     barrier(run.world)
 
 

@@ -50,7 +50,8 @@ class JsonlFile:
 
 
 class ProgressBar:
-    """The step counter on stderr, showing the last loss record and printing evaluations."""
+    """The step counter on stderr, showing the last loss record (in fp16 with the skipped steps)
+    and printing evaluations."""
 
     def __init__(self, steps: int, start: int, enabled: bool):
         self.bar = tqdm(
@@ -65,10 +66,12 @@ class ProgressBar:
     def write(self, record: dict[str, float]) -> None:
         """Show a loss record beside the bar; print an evaluation's metrics above it."""
         if "loss" in record:
+            skipped = {"skipped": record["skipped_steps"]} if "skipped_steps" in record else {}
             self.bar.set_postfix(
                 loss=f"{record['loss']:.3f}",
                 samples_s=f"{record['samples_per_s']:.0f}",
                 lr=f"{record['lr']:.1e}",
+                **skipped,  # steps fp16's GradScaler skipped, so far
             )
         else:
             metrics = ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k != "step")

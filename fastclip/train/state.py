@@ -1,9 +1,10 @@
 """A run's directory and checkpoints: ``<out>/step-NNNNNN`` directories in the
-``save_pretrained`` layout plus ``trainer.pt`` (step, optimizer, RNG states, config), each
-complete before it is named, and ``<out>/latest`` naming the newest. A kill mid-save leaves only a
-temporary directory behind. What ``save_checkpoint`` writes, ``resume`` reads back, so a resumed
-run continues bit for bit. A directory holds one run: a new run refuses one that holds another,
-unless told to continue it (``resume``) or to delete it first (``overwrite``)."""
+``save_pretrained`` layout plus ``trainer.pt`` (step, optimizer, loss scaling, RNG states,
+config), each complete before it is named, and ``<out>/latest`` naming the newest. A kill
+mid-save leaves only a temporary directory behind. What ``save_checkpoint`` writes, ``resume``
+reads back, so a resumed run continues bit for bit. A directory holds one run: a new run refuses
+one that holds another, unless told to continue it (``resume``) or to delete it first
+(``overwrite``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from fastclip.files import write_text
 from fastclip.model import CLIP
 from fastclip.tokenizer import Tokenizer
 from fastclip.train.config import TrainConfig
+from fastclip.train.step import Scaling
 
 KEEP = 2  # checkpoints kept in a run directory; older ones are deleted after each save
 RUN_FILES = ("latest", "step-*", ".tmp-step-*", "metrics.jsonl", "metrics.png", "tokenizer")
@@ -56,6 +58,7 @@ def save_checkpoint(
     model: CLIP,
     tokenizer: Tokenizer,
     optimizer: torch.optim.Optimizer,
+    scaling: Scaling,
     cfg: TrainConfig,
 ) -> Path:
     """Write ``<out>/step-NNNNNN`` under a temporary name, rename it, point ``latest`` at it and
@@ -67,6 +70,7 @@ def save_checkpoint(
     state = dict(
         step=step,
         optimizer=optimizer.state_dict(),
+        scaling=scaling.state_dict(),
         config=dataclasses.asdict(cfg),
         torch_rng=torch.get_rng_state(),
         python_rng=list(random.getstate()[1]),
@@ -108,11 +112,12 @@ def checkpoint_of(path: str | os.PathLike) -> Path:
     return latest_checkpoint(Path(path)) or Path(path)
 
 
-def resume(checkpoint: Path, optimizer: torch.optim.Optimizer) -> int:
-    """Restore what ``save_checkpoint`` wrote beside the weights into ``optimizer`` and the RNGs;
-    returns the step to continue from."""
+def resume(checkpoint: Path, optimizer: torch.optim.Optimizer, scaling: Scaling) -> int:
+    """Restore what ``save_checkpoint`` wrote beside the weights into ``optimizer``, ``scaling``
+    and the RNGs; returns the step to continue from."""
     state = torch.load(checkpoint / "trainer.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
+    scaling.load_state_dict(state.get("scaling", {}))  # none in a checkpoint from before fp16
     torch.set_rng_state(state["torch_rng"])
     random.setstate((3, tuple(state["python_rng"]), None))
     if "cuda_rng" in state and torch.cuda.is_available():
