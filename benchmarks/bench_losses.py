@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from common import DEVICE, cpu_only, measure, needs_cuda
 
-from fastclip import clip_loss, siglip_loss
+from fastclip import clip_loss, registry, siglip_loss
 from fastclip.measure import synchronize
 from fastclip.reference import clip_loss_reference, siglip_loss_reference
 
@@ -41,39 +41,19 @@ PROVIDERS = ("fastclip-blocks", "fastclip-blocks-mm", "fastclip-fused", "eager",
 
 @dataclass(frozen=True)
 class Loss:
+    op: str  # fastclip.registry's name: the matmul passes each implementation executes
     fused: Callable  # the public fastclip function (takes backend=...)
     reference: Callable  # its eager reference: the "eager" provider, compiled for "compile"
     batches: tuple[int, ...]  # N of the GPU grid
     scale: float  # the logit scale (exponentiated) and bias the models start from
     bias: float | None
-    # Matmul passes of 2 N^2 D FLOPs, (forward, forward+backward), as each implementation
-    # executes them ("eager" for eager and compile, "torch" for the PyTorch path). InfoNCE:
-    # blocks 4 (S; S again, G Y, G^T X), blocks-mm 4 (its recomputed S by cuBLAS), fused 5 (S,
-    # then S and a product in each of two sweeps), eager 3 (S stored). SigLIP: blocks 3, fused 4,
-    # and their forward computes the gradients too.
-    passes: dict[str, tuple[int, int]]
-    floor: int  # passes of a forward+backward that does not store S
 
 
-CLIP_PASSES = {
-    "blocks": (1, 4),
-    "blocks-mm": (1, 4),
-    "fused": (1, 5),
-    "torch": (1, 4),
-    "eager": (1, 3),
-}
-SIGLIP_PASSES = {
-    "blocks": (3, 3),
-    "blocks-mm": (3, 3),
-    "fused": (4, 4),
-    "torch": (3, 3),
-    "eager": (1, 3),
-}
 LOSSES = {
-    "clip": Loss(clip_loss, clip_loss_reference, (4096, 16384, 32768, 65536), 1 / 0.07, None,
-                 CLIP_PASSES, 4),
-    "siglip": Loss(siglip_loss, siglip_loss_reference, (16384, 32768, 65536, 131072), 10.0, -10.0,
-                   SIGLIP_PASSES, 3),
+    "clip": Loss("contrastive", clip_loss, clip_loss_reference, (4096, 16384, 32768, 65536),
+                 1 / 0.07, None),
+    "siglip": Loss("siglip", siglip_loss, siglip_loss_reference, (16384, 32768, 65536, 131072),
+                   10.0, -10.0),
 }  # fmt: skip
 # Timed runs per GPU case, after one warm-up run and one memory run. Budget (see gpu_check.sh):
 # the grid cases run for about a minute in all; compilation and autotuning dominate.
@@ -146,8 +126,10 @@ def _measure(
     run, inputs = _runner(loss, provider, mode, n, dim, dtype)
     others = [_runner(loss, p, mode, n, dim, dtype)[0] for p in rivals]
     spec, pass_flops = LOSSES[loss], 2 * n * n * dim
-    passes = spec.passes[_implementation(provider)][MODES.index(mode)]
-    floor = 1 if mode == "forward" else spec.floor
+    impl = _implementation(provider)
+    executed = registry.EAGER if impl == "eager" else registry.designs(spec.op)[impl].passes
+    passes = executed.forward if mode == "forward" else executed.step
+    floor = 1 if mode == "forward" else registry.FLOOR[spec.op]
     info = {"op": loss, "provider": provider, "mode": mode, "N": n, "D": dim, "passes": passes}
     info.update(dtype=str(dtype).removeprefix("torch."), floor_passes=floor)
     measure(benchmark, oom_log, info, run, inputs, passes * pass_flops, rounds, warmup, others)

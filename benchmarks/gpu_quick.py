@@ -114,7 +114,7 @@ import fastclip.kernels.contrastive as kc
 import fastclip.kernels.projection as kp
 import fastclip.kernels.siglip as ks
 import fastclip.kernels.similarity as ksim
-from fastclip import backends, clip_loss, costs, siglip_loss, similarity, topk_similarity
+from fastclip import backends, clip_loss, costs, registry, siglip_loss, similarity, topk_similarity
 from fastclip.kernels.blocks import (
     accumulate_mm,
     default_block_bytes,
@@ -138,6 +138,7 @@ from fastclip.reference import (
     siglip_loss_reference,
     similarity_reference,
 )
+from fastclip.registry import FLOOR
 
 MIB, GIB = 2**20, 2**30
 
@@ -205,31 +206,21 @@ class Loss:
     D: int
     scale: float  # the logit scale of the random batches, exponentiated
     bias: float | None
-    floor: int  # matmul passes of 2 N^2 D in a forward+backward that does not store S
-    passes: dict[str, int]  # as executed, by implementation ("eager": S stored, so 3)
 
 
 LOSSES = {
-    "contrastive": Loss(
-        clip_loss,
-        clip_loss_reference,
-        512,
-        1 / 0.07,
-        None,
-        4,
-        {"blocks": 4, "blocks-mm": 4, "fused": 5, "eager": 3},
-    ),
-    "siglip": Loss(
-        siglip_loss,
-        siglip_loss_reference,
-        768,
-        10.0,
-        -10.0,
-        3,
-        {"blocks": 3, "blocks-mm": 3, "fused": 4, "eager": 3},
-    ),
+    "contrastive": Loss(clip_loss, clip_loss_reference, 512, 1 / 0.07, None),
+    "siglip": Loss(siglip_loss, siglip_loss_reference, 768, 10.0, -10.0),
 }
-IMPLEMENTATIONS = ("blocks", "blocks-mm", "fused")
+IMPLEMENTATIONS = registry.names("contrastive", triton=True)  # SigLIP's are the same
+
+
+def passes(op: str, impl: str) -> int:
+    """Matmul passes of 2 N^2 D a forward+backward by ``impl`` executes (fastclip.registry; the
+    eager formula stores S: 3)."""
+    return (registry.EAGER if impl == "eager" else registry.designs(op)[impl].passes).step
+
+
 CONFIDENT_SCALE = 100.0  # a trained CLIP's logit scale; SigLIP's bias scales with it, as in tests
 CONFIDENT_BIAS = -50.0
 RETRIEVAL_D = 512  # the features' width of the similarity and top-k cases
@@ -789,7 +780,7 @@ def loss_batch(run: Run, op: str, n: int) -> None:
 
     eager_errors = None
     for impl in ("eager", *IMPLEMENTATIONS):  # eager first: its error is the yardstick
-        row = {**common, "impl": impl, "passes": loss.passes[impl], "floor_passes": loss.floor}
+        row = {**common, "impl": impl, "passes": passes(op, impl), "floor_passes": FLOOR[op]}
         row = run.results.add("losses", {**row, "floor": floor})
         with case(row, run.results):
             fn = loss.reference
@@ -813,8 +804,8 @@ def loss_batch(run: Run, op: str, n: int) -> None:
             run.results.save()
             row["peak_mib"] = run.peak_mib(step, warmup=False)
             row.update(run.timed(step, warmup=False))
-            row["tflops"] = loss.passes[impl] * pass_flops / row["ms"] / 1e9
-            row["tflops_floor"] = loss.floor * pass_flops / row["ms"] / 1e9
+            row["tflops"] = passes(op, impl) * pass_flops / row["ms"] / 1e9
+            row["tflops_floor"] = FLOOR[op] * pass_flops / row["ms"] / 1e9
             run.results.save()
             if impl != "eager":
                 row["stages_ms"] = measure_stages(run, op, impl, args)
@@ -966,7 +957,7 @@ def large_case(run: Run, impl: str, auto: bool) -> None:
         "contrastive", impl, n, loss.D, 2, device=run.model, block_bytes=run.sizes.block_bytes
     )
     row = {"op": "contrastive", "dtype": run.dtype_name, "D": loss.D, "N": n, "impl": impl}
-    row.update(auto=auto, passes=loss.passes[impl], floor_passes=loss.floor)
+    row.update(auto=auto, passes=passes("contrastive", impl), floor_passes=FLOOR["contrastive"])
     row.update(
         predicted_ms=cost.seconds * 1e3,
         predicted_stages_ms={k: v * 1e3 for k, v in cost.stages.items()},
@@ -991,8 +982,8 @@ def large_case(run: Run, impl: str, auto: bool) -> None:
         if device.type == "cuda":
             row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / MIB
         pass_flops = 2 * n * n * loss.D
-        row["tflops"] = loss.passes[impl] * pass_flops / row["ms"] / 1e9
-        row["tflops_floor"] = loss.floor * pass_flops / row["ms"] / 1e9
+        row["tflops"] = passes("contrastive", impl) * pass_flops / row["ms"] / 1e9
+        row["tflops_floor"] = FLOOR["contrastive"] * pass_flops / row["ms"] / 1e9
 
 
 @dataclass(frozen=True)

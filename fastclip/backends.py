@@ -1,4 +1,5 @@
-"""Which code computes each public function: one table, and how ``backend=`` picks from it.
+"""Which code computes each public function: one table, and how ``backend=`` picks from it
+(the losses' implementations are named, with the passes they execute, in ``fastclip.registry``).
 
 | public function                          | op          | implementations                   |
 |------------------------------------------|-------------|-----------------------------------|
@@ -33,7 +34,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fastclip import chunked, costs
+from fastclip import chunked, costs, registry
 
 try:
     from fastclip.kernels import contrastive as kc
@@ -103,8 +104,9 @@ def _table() -> dict[str, dict[str, Implementation]]:
         "blocks-mm": _contrastive(kc, "blocked_backward", "backward", dots_by_gemm=True),
         "fused": _contrastive(kc, "fused_backward", ""),
     }
-    for name, make in contrastive.items():
-        table["contrastive"][name] = Implementation(name, True, make)
+    for name in registry.names("contrastive", triton=True):
+        table["contrastive"][name] = Implementation(name, True, contrastive[name])
+    for name in registry.names("siglip", triton=True):
         table["siglip"][name] = Implementation(name, True, _siglip(ks, method=name))
     table["similarity"]["triton"] = Implementation("triton", True)
     table["projection"]["triton"] = Implementation("triton", True)
@@ -117,7 +119,7 @@ IMPLEMENTATIONS = _table()
 def backends(op: str) -> tuple[str, ...]:
     """The values ``backend=`` takes for ``op``: auto, triton, torch and its implementations
     (named even where Triton is missing, which ``choose`` then reports)."""
-    losses = ("blocks", "blocks-mm", "fused") if op in ("contrastive", "siglip") else ()
+    losses = registry.names(op, triton=True) if op in registry.LOSSES else ()
     return ("auto", "triton", "torch", *losses)
 
 

@@ -103,8 +103,6 @@ class Cost:
         self.seconds += busy + host
 
 
-CONTRASTIVE = ("blocks", "blocks-mm", "fused", "torch")
-SIGLIP = ("blocks", "blocks-mm", "fused", "torch")
 # Tile shapes the model assumes for the Triton sweeps (the configs' most common winners).
 SWEEP_TILE = (128, 128)
 FUSED_TILE = (64, 128)
@@ -142,10 +140,10 @@ def loss_cost(
     exp2 = 1 if siglip else 2
     if implementation == "torch":
         # cuBLAS S in fp32 per block, then about eight fp32 elementwise passes over it; the
-        # gradient products run on widened fp32 operands.
+        # gradient products run on widened fp32 operands. SigLIP's G comes with its S.
         cost.add("forward", device, mm_pass, gemm, hbm=10 * 4 * n * n, torch=12)
         if backward:
-            cost.add("G", device, mm_pass, gemm, hbm=12 * 4 * n * n, torch=16)
+            cost.add("G", device, 0 if siglip else mm_pass, gemm, hbm=12 * 4 * n * n, torch=16)
             cost.add("products", device, 2 * mm_pass, gemm * device.fp32_ratio, torch=4)
         return cost
     fused_siglip_forward = siglip and backward and implementation == "fused"

@@ -15,7 +15,7 @@ import fastclip.kernels.contrastive as kc
 import fastclip.kernels.projection as kproj
 import fastclip.kernels.siglip as ks
 import fastclip.kernels.similarity as ksim
-from fastclip import infonce, siglip_loss
+from fastclip import infonce, registry, siglip_loss
 from fastclip.reference import clip_loss_exact, siglip_loss_reference
 
 CUDA = torch.cuda.is_available()
@@ -23,7 +23,7 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 # The losses' implementations (``fastclip.backends``): each test of a loss runs them all.
-LOSS_BACKENDS = ["torch", "blocks", "blocks-mm", "fused"]
+LOSS_BACKENDS = list(registry.names("contrastive"))  # SigLIP's are the same
 # The kernel modules' entry points, each taking a ``config=`` TileConfig.
 KERNEL_ENTRY_POINTS = [
     (kc, "contrastive_forward"),

@@ -3,11 +3,15 @@ backend table picks from measurements first, the model second."""
 
 from __future__ import annotations
 
+import functools
+import math
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastclip.backends as fb
-from fastclip import costs
+from fastclip import clip_loss, costs, registry, siglip_loss
 from fastclip.kernels.blocks import BLOCK_BYTES
 
 N, PASS = 65536, lambda n, d: 2.0 * n * n * d  # noqa: E731
@@ -27,20 +31,67 @@ def test_calibrated_on_the_h200_measurements(op, impl, D, backward, measured, to
     assert seconds == pytest.approx(measured, rel=tolerance)
 
 
-@pytest.mark.parametrize(
-    "op, impl, passes",
-    [
-        ("contrastive", "blocks", 4),  # S, S again, G y, G^T x: the floor
-        ("contrastive", "blocks-mm", 4),
-        ("contrastive", "fused", 5),  # the backward recomputes S once per operand
-        ("siglip", "blocks", 3),  # S, G y, G^T x: the floor
-        ("siglip", "blocks-mm", 3),
-        ("siglip", "fused", 4),
-    ],
-)
-def test_counts_the_matmul_passes_each_design_executes(op, impl, passes):
-    cost = costs.loss_cost(op, impl, 8192, 512)
-    assert cost.flops == pytest.approx(passes * PASS(8192, 512))
+DESIGNS = [(op, d.name) for op, listed in registry.LOSSES.items() for d in listed]
+
+
+@pytest.mark.parametrize("op, impl", DESIGNS)
+def test_the_model_counts_the_registry_passes(op, impl):
+    passes = registry.designs(op)[impl].passes
+    assert costs.loss_cost(op, impl, 8192, 512).flops == pytest.approx(
+        passes.step * PASS(8192, 512)
+    )
+    if op == "contrastive":  # SigLIP's forward with gradients is its whole step
+        forward = costs.loss_cost(op, impl, 8192, 512, backward=False).flops
+        assert forward == pytest.approx(passes.forward * PASS(8192, 512))
+
+
+class Counted(TorchDispatchMode):
+    """Multiply-adds of the GEMMs (mm, addmm) that run under it."""
+
+    GEMMS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.GEMMS:
+            a, b = args[-2:]
+            self.macs += a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def dots(monkeypatch):
+    """Multiply-adds of the Triton interpreter's tl.dot calls (the kernels' products)."""
+    from triton.runtime import interpreter
+
+    count = {"macs": 0}
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def counted(self, a, b, *args):
+        count["macs"] += math.prod(a.data.shape) * b.data.shape[-1]  # (.., M, K) @ (.., K, N)
+        return create_dot(self, a, b, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counted)
+    return count
+
+
+@pytest.mark.parametrize("op, impl", DESIGNS)
+def test_the_registry_counts_what_runs(dots, op, impl):
+    """The passes each design executes, counted as it runs: the kernels' tl.dot products
+    (through the interpreter) and cuBLAS's GEMMs, over several blocks (N = 64, D = 32, tiles of
+    16: no padding)."""
+    n, dim = 64, 32
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(n, dim, generator=gen).requires_grad_() for _ in range(2))
+    fn = clip_loss if op == "contrastive" else functools.partial(siglip_loss, logit_bias=-1.0)
+    passes = registry.designs(op)[impl].passes
+    with Counted() as gemms:
+        loss = fn(x, y, 10.0, backend=impl, block_bytes=4096)
+        assert dots["macs"] + gemms.macs == passes.forward * n * n * dim
+        loss.backward()
+        assert dots["macs"] + gemms.macs == passes.step * n * n * dim
 
 
 @pytest.mark.parametrize("impl", ["blocks", "blocks-mm"])
@@ -52,7 +103,7 @@ def test_the_block_buffer_stays_bounded(impl, n):
 
 
 def test_time_grows_with_the_batch_and_the_width():
-    for impl in costs.CONTRASTIVE:
+    for impl in registry.names("contrastive"):
         times = [costs.loss_cost("contrastive", impl, n, 512).seconds for n in (4096, 16384, 65536)]
         assert times == sorted(times), impl
         assert costs.loss_cost("contrastive", impl, 16384, 768).seconds > times[1], impl
@@ -60,8 +111,8 @@ def test_time_grows_with_the_batch_and_the_width():
 
 def test_the_model_prefers_gemm_backwards_at_scale():
     """Where the fused backward is L2-bound (the measured case), the cuBLAS designs win."""
-    assert costs.fastest("contrastive", costs.CONTRASTIVE[:3], N, 512, 2) != "fused"
-    assert costs.fastest("siglip", costs.SIGLIP[:3], N, 768, 2) != "fused"
+    for op, dim in (("contrastive", 512), ("siglip", 768)):
+        assert costs.fastest(op, registry.names(op, triton=True), N, dim, 2) != "fused", op
 
 
 def test_the_table_picks_measurements_first(monkeypatch):
