@@ -27,14 +27,16 @@ from fastclip.data import SOURCES, described, few_shot_splits, find, serving
 from fastclip.finetune import METHODS, Task, compare, load_checkpoint, render_table
 from fastclip.hub import repo_id
 from fastclip.tokenizer import Tokenizer
-from fastclip.train import Diverged, TrainConfig, checkpoint_of, latest_checkpoint
+from fastclip.train import Diverged, FlagError, TrainConfig, checkpoint_of, latest_checkpoint
 from fastclip.train.config import allowed, check_setting
 from fastclip.zeroshot import Evaluation
 
 # What a command raises at the user's input (flags, data, files) or a diverged run: one line
-# "fastclip COMMAND: error: ..." and exit status 1, no traceback. Flag errors found before a
-# command starts exit with argparse's status 2.
+# "fastclip COMMAND: error: ..." and exit status 1, no traceback. Flag errors exit with
+# argparse's status 2, found before a command starts or, for those only the data or a checkpoint
+# can tell (FlagError), as a run starts. Ctrl-C ends a command with one line and status 130.
 USER_ERRORS = (ValueError, OSError, ImportError, Diverged)
+INTERRUPTED = 128 + 2  # the shell's status for a process ended by SIGINT
 
 
 def flag(name: str) -> str:
@@ -65,7 +67,8 @@ def config_parser(prog: str, description: str, config: type) -> argparse.Argumen
     parser = Parser(prog=prog, description=description)
     for f in dataclasses.fields(config):
         kind, values = type(f.default), allowed(f)
-        help = f"{f.metadata['help']} (default: {f.default}{'; ' + values if values else ''})"
+        shown = [f"default: {f.default}"] if f.default != "" else []  # "": not given
+        help = f"{f.metadata['help']} ({'; '.join([*shown, values] if values else shown)})"
         if kind is bool:
             parser.add_argument(
                 flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=help
@@ -231,7 +234,8 @@ COMMANDS = {"train": train_command, "eval": eval_command, "finetune": finetune_c
 
 def main(argv: list[str] | None = None) -> None:
     """The ``fastclip`` console script: ``fastclip COMMAND [flags]``. The input's errors end it
-    with one line and exit status 2 (flags) or 1 (data, files, a diverged run)."""
+    with one line and exit status 2 (flags) or 1 (data, files, a diverged run); Ctrl-C with one
+    line and status 130."""
     argv = sys.argv[1:] if argv is None else argv
     usage = __doc__.strip().split("\n\n", 1)[1]
     if argv[:1] in (["-h"], ["--help"]):
@@ -242,9 +246,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         COMMANDS[argv[0]](argv[1:])
+    except FlagError as e:
+        print(f"fastclip {argv[0]}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except USER_ERRORS as e:
         print(f"fastclip {argv[0]}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt as e:
+        print(f"fastclip {argv[0]}: {e or 'interrupted'}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
 
 
 if __name__ == "__main__":

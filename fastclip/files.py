@@ -1,16 +1,20 @@
 """Files: atomic writes, JSON, safetensors with metadata, and what a loaded state dict lacks.
 
 Every writer here writes a temporary file beside the target and renames it over the target, so
-a crash mid-write leaves the previous file intact. Checkpoints, the tokenizer, LoRA and the
-fine-tuned parts all read and write through these functions. Nothing is unpickled: weights are
+a crash mid-write leaves the previous file intact, and a failed write (a full disk) removes its
+temporary file; ``disk_full`` finds a full disk behind torch's and safetensors' errors.
+Checkpoints, the tokenizer, LoRA and the fine-tuned parts all read and write through these
+functions. Nothing is unpickled: weights are
 safetensors, or ``torch.load(weights_only=True)`` for .pt/.bin files.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -50,6 +54,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """``text`` as a UTF-8 file, written atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_torch(path: str | os.PathLike, obj: object) -> None:
+    """``obj`` through ``torch.save``, written atomically through a Python file: a write that
+    fails leaves its OSError behind torch's error, where ``disk_full`` finds it."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, write)
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error`` or an error it was raised from or during is a full disk (or quota): an
+    OSError's errno, or the "os error N" safetensors' messages carry."""
+    full, seen = {errno.ENOSPC, errno.EDQUOT}, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in full:
+            return True
+        number = re.search(r"\(os error (\d+)\)", str(error))
+        if number and int(number[1]) in full:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def write_json(path: str | os.PathLike, values: Mapping) -> None:

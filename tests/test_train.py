@@ -1,12 +1,14 @@
 """Training: the loss falls, feature-cache accumulation equals one big batch, two gloo processes
-equal one, kill-and-resume equals an uninterrupted run, checkpoints survive a failed save, and
-fp16's GradScaler skips, counts and resumes its steps."""
+equal one, kill-and-resume (and Ctrl-C-and-resume) equals an uninterrupted run, checkpoints
+survive a failed save, a run deletes only what its manifest lists, and fp16's GradScaler skips,
+counts and resumes its steps."""
 
 import contextlib
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -29,7 +31,8 @@ from fastclip.cli import main as cli
 from fastclip.cli import parse_train_args as parse_args
 from fastclip.data import ShapesDataset, write_shards
 from fastclip.model import CLIP
-from fastclip.train import TrainConfig, contrastive_step, optimizer_step
+from fastclip.train import FlagError, TrainConfig, contrastive_step, optimizer_step
+from fastclip.train.directory import MANIFEST, RunFiles, claim
 from fastclip.train.step import MAX_NONFINITE_LOSSES, Scaling, autocast_dtype
 
 # On the CPU everywhere (a GPU machine too): gloo for two processes, and bit-exact resumes.
@@ -61,7 +64,9 @@ def test_loss_falls_and_everything_is_written(tmp_path):
     assert [r["step"] for r in evals] == [20, 40]
     assert {"zeroshot_top1", "compositional_top1", "retrieval_image_to_text_R@1"} <= set(evals[-1])
     names = {p.name for p in (tmp_path / "run").iterdir()} - {"metrics.png"}  # see below
-    assert names == {"latest", "metrics.jsonl", "step-000020", "step-000040", "tokenizer"}
+    written = {"latest", "metrics.jsonl", "step-000020", "step-000040", "tokenizer"}
+    assert names == {*written, MANIFEST}
+    assert RunFiles.read(tmp_path / "run").names - {"metrics.png"} == written
     assert (tmp_path / "run" / "latest").read_text().strip() == "step-000040"
     # The checkpoint is a save_pretrained directory: the eval command reads it.
     metrics = cli_eval(tmp_path / "run" / "step-000040")
@@ -270,15 +275,15 @@ class Killed(Exception):
     pass
 
 
-def faulty_steps(monkeypatch, kill_at: int = 0, inf_at: tuple[int, ...] = ()) -> None:
-    """From now on training's n-th contrastive step (counted from 1) raises Killed if n is
+def faulty_steps(monkeypatch, kill_at: int = 0, inf_at: tuple[int, ...] = (), kill=Killed):
+    """From now on training's n-th contrastive step (counted from 1) raises ``kill`` if n is
     ``kill_at``, and leaves an inf in a gradient if n is in ``inf_at``."""
     calls, step = [0], train.contrastive_step
 
     def faulty(*args):
         calls[0] += 1
         if calls[0] == kill_at:
-            raise Killed
+            raise kill
         loss = step(*args)
         if calls[0] in inf_at:
             args[0].logit_scale.grad.fill_(math.inf)
@@ -287,11 +292,28 @@ def faulty_steps(monkeypatch, kill_at: int = 0, inf_at: tuple[int, ...] = ()) ->
     monkeypatch.setattr(fastclip.train.loop, "contrastive_step", faulty)
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    whole = run(tmp_path, "whole", micro_batch=8)
-    faulty_steps(monkeypatch, kill_at=5)  # after the checkpoint of step 3, before that of step 6
-    with pytest.raises(Killed):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> TrainConfig:
+    """A run of SMALL with micro-batches of 8, never interrupted."""
+    return run(tmp_path_factory.mktemp("uninterrupted"), "whole", micro_batch=8)
+
+
+@pytest.mark.parametrize("kill", [Killed, KeyboardInterrupt])
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, kill, uninterrupted):
+    """Killed in step 5's forward, after the checkpoint of step 3, the run resumes from step 3;
+    Ctrl-C there first saves step 4, the last completed, and the run resumes from it. Either way
+    it ends with the weights and the records of an uninterrupted run."""
+    whole = uninterrupted
+    faulty_steps(monkeypatch, kill_at=5, kill=kill)
+    with pytest.raises(kill) as stopped:
         run(tmp_path, "resumed", micro_batch=8)
+    saved = sorted(p.name for p in (tmp_path / "resumed").glob("step-*"))
+    if kill is KeyboardInterrupt:
+        assert saved == ["step-000003", "step-000004"]
+        assert str(stopped.value).startswith("interrupted at step 5: saved "), stopped.value
+        assert str(stopped.value).endswith("--resume continues from step 4"), stopped.value
+    else:
+        assert saved == ["step-000003"]
     monkeypatch.setattr(fastclip.train.loop, "contrastive_step", train.contrastive_step)
     resumed = run(tmp_path, "resumed", micro_batch=8, resume=True)
     for key, value in weights(whole).items():
@@ -299,6 +321,21 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     fields = [[(r["step"], r.get("loss"), r.get("zeroshot_top1")) for r in records(cfg)]
               for cfg in (resumed, whole)]  # fmt: skip
     assert fields[0] == fields[1]  # each step once, no record lost or repeated
+
+
+def test_flags_that_conflict_with_the_checkpoint_are_refused_before_writing(
+    tmp_path, uninterrupted
+):
+    init, out = f"{uninterrupted.out}/step-000006", str(tmp_path / "new")
+    cases = [
+        (dict(init=init, model="RN50"), "--model RN50 conflicts with the checkpoint's tiny"),
+        (dict(init=init, vocab_size=2048), "--vocab-size 2048 conflicts with the checkpoint's"),
+        (dict(out=uninterrupted.out, resume=True, lock_text=True), "--lock-text conflicts with"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(FlagError, match=re.escape(message)):
+            train.train(TrainConfig(**{**SMALL, "out": out, **overrides}))
+    assert not Path(out).exists()
 
 
 # fp16 needs CUDA. On a CPU its loss scaling runs in fp32 with a CPU GradScaler, where scaling by
@@ -428,19 +465,55 @@ def test_a_torn_last_record_is_dropped_on_resume(tmp_path):
 
 
 def test_pruning_keeps_this_run_and_latest_exists(tmp_path):
-    """Saving step s keeps it and the newest checkpoint before it; checkpoints after s, which
-    an interrupted attempt at the run left, are deleted (the run writes them again)."""
-    for step in (2, 4, 6, 8):
+    """Saving step s keeps it and the newest checkpoint of the run before it; the run's
+    checkpoints after s, which an interrupted attempt at it left, are deleted (the run writes
+    them again). Only the run's: a checkpoint its manifest does not list stays."""
+    for step in (2, 4, 6, 8, 9):
         (tmp_path / f"step-{step:06d}").mkdir()
-    (tmp_path / "step-notes").mkdir()
-    assert [p.name for p in train.state.outdated(tmp_path, 4)] == [
-        "step-000006",
-        "step-000008",
-    ]
-    assert [p.name for p in train.state.outdated(tmp_path, 8)] == ["step-000002", "step-000004"]
+    files = RunFiles(tmp_path, {f"step-{step:06d}" for step in (2, 4, 6, 8)})
+    assert [p.name for p in train.state.outdated(files, 4)] == ["step-000006", "step-000008"]
+    assert [p.name for p in train.state.outdated(files, 8)] == ["step-000002", "step-000004"]
     (tmp_path / "latest").write_text("step-000010\n")
     with pytest.raises(ValueError, match="names step-000010, which .* does not hold"):
         train.latest_checkpoint(tmp_path)
+
+
+def layout(root: Path, entries: dict[str, str | None]) -> None:
+    """Files (text) and folders (None) under ``root``, by relative path."""
+    for name, text in entries.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if text is None else path.write_text(text)
+
+
+CHECKPOINT_FILES = ["model.safetensors", "config.json", "trainer.pt", "tokenizer.json"]
+
+
+def test_an_older_run_without_a_manifest_is_read_by_layout(tmp_path):
+    """A directory from before the manifest: the entries laid out exactly as a run writes them
+    are the run's; the user's files are not, whatever their names, and stay; an entry under a
+    checkpoint's name that is not one is in the way, and the run stops before writing."""
+    out = tmp_path / "run"
+    checkpoint = {f"step-000004/{name}": "" for name in CHECKPOINT_FILES}
+    ours = {**checkpoint, "latest": "step-000004\n", "tokenizer/tokenizer.json": "{}",
+            "metrics.jsonl": '{"step": 1}\n', ".tmp-step-000006/config.json": ""}  # fmt: skip
+    theirs = {"step-1-notes.txt": "", "step-by-step-guide/a.md": "", "tokenizer.json": "",
+              "metrics/loss.jsonl": ""}  # fmt: skip
+    layout(out, {**ours, **theirs, "step-000002/notes.txt": ""})
+    files = RunFiles.read(out)
+    names = {"step-000004", "latest", "tokenizer", "metrics.jsonl", ".tmp-step-000006"}
+    assert files.names == names and not files.recorded
+    entries = train.directory.ENTRIES
+    with pytest.raises(ValueError, match=r"step-000002 is in the way: .*not laid out as a run"):
+        claim(out, resume=False, overwrite=True, writes=entries)
+    shutil.rmtree(out / "step-000002")
+    with pytest.raises(ValueError, match=r"holds an earlier run \(checkpoints step-000004\)"):
+        claim(out, resume=False, overwrite=False, writes=entries)
+    files = claim(out, resume=False, overwrite=True, writes=entries)
+    assert files.latest() == out / "step-000004"
+    assert files.clear() == sorted(names)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == sorted(theirs)
 
 
 def test_resuming_past_the_last_step_is_an_error(tmp_path):
@@ -471,7 +544,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         run(tmp_path, "run")
     out = tmp_path / "run"
     assert (out / "latest").read_text().strip() == "step-000003"
-    assert not (out / "step-000006").exists()
+    assert not (out / "step-000006").exists() and not list(out.glob(".tmp-*"))
     fastclip.load_pretrained(out / "step-000003")  # intact
     monkeypatch.setattr(fastclip.files, "save_file", save_file)
     resumed = run(tmp_path, "run", resume=True)

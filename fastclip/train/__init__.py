@@ -4,27 +4,32 @@ With no arguments it trains the ``tiny`` preset on the generated shapes on a CPU
 ends by printing zero-shot accuracy and retrieval recall. The same script runs on one process or
 many (``torchrun --nproc-per-node 8 -m fastclip.train ...``: NCCL on GPUs, gloo on CPUs).
 
-    config     TrainConfig: every setting with its default, help text and allowed values
+    config     TrainConfig: every setting with its default, help text and allowed values;
+               FlagError, a flag the run's data or checkpoint refuses
     processes  torchrun's environment and the collectives the steps need
     batches    each step's rows, drawn from (seed, step), and their augmented pixels
     step       one optimizer step with the feature cache; the loss, AdamW, the schedule, the
                precision and fp16's loss scaling
-    state      the run directory and its checkpoints: one run each, saved atomically, resumed
-               bit for bit
+    directory  the run directory: one run each, its entries listed in a manifest, the only
+               files --overwrite and pruning delete
+    state      checkpoints: saved atomically, resumed bit for bit
+    origin     where the model comes from (new, --init, --resume), the flags checked against it
     metrics    records (metrics.jsonl, the progress bar), the plot and the summary
-    loop       train(cfg): setup, then steps, evaluations and checkpoints
+    loop       train(cfg): checks, setup, then steps, evaluations and checkpoints; Ctrl-C
 
 The command line is ``fastclip.cli``; evaluation is ``fastclip.zeroshot.Evaluation``.
 """
 
-from fastclip.train.config import TrainConfig
-from fastclip.train.loop import train
+from fastclip.train.config import FlagError, TrainConfig
+from fastclip.train.directory import checkpoint_of, latest_checkpoint
+from fastclip.train.loop import Interrupted, train
 from fastclip.train.processes import average_gradients
-from fastclip.train.state import checkpoint_of, latest_checkpoint
 from fastclip.train.step import Diverged, contrastive_step, optimizer_step
 
 __all__ = [
     "Diverged",
+    "FlagError",
+    "Interrupted",
     "TrainConfig",
     "average_gradients",
     "checkpoint_of",

@@ -1,37 +1,66 @@
 """What each step trains on: this process's rows of the step's batch, drawn from (seed, step),
 and their pixels, augmented from (seed, step, rank). A resumed run reads and draws exactly what
-the uninterrupted one would have."""
+the uninterrupted one would have. Each batch carries the samples the dataset skipped since the
+previous one, so the run's total counts those DataLoader workers skipped in their own copies."""
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from fastclip.data import collate_pairs
-from fastclip.train.config import TrainConfig
+from fastclip.train.config import FlagError, TrainConfig
 from fastclip.transforms import ImageTransform, preprocess
+
+
+class Counted:
+    """``collate_pairs``, with the samples the dataset skipped (by reason) since this process's
+    previous batch: a DataLoader worker counts them in its own copy of the dataset, which the
+    main process never sees. Counted from the dataset's state when the loader was made (what
+    reading the captions for the tokenizer skipped is not training's)."""
+
+    def __init__(self, dataset: Dataset, workers: int):
+        self.dataset = None if workers else dataset  # a worker reads its own copy
+        self.seen = Counter(getattr(dataset, "skip_reasons", {}))
+
+    def __call__(self, batch: list) -> tuple[list, list[str], Counter]:
+        worker = get_worker_info()
+        dataset = worker.dataset if worker is not None else self.dataset
+        counts = Counter(getattr(dataset, "skip_reasons", {}))
+        skipped, self.seen = counts - self.seen, counts
+        return (*collate_pairs(batch), skipped)
+
+
+def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
+    """Whole batches in a map-style dataset; a FlagError if there is none."""
+    if len(dataset) < batch_size:
+        raise FlagError(
+            f"--batch-size {batch_size} exceeds the {len(dataset)} training samples: use at "
+            f"most {len(dataset)}"
+        )
+    return len(dataset) // batch_size
 
 
 def batches(
     dataset: Dataset, cfg: TrainConfig, start: int, rank: int, world: int
-) -> Iterator[tuple[list, list[str]]]:
-    """This process's rows of every step's batch from step ``start`` on: (images, captions).
+) -> Iterator[tuple[list, list[str], Counter]]:
+    """This process's rows of every step's batch from step ``start`` on: (images, captions, the
+    samples skipped since the previous batch, by reason).
 
     A map-style dataset is read in a permutation per epoch drawn from (seed, epoch), so step s's
     rows depend only on s: a resumed run reads what the uninterrupted one would have. A stream
     (shards) is split by process and worker, and skips the batches already consumed."""
     rows = cfg.batch_size // world
-    loader_args = dict(num_workers=cfg.workers, collate_fn=collate_pairs)
+    loader_args = dict(num_workers=cfg.workers, collate_fn=Counted(dataset, cfg.workers))
     if isinstance(dataset, IterableDataset):
         loader = DataLoader(dataset, batch_size=rows, drop_last=True, **loader_args)
         yield from itertools.islice(_forever(loader, rows), start, None)
         return
-    per_epoch = len(dataset) // cfg.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(dataset)} training samples")
+    per_epoch = steps_per_epoch(dataset, cfg.batch_size)
 
     def indices() -> Iterator[list[int]]:
         epoch, order = None, None

@@ -1,6 +1,8 @@
 """The settings of a training run: one dataclass whose fields carry their defaults, their help
 text and their allowed values. The command line (``fastclip train --help``) is built from it, and
-every value is checked when a config is made, before a run starts."""
+every value is checked when a config is made, before a run starts; what only the run's data,
+checkpoint or processes can tell (a batch larger than the dataset, a ``--model`` other than the
+resumed checkpoint's) is checked as the run starts, before it writes anything (``FlagError``)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,15 @@ from fastclip.tokenizer import MIN_VOCAB_SIZE
 from fastclip.train.processes import DEVICES, check_available
 from fastclip.train.reporting import REPORTERS, reporter_names
 from fastclip.train.step import LOSSES, PRECISIONS, check_precision
+
+# What a new run takes where --model, --loss or --vocab-size is not given (the fields' unset
+# defaults); --resume and --init take their checkpoint's (fastclip.train.origin).
+NEW_RUN = dict(model="tiny", loss="clip", vocab_size=1024)
+
+
+class FlagError(ValueError):
+    """A flag that the run's data, checkpoint or processes refuse, found as the run starts and
+    before it writes anything: like a value out of range, one line and exit status 2."""
 
 
 def setting(
@@ -45,7 +56,10 @@ def allowed(f: Field) -> str:
 
 def check_setting(f: Field, value: object, name: str) -> None:
     """A ValueError naming ``name`` (the field, or its flag) unless ``value`` is one that the
-    field allows."""
+    field allows. The default always is: for ``model``, ``loss`` and ``vocab_size`` it stands
+    for "not given"."""
+    if value == f.default:
+        return
     if f.metadata["choices"]:
         check_choice(name, value, f.metadata["choices"])
     elif f.metadata["range"] is not None:
@@ -61,12 +75,21 @@ class TrainConfig:
     data: str = setting("shapes", described("training"))
     image_column: str = setting("", "images' column of hf: or csv: data (empty: image, filepath)")
     caption_column: str = setting("", "captions' column of hf: or csv: data (empty: text, caption)")
-    model: str = setting("tiny", "a preset of fastclip.model.PRESETS", choices=tuple(PRESETS))
+    model: str = setting(
+        "",
+        f"a preset of fastclip.model.PRESETS; if not given, {NEW_RUN['model']}, or the "
+        "checkpoint's with --resume or --init",
+        choices=tuple(PRESETS),
+    )
     init: str = setting("", "start from this checkpoint (and its tokenizer): fine-tuning")
     lock_image: bool = setting(False, "freeze the image tower and its head (LiT: train the text)")
     lock_text: bool = setting(False, "freeze the text tower and its head")
     loss: str = setting(
-        "clip", "the loss: clip is InfoNCE, siglip the sigmoid loss", choices=tuple(LOSSES)
+        "",
+        f"the loss: clip is InfoNCE, siglip the sigmoid loss; if not given, {NEW_RUN['loss']}, "
+        "or the checkpoint's with --resume or --init; siglip from a CLIP checkpoint (--init) "
+        "adds SigLIP's logit bias, -10, and keeps the checkpoint's logit scale",
+        choices=tuple(LOSSES),
     )
     steps: int = setting(1500, "optimizer steps", low=1)
     batch_size: int = setting(
@@ -97,7 +120,10 @@ class TrainConfig:
     grad_checkpointing: bool = setting(False, "recompute transformer blocks in backward")
     augment: bool = setting(True, "random resized crops (area 0.9-1) while training")
     vocab_size: int = setting(
-        1024, "size of the BPE trained on the captions (a new run)", low=MIN_VOCAB_SIZE
+        0,
+        f"size of the BPE a new run learns from the captions, 0: {NEW_RUN['vocab_size']}; "
+        "--resume and --init use the checkpoint's tokenizer",
+        low=MIN_VOCAB_SIZE,
     )
     samples: int = setting(0, "generated training images (0: the dataset's default)", low=0)
     workers: int = setting(0, "DataLoader worker processes", low=0)
@@ -106,7 +132,8 @@ class TrainConfig:
     save_every: int = setting(500, "steps between checkpoints (0: at the end only)", low=0)
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
     overwrite: bool = setting(
-        False, "delete the run directory's earlier run (checkpoints, records, tokenizer) first"
+        False,
+        "delete the run directory's earlier run first: what its manifest lists, no other file",
     )
     seed: int = setting(0, "model initialization, data order and augmentation", low=0)
     report_to: str = setting(

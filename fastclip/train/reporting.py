@@ -22,11 +22,12 @@ class TensorBoard:
     resumed run hides the events after its checkpoint's step, which it logs again."""
 
     module = "tensorboard"
+    folder = "tensorboard"  # what it writes in the run directory
 
     def __init__(self, out: Path, start: int, config: dict):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(out / "tensorboard", purge_step=start + 1 if start else None)
+        self.writer = SummaryWriter(out / self.folder, purge_step=start + 1 if start else None)
 
     def write(self, record: dict[str, float]) -> None:
         """Every metric of the record as a scalar at its step."""
@@ -43,6 +44,7 @@ class WandB:
     """A Weights & Biases run in ``out/wandb``, named after the run directory, with the config."""
 
     module = "wandb"
+    folder = "wandb"  # what it writes in the run directory (wandb.init's dir=out makes it)
 
     def __init__(self, out: Path, start: int, config: dict):
         import wandb
