@@ -5,7 +5,9 @@
 Similarity: ``fastclip.similarity`` against cuBLAS (``torch.matmul(a, b.T)``, the plain product;
 target >= 0.9x at 16384^2) and eager ``scale * a @ b.T + bias``. Top-k: ``topk_similarity``
 against eager ``torch.topk(q @ k.T, k)``, which stores the n_q x n_k scores (target >= 3x at
-n = 65536, k = 10, with O(n k) memory). bf16, 1 matmul pass of 2 n_q n_k D FLOPs each.
+n = 65536, k = 10, with O(n k) memory). bf16, 1 matmul pass of 2 n_q n_k D FLOPs each. On a CPU,
+the PyTorch path's top-k against eager at n = 4096 and 16384 (fp32): its peak memory is the
+(n, k) result and one block of ``fastclip.similarity.TOPK_CHUNK_ELEMENTS`` scores at any n.
 """
 
 from __future__ import annotations
@@ -86,10 +88,12 @@ def test_gpu_topk(benchmark, oom_log, n, k, provider):
 
 
 CPU_PROVIDERS = ("fastclip-torch", "eager")
+CPU_TOPK_N = (4096, 16384)  # the PyTorch path's memory: one bounded block, where eager's grows
 
 
 @cpu_only
 @pytest.mark.parametrize("provider", CPU_PROVIDERS)
-def test_cpu_topk(benchmark, oom_log, provider):
+@pytest.mark.parametrize("n", CPU_TOPK_N, ids=[f"N{n}" for n in CPU_TOPK_N])
+def test_cpu_topk(benchmark, oom_log, n, provider):
     rivals = tuple(p for p in CPU_PROVIDERS if p != provider)
-    _topk_case(benchmark, oom_log, provider, 4096, 10, 256, torch.float32, rivals)
+    _topk_case(benchmark, oom_log, provider, n, 10, 256, torch.float32, rivals)

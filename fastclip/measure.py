@@ -3,13 +3,21 @@ the benchmarks)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+# What torch's profiler writes to the process's stderr from C++ as it starts and stops, and when
+# the measured function frees a block allocated before it started: no news about the function.
+PROFILER_CHATTER = ("profiler_start", "profiler_stop", "Memory block of unknown size")
 
 
 def synchronize(device: torch.device) -> None:
@@ -47,7 +55,10 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _without_profiler_chatter(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     # The profiler's raw allocation stream: "[memory]" events of +bytes (allocated) and -bytes
     # (freed), in time order.
@@ -57,3 +68,30 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         live += event.nbytes()
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter() -> Iterator[None]:
+    """Hold what the process writes to its stderr (file descriptor 2, where C++ logs) meanwhile,
+    then pass it on less the profiler's own lines (``PROFILER_CHATTER``): warnings and errors of
+    the measured function still reach the user, after it ran."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to quieten
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            kept = [line for line in lines if not any(c in line for c in PROFILER_CHATTER)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

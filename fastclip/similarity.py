@@ -19,8 +19,13 @@ except ImportError:  # no Triton on this platform: the PyTorch path serves every
     triton_similarity = None
 
 EPS = 1e-12  # F.normalize's default
-# The PyTorch top-k scores about this many query-key pairs per step (~64 MB in fp32).
-TOPK_CHUNK_ELEMENTS = 2**24
+# The PyTorch top-k scores at most about this many query-key pairs at once (16 MiB in fp32): its
+# working memory beyond the (n_q, k) result, whatever n_q and n_k (k wider than a block aside).
+TOPK_CHUNK_ELEMENTS = 2**22
+# Where the scores do not fit one block, a block spans at least TOPK_CHUNK_ELEMENTS // TOPK_ROWS
+# = 8,192 keys (or all of them): torch's CPU top-k takes about half the time per score on rows
+# that wide as on rows of 2,048.
+TOPK_ROWS = 512
 
 
 def check_pair(a: object, b: object, names: tuple[str, str]) -> None:
@@ -108,20 +113,35 @@ def similarity(
 def _topk_torch(
     queries: torch.Tensor, keys: torch.Tensor, k: int, scale: torch.Tensor, chunk: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys a chunk at a time: each chunk's top-k merged into the running top-k."""
+    """Blocks of ``rows`` queries x ``cols`` keys, rows x cols <= TOPK_CHUNK_ELEMENTS (or rows x k
+    where k is wider): each block's top-k merged into its rows' running top-k. Memory: the
+    (n_q, k) result, one block of scores and its rows' (rows, 2k) merge."""
     n_q, n_k = queries.shape[0], keys.shape[0]
-    step = chunk or max(k, TOPK_CHUNK_ELEMENTS // max(n_q, 1))
-    best_values = best_indices = None
-    for start in range(0, n_k, step):
-        scores = scale * (queries @ keys[start : start + step].T)  # (n_q, <= step)
-        values, indices = scores.topk(min(k, scores.shape[1]), dim=1)
-        indices += start
-        if best_values is not None:
-            values = torch.cat([best_values, values], dim=1)
-            indices = torch.cat([best_indices, indices], dim=1)
-            values, where = values.topk(min(k, values.shape[1]), dim=1)
-            indices = indices.gather(1, where)
-        best_values, best_indices = values, indices
+    if chunk is None and n_q * n_k <= TOPK_CHUNK_ELEMENTS:  # one block
+        rows, cols = n_q, n_k
+    elif chunk is None:  # wide blocks: all the keys at once where the queries are few
+        cols = max(k, min(n_k, TOPK_CHUNK_ELEMENTS // min(n_q, TOPK_ROWS)))
+        rows = min(n_q, max(1, TOPK_CHUNK_ELEMENTS // cols))
+    else:
+        cols = chunk
+        rows = min(n_q, max(1, TOPK_CHUNK_ELEMENTS // max(chunk, k)))
+    best_values = queries.new_empty(n_q, k)
+    best_indices = torch.empty(n_q, k, dtype=torch.int64, device=queries.device)
+    for r in range(0, n_q, rows):
+        block_queries, running = queries[r : r + rows], None
+        for start in range(0, n_k, cols):
+            scores = block_queries @ keys[start : start + cols].T  # (<= rows, <= cols)
+            scores.mul_(scale)  # in place: one block of scores at a time, rounded as scale * (q.k)
+            values, indices = scores.topk(min(k, scores.shape[1]), dim=1)
+            del scores  # before the next block is allocated
+            indices += start
+            if running is not None:
+                values = torch.cat([running[0], values], dim=1)
+                indices = torch.cat([running[1], indices], dim=1)
+                values, where = values.topk(min(k, values.shape[1]), dim=1)
+                indices = indices.gather(1, where)
+            running = values, indices
+        best_values[r : r + rows], best_indices[r : r + rows] = running
     return best_values, best_indices
 
 
@@ -139,14 +159,16 @@ def topk_similarity(
     """The k best keys of every query by scale * q . key, without the n_q x n_k score matrix.
 
     Equal to ``torch.topk(scale * queries @ keys.T, k)`` (ties may come in another order; the
-    values are the same). Memory O((n_q + n_k) D + n_q k). Inference only: no gradients.
+    values are the same). Memory O((n_q + n_k) D + n_q k), plus on the PyTorch path one block of
+    at most ``TOPK_CHUNK_ELEMENTS`` scores (16 MiB in fp32). Inference only: no gradients.
 
     Args:
         queries: (n_q, D) and keys: (n_k, D), same floating dtype and device.
         k: 1 <= k <= n_k.
         scale: a number or one-element tensor multiplying every score.
         normalize: L2-normalize queries and keys first (cosine similarity).
-        chunk: keys scored per step on the PyTorch path (None: about 16M scores per step).
+        chunk: keys scored per step on the PyTorch path (None: blocks of about 4M scores, all
+            the keys at once for few queries).
         backend: "triton" (CUDA), "torch" or "auto". The kernel keeps up to 128 scores per
             query; a larger k takes the PyTorch path.
 

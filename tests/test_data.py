@@ -2,6 +2,7 @@
 
 import io
 import re
+import subprocess
 import sys
 import tarfile
 from importlib.util import find_spec
@@ -310,6 +311,28 @@ def test_shards_skip_bad_samples(tmp_path):
 
 
 @needs_wds
+@pytest.mark.parametrize("cut", [100, 700, 3000])  # in the first header, a member's data, later
+def test_a_truncated_shard_counts_once(tmp_path, cut, recwarn):
+    """Its samples before the break are read; it counts once, in every pass and over passes."""
+    paths = write_shards(samples(20), tmp_path, per_shard=10)
+    paths[0].write_bytes(paths[0].read_bytes()[:cut])
+    ds = WebDatasetPairs([*map(str, paths), str(tmp_path / "gone.tar")], shuffle=4)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert 10 <= len(list(ds)) < 20
+    unreadable = {k: n for k, n in ds.skip_reasons.items() if k.startswith("unreadable")}
+    assert unreadable == {
+        "unreadable shard (ReadError)": 1,
+        "unreadable shard (FileNotFoundError)": 1,
+    }
+    assert ds.unreadable == {str(paths[0]), str(tmp_path / "gone.tar")}
+    assert ds.skipped == sum(ds.skip_reasons.values())
+    passes = [str(w.message) for w in recwarn if "WebDatasetPairs read" in str(w.message)]
+    for why in unreadable:  # each pass's warning: both, once (repeated warnings may be merged)
+        assert passes and all(f"1 {why}" in message for message in passes), passes
+
+
+@needs_wds
 def test_shards_split_across_workers_and_ranks(tmp_path, monkeypatch):
     pairs = samples(24)
     write_shards(pairs, tmp_path, per_shard=4)  # 6 shards
@@ -393,6 +416,26 @@ def test_csv_pairs(tmp_path):
     (tmp_path / "sub" / "list.csv").write_text("filepath,caption\nimg/0.png,first\n")
     assert CsvPairs(tmp_path / "sub" / "list.csv", root=tmp_path)[0][1] == "first"
     assert collate_pairs([None, None]) == ([], [])
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_csv_not_utf8_names_the_file_and_line(tmp_path, bom):
+    """In one line, from the command too, before anything is written."""
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(bom + b"filepath,caption\na.png,first\nb.png,caf\xe9 au lait\n")
+    with pytest.raises(ValueError) as error:
+        CsvPairs(path)
+    assert str(error.value) == (
+        f"{path}, line 3, column 10: byte 0xe9 is not UTF-8 (save the file as UTF-8)"
+    )
+    command = [sys.executable, "-m", "fastclip.cli", "train", "--data", f"csv:{path}"]
+    result = subprocess.run([*command, "--out", str(tmp_path / "run")], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1 and not result.stdout, result.stderr[-3000:]
+    assert result.stderr == f"fastclip train: error: {error.value}\n"
+    assert not (tmp_path / "run").exists()
+    path.write_bytes(bom + "filepath,caption\na.png,café\n".encode())  # a byte-order mark is fine
+    assert CsvPairs(path).captions == ["café"]
 
 
 def test_csv_missing_column(tmp_path):

@@ -1,8 +1,12 @@
 """Few-shot adaptation on digits: every method beats chance, the frozen CLIP stays bit for bit
-what it was, trained parts round-trip through safetensors, and bad input fails clearly."""
+what it was, trained parts round-trip through safetensors, and bad input fails clearly; the
+command on every data source it offers, each split naming the classes it holds."""
 
 import copy
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,10 +17,11 @@ require("tokenizers", "tqdm", "sklearn")
 from fastclip import finetune
 from fastclip.checkpoint import load_pretrained
 from fastclip.cli import finetune_command
-from fastclip.data import DigitsDataset
+from fastclip.data import HELD_OUT, DigitsDataset, few_shot_splits, serving
 from fastclip.tokenizer import Tokenizer
 from fastclip.train import TrainConfig, latest_checkpoint, train
 
+FEW_SHOT_SOURCES = [s.syntax for s in serving("few_shot")]  # what `finetune --help` lists
 FAST = {"adapter": {"steps": 50}, "prompt": {"steps": 30}, "lora": {"steps": 10}}  # smoke runs
 
 
@@ -183,3 +188,37 @@ def test_bad_input(pretrained, splits, task, tmp_path):
         finetune.load_checkpoint(image_only)
     with pytest.raises(ValueError, match="has no text tower"):
         finetune_command(["--checkpoint", str(image_only), "--method", "prompt"])
+
+
+@pytest.mark.parametrize("source", FEW_SHOT_SOURCES)
+def test_few_shot_splits_name_the_classes_they_hold(source):
+    """Every class named has training examples (k = 16 of them), the test split is scored on the
+    same names, and the labels index them; shapes' ``HELD_OUT`` pairs stay out of fine-tuning."""
+    train_set, test_set = few_shot_splits(source, seed=0)
+    classnames = list(train_set.classnames)
+    assert list(test_set.classnames) == classnames
+    assert sorted(set(train_set.labels)) == list(range(len(classnames)))
+    assert set(test_set.labels) <= set(range(len(classnames)))
+    finetune.few_shot_indices(train_set.labels, 16, classnames=classnames)
+    for ds in (train_set, test_set):
+        for i in range(0, len(ds), 97):  # the item's caption names its class (word or digit)
+            caption, label = ds[i][1], ds.labels[i]
+            assert classnames[label] in caption or str(label) in caption, (caption, label)
+    if source == "shapes":
+        held_out = [f"{colour} {shape}" for colour, shape in HELD_OUT]
+        assert len(classnames) == 24
+        assert not [name for name in classnames if any(pair in name for pair in held_out)]
+
+
+@pytest.mark.parametrize("source", FEW_SHOT_SOURCES)
+def test_the_command_fine_tunes_on_every_source_it_offers(source, tmp_path):
+    """``fastclip finetune --data SOURCE`` as a user runs it: a tiny CLIP pretrained for a step,
+    then k = 1 shot per class."""
+    command = [sys.executable, "-m", "fastclip.cli", "finetune", "--data", source, "--shots", "1"]
+    command += ["--pretrain-steps", "1", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^zero-shot +\d+\.\d%$", result.stdout, re.M), result.stdout[-2000:]
+    assert re.search(r"^probe +\d+\.\d%  \(k = 1, ", result.stdout, re.M), result.stdout[-2000:]
+    assert (tmp_path / "probe.safetensors").is_file()

@@ -14,6 +14,7 @@ from helpers import CUDA, DEVICE, TOLERANCES, assert_close, make_inputs, needs_c
 import fastclip.kernels.similarity as ksim
 import fastclip.kernels.tiles as kt
 from fastclip import similarity, topk_similarity
+from fastclip.measure import peak_memory_bytes
 from fastclip.reference import similarity_reference
 
 # ``fastclip.similarity`` is the function (re-exported by the package); this is its module.
@@ -373,6 +374,22 @@ def test_topk_torch_default_chunks(monkeypatch):
     q, keys = random_pair(7, 45, 16, seed=14)
     values, indices = topk_similarity(q, keys, 5, normalize=True, backend="torch")
     check_topk(values, indices, scores(q, keys, normalize=True), 5)
+
+
+@pytest.mark.parametrize("n", [4096, 8192])
+def test_topk_torch_memory_is_n_k_plus_one_block(n):
+    """On the CPU, at any N: the PyTorch top-k's peak memory is its (N, k) result and one block
+    of TOPK_CHUNK_ELEMENTS scores (16 MiB), where eager's N x N scores take 64 MiB at N = 4,096."""
+    k, cpu = 10, torch.device("cpu")
+    gen = torch.Generator().manual_seed(17)
+    q, keys = (torch.randn(n, 16, generator=gen) for _ in range(2))
+    peak = peak_memory_bytes(lambda: topk_similarity(q, keys, k, backend="torch"), cpu)
+    result = n * k * (4 + 8)  # fp32 values, int64 indices
+    bound = api.TOPK_CHUNK_ELEMENTS * 4 + 4 * result  # the block; the result, merges, top-ks
+    assert peak <= bound, f"{peak / 2**20:.1f} MiB at N = {n}, bound {bound / 2**20:.1f} MiB"
+    assert peak < n * n * 4 / 3, "not below eager's scores"
+    if n == 4096:
+        check_topk(*topk_similarity(q, keys, k, backend="torch"), scores(q, keys), k)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,6 +3,7 @@ captions, and batching that drops bad samples."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import operator
@@ -81,16 +82,15 @@ class CsvPairs(PairTable):
     ):
         super().__init__()
         path = Path(path)
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            header = reader.fieldnames or []
-            missing = [k for k in (image_key, caption_key) if k not in header]
-            if missing:
-                raise ValueError(
-                    f"{path} has no column {', '.join(map(repr, missing))} (image_key="
-                    f"{image_key!r}, caption_key={caption_key!r}); its header is {header}"
-                )
-            rows = [(row[image_key] or "", row[caption_key] or "") for row in reader]
+        reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter)
+        header = reader.fieldnames or []
+        missing = [k for k in (image_key, caption_key) if k not in header]
+        if missing:
+            raise ValueError(
+                f"{path} has no column {', '.join(map(repr, missing))} (image_key="
+                f"{image_key!r}, caption_key={caption_key!r}); its header is {header}"
+            )
+        rows = [(row[image_key] or "", row[caption_key] or "") for row in reader]
         self.root = path.parent if root is None else Path(root)
         self.paths = [self.root / p for p, _ in rows]  # an absolute path stays as it is
         self.captions = [c.strip() for _, c in rows]
@@ -101,6 +101,21 @@ class CsvPairs(PairTable):
     def row(self, i: int) -> tuple[Path, str, str]:
         """Row ``i``'s image path, caption, and the path again to name it."""
         return self.paths[i], self.captions[i], str(self.paths[i])
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file (a byte-order mark dropped); a ValueError naming the file, the
+    line and the column of the first byte that is not UTF-8."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise ValueError(
+            f"{path}, line {line}, column {column}: byte 0x{data[e.start]:02x} is not UTF-8 "
+            "(save the file as UTF-8)"
+        ) from None
 
 
 def collate_pairs(batch: list) -> tuple[list[torch.Tensor], list[str]]:

@@ -6,8 +6,9 @@ import io
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -31,8 +32,11 @@ class WebDatasetPairs(IterableDataset):
     shard yields nothing: use at least ranks x workers shards). ``shuffle`` > 0 shuffles the
     shard order and then samples in a buffer of that size, from ``seed`` and ``set_epoch``'s
     epoch: every pass reads the same order until the epoch changes. Bad samples (undecodable
-    image, missing image or caption, empty caption) and unreadable shards are skipped, counted
-    in ``skipped`` / ``skip_reasons`` and summarised by a warning at the end of each pass.
+    image, missing image or caption, empty caption) and unreadable shards (the samples before the
+    break kept) are skipped, counted in ``skipped`` / ``skip_reasons`` as they are met, and
+    summarised by a warning at the end of each pass. A bad sample counts at every pass that meets
+    it, an unreadable shard once: its URL goes into ``unreadable`` (each DataLoader worker keeps
+    its own counts and set; the union of the workers' sets is the run's bad shards).
     """
 
     def __init__(self, urls: str | Path | list[str | Path], *, shuffle: int = 0, seed: int = 0):
@@ -44,21 +48,27 @@ class WebDatasetPairs(IterableDataset):
         check_number("shuffle", shuffle, 0, integer=True)  # a buffer size
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.skipped, self.skip_reasons = 0, Counter()
+        self.unreadable = set()  # the URLs of the shards found unreadable, each counted once
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         wds = require("webdataset", "WebDatasetPairs", "fastclip-triton[webdataset]")
-        reasons, kept = Counter(), 0
+        reasons, kept = Counter(), 0  # this pass's
 
-        def unreadable(error: Exception) -> bool:  # a broken tar: keep what was read, go on
-            reasons[f"unreadable shard ({type(error).__name__})"] += 1
-            return True
+        def skip(why: str, shard: str | None = None) -> None:  # counted as it happens
+            reasons[why] += 1
+            if shard is not None:  # an unreadable shard: once, whatever the pass
+                if shard in self.unreadable:
+                    return
+                self.unreadable.add(shard)
+            self.skipped += 1
+            self.skip_reasons[why] += 1
 
         order_seed = f"{self.seed}/{self.epoch}" if self.shuffle else None
         stages = [wds.SimpleShardList(self.urls, seed=order_seed), wds.split_by_node]
-        stages += [wds.split_by_worker, wds.tarfile_to_samples(handler=unreadable)]
+        stages += [wds.split_by_worker, lambda shards: _read_shards(wds, shards, skip)]
         if self.shuffle:
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
             seed = f"{self.seed}/{self.epoch}/{rank}/{worker}"
@@ -66,15 +76,30 @@ class WebDatasetPairs(IterableDataset):
         for sample in wds.DataPipeline(*stages):
             pair, why = _shard_pair(sample)
             if pair is None:
-                reasons[why] += 1
+                skip(why)
             else:
                 kept += 1
                 yield pair
-        self.skipped += sum(reasons.values())
-        self.skip_reasons.update(reasons)
         if reasons:
             counts = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
             warnings.warn(f"WebDatasetPairs read {kept} samples, skipped {counts}", stacklevel=2)
+
+
+def _read_shards(wds: ModuleType, shards: Iterable[dict], skip: Callable) -> Iterator[dict]:
+    """The samples of each shard ({"url": ...}) as far as it reads: its first error (a missing
+    file, a truncated or corrupt tar) ends that shard, whose samples so far are kept (a tar
+    stream cannot resume past a broken member), and is reported once: ``skip(why, url)``."""
+    errors = []
+
+    def stop(error: Exception) -> bool:
+        errors.append(error)
+        return False
+
+    for shard in shards:
+        errors.clear()
+        yield from wds.tarfile_samples([shard], handler=stop)
+        if errors:
+            skip(f"unreadable shard ({type(errors[0]).__name__})", shard["url"])
 
 
 def _shard_pair(sample: dict) -> tuple[tuple[torch.Tensor, str] | None, str]:

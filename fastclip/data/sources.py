@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from fastclip.checks import one_of
@@ -50,9 +51,38 @@ def _shapes_evaluation(seed: int) -> EvaluationSets:
     return EvaluationSets(tasks, retrieval=ShapesDataset("test", seed=seed))
 
 
+class ClassesPresent(Dataset):
+    """A labelled dataset as a classification task over the classes its labels hold, in the
+    order of its ``classnames``: ``classnames`` those, ``labels`` renumbered into them; items and
+    ``templates`` the dataset's. ``like``: another such view whose classes to take instead (a
+    test split scored on the training split's classes; a ValueError if it holds another)."""
+
+    def __init__(self, dataset: Dataset, like: ClassesPresent | None = None):
+        names = list(dataset.classnames)
+        present = sorted(set(dataset.labels))
+        self.classnames = [names[y] for y in present] if like is None else list(like.classnames)
+        index = {name: i for i, name in enumerate(self.classnames)}
+        extra = [names[y] for y in present if names[y] not in index]
+        if extra:
+            raise ValueError(f"the test split holds classes the training split lacks: {extra}")
+        self.labels = [index[names[y]] for y in dataset.labels]
+        if hasattr(dataset, "templates"):
+            self.templates = dataset.templates
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return self.dataset[index]
+
+
 def _shapes_few_shot(seed: int) -> tuple[Dataset, Dataset]:
-    """The few shots from another stream of the zero-shot split."""
-    return ShapesDataset("zeroshot", seed=seed + 1), ShapesDataset("zeroshot", seed=seed)
+    """The 24 colour x shape pairs seen in pretraining: ``HELD_OUT``'s 4, which no training set
+    draws, stay out of fine-tuning too, so that the compositional split still measures what no
+    training saw. The few shots from another stream of the zero-shot split."""
+    train = ClassesPresent(ShapesDataset("zeroshot", seed=seed + 1))
+    return train, ClassesPresent(ShapesDataset("zeroshot", seed=seed), like=train)
 
 
 SOURCES = {
@@ -140,6 +170,8 @@ def check_usable(dataset: Dataset, spec: str) -> None:
     probe = copy.copy(dataset)
     if hasattr(probe, "skip_reasons"):
         probe.skipped, probe.skip_reasons = 0, Counter()
+    if hasattr(probe, "unreadable"):  # shards found unreadable
+        probe.unreadable = set()
     items = (
         probe if isinstance(probe, IterableDataset) else map(probe.__getitem__, range(len(probe)))
     )
@@ -157,6 +189,7 @@ def evaluation_sets(spec: str, seed: int) -> EvaluationSets:
 
 
 def few_shot_splits(spec: str, seed: int) -> tuple[Dataset, Dataset]:
-    """(train, test) classification splits with ``labels`` and ``classnames``."""
+    """(train, test) classification splits with ``labels`` and ``classnames``: the same names,
+    each with examples in train."""
     source, _ = find(spec, "few_shot")
     return source.few_shot(seed)
