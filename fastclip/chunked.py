@@ -1,10 +1,11 @@
-"""PyTorch path of both losses: the kernels' algorithm in blocks, for any device.
+"""The PyTorch path of every op (``backend="torch"``), for any device and float64 too.
 
-Same statistics, losses and gradients as ``fastclip.kernels.contrastive`` and
-``fastclip.kernels.siglip`` (their docstrings have the math), for CPUs and machines without
-Triton. Scores are built a block at a time (``fastclip.kernels.blocks``), so memory is one
+The losses: the kernels' algorithm in blocks, with the same statistics, losses and gradients as
+``fastclip.kernels.contrastive`` and ``fastclip.kernels.siglip`` (their docstrings have the
+math). Scores are built a block at a time (``fastclip.kernels.blocks``), so memory is one
 bounded block beyond the features and their gradients; fp16/bf16 inputs are computed in fp32,
-float64 in float64.
+float64 in float64. Top-k scores bounded blocks too; similarity and the projection are eager
+PyTorch, differentiated by autograd.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from fastclip.kernels.blocks import (
     default_block_bytes,
     plan_blocks,
 )
+
+# The PyTorch top-k scores at most about this many query-key pairs at once (16 MiB in fp32): its
+# working memory beyond the (n_q, k) result, whatever n_q and n_k (k wider than a block aside).
+TOPK_CHUNK_ELEMENTS = 2**22
+# Where the scores do not fit one block, a block spans at least TOPK_CHUNK_ELEMENTS // TOPK_ROWS
+# = 8,192 keys (or all of them): torch's CPU top-k takes about half the time per score on rows
+# that wide as on rows of 2,048.
+TOPK_ROWS = 512
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,6 +60,7 @@ def contrastive_forward(
     scale: torch.Tensor,
     offset: int,
     both_directions: bool,
+    *,
     block_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(pdot, row, col): positive dots, and each row's (column's) log-sum-exp of the other
@@ -91,11 +101,12 @@ def contrastive_backward(
     offset: int,
     need_dx: bool,
     need_dy: bool,
+    *,
     block_bytes: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """dL/dx and dL/dy (each None unless needed) and dL/ds, from ``contrastive_forward``'s
     stats, the relative loss weights w_x (n_x,), w_y (n_y,) or None, and their common factor
-    ``weight`` (see ``fastclip.kernels.contrastive.blocked_backward``)."""
+    ``weight`` (see ``fastclip.kernels.contrastive.contrastive_backward``)."""
     cdt = _compute_dtype(x.dtype)
     s = scale.to(cdt).reshape(())
     xs = x.to(cdt) * s
@@ -138,6 +149,7 @@ def siglip_forward(
     need_dx: bool,
     need_dy: bool,
     need_dparams: bool,
+    *,
     block_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
            torch.Tensor | None]:  # fmt: skip
@@ -167,3 +179,73 @@ def siglip_forward(
     if not need_dparams:
         return loss, dx, dy, None, None
     return loss, dx, dy, dscale[0], dbias
+
+
+def similarity(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    normalize: bool,
+    out_dtype: torch.dtype,
+    eps: float,
+) -> torch.Tensor:
+    """scale * a @ b.T + bias, rows normalized first if ``normalize`` (``F.normalize``)."""
+    if normalize:
+        a, b = F.normalize(a, dim=-1, eps=eps), F.normalize(b, dim=-1, eps=eps)
+    return (scale * (a @ b.T) + bias).to(out_dtype)
+
+
+def topk(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    scale: torch.Tensor,
+    normalize: bool,
+    eps: float,
+    chunk: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best keys of every query by scale * q . key (rows L2-normalized first if
+    ``normalize``): values (n_q, k) and int64 indices, best first.
+
+    Blocks of ``rows`` queries x ``cols`` keys, rows x cols <= TOPK_CHUNK_ELEMENTS (or rows x k
+    where k is wider; ``chunk`` keys per block where given): each block's top-k merged into its
+    rows' running top-k. Memory: the (n_q, k) result, one block of scores and its rows' (rows,
+    2k) merge."""
+    if normalize:
+        queries, keys = F.normalize(queries, dim=-1, eps=eps), F.normalize(keys, dim=-1, eps=eps)
+    scale = scale.to(queries.dtype)
+    n_q, n_k = queries.shape[0], keys.shape[0]
+    if chunk is None and n_q * n_k <= TOPK_CHUNK_ELEMENTS:  # one block
+        rows, cols = n_q, n_k
+    elif chunk is None:  # wide blocks: all the keys at once where the queries are few
+        cols = max(k, min(n_k, TOPK_CHUNK_ELEMENTS // min(n_q, TOPK_ROWS)))
+        rows = min(n_q, max(1, TOPK_CHUNK_ELEMENTS // cols))
+    else:
+        cols = chunk
+        rows = min(n_q, max(1, TOPK_CHUNK_ELEMENTS // max(chunk, k)))
+    best_values = queries.new_empty(n_q, k)
+    best_indices = torch.empty(n_q, k, dtype=torch.int64, device=queries.device)
+    for r in range(0, n_q, rows):
+        block_queries, running = queries[r : r + rows], None
+        for start in range(0, n_k, cols):
+            scores = block_queries @ keys[start : start + cols].T  # (<= rows, <= cols)
+            scores.mul_(scale)  # in place: one block of scores at a time, rounded as scale * (q.k)
+            values, indices = scores.topk(min(k, scores.shape[1]), dim=1)
+            del scores  # before the next block is allocated
+            indices += start
+            if running is not None:
+                values = torch.cat([running[0], values], dim=1)
+                indices = torch.cat([running[1], indices], dim=1)
+                values, where = values.topk(min(k, values.shape[1]), dim=1)
+                indices = indices.gather(1, where)
+            running = values, indices
+        best_values[r : r + rows], best_indices[r : r + rows] = running
+    return best_values, best_indices
+
+
+def normalized_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps), eager."""
+    return F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps)

@@ -19,7 +19,7 @@ clocks (132; the H100 50 MB of L2, the H200 60 MB), so the sweep, L2, MUFU and l
 are assumed equal, not measured on an H100. Its cuBLAS rate is measured: dense bf16 GEMMs at
 8192^3 ran at 769-798 TFLOP/s. ``device_constants`` picks the constants by GPU name.
 
-fp16 and bf16 cost the same: an fp16 G holds G times ``FP16_G_SCALE`` (kernels/tiles.py), a
+fp16 and bf16 cost the same: an fp16 G holds G times ``FP16_G_SCALE`` (kernels/launch.py), a
 factor folded into the loss weights or the kernels' epilogue (0 bytes, 0 passes), where the
 alternatives would cost per block a second, column-scaled G (2 R C bytes written and read,
 cuBLAS then reading each G once more) or an fp32 G (4 R C bytes instead of 2 and products off

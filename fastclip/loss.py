@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastclip.backends import check_backend, choose
+if TYPE_CHECKING:
+    from fastclip.kernels.launch import TileConfig
+
+from fastclip import backends
+from fastclip.backends import check_backend, check_config, choose
 from fastclip.checks import check_features, check_index, check_inputs, check_offset, check_rank
 from fastclip.distributed import gather_features
 
@@ -18,13 +24,14 @@ class _ContrastiveLoss(torch.autograd.Function):
     difference of two nearly equal numbers and never negative."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, offset: int, both_directions: bool, ops):
-        pdot, row, col = ops.contrastive_forward(x, y, scale, offset, both_directions)
+    def forward(ctx, x, y, scale, bias, offset: int, both_directions: bool, route: dict):
+        stats = backends.contrastive_forward(x, y, scale, offset, both_directions, **route)
+        pdot, row, col = stats
         loss = F.softplus(row).mean()
         if both_directions:
             loss = 0.5 * (loss + F.softplus(col[offset : offset + x.shape[0]]).mean())
         ctx.save_for_backward(x, y, scale, bias, pdot, row, col)
-        ctx.offset, ctx.both_directions, ctx.ops = offset, both_directions, ops
+        ctx.offset, ctx.both_directions, ctx.route = offset, both_directions, route
         return loss
 
     @staticmethod
@@ -40,8 +47,8 @@ class _ContrastiveLoss(torch.autograd.Function):
         if ctx.both_directions:
             w_y = torch.zeros(y.shape[0], dtype=row.dtype, device=y.device)
             w_y[off : off + n_x] = 1.0
-        dx, dy, dscale = ctx.ops.contrastive_backward(
-            x, y, scale, (pdot, row, col), w_x, w_y, weight, off, need_dx, need_dy
+        dx, dy, dscale = backends.contrastive_backward(
+            x, y, scale, (pdot, row, col), w_x, w_y, weight, off, need_dx, need_dy, **ctx.route
         )
         dscale = dscale.to(scale.dtype).reshape(scale.shape) if need_ds else None
         # The bias shifts every logit of a softmax alike: the loss does not depend on it.
@@ -59,6 +66,7 @@ def infonce(
     both_directions: bool = True,
     backend: str = "auto",
     block_bytes: int | None = None,
+    config: TileConfig | None = None,
 ) -> torch.Tensor:
     """The general fused InfoNCE: ``clip_loss`` with a one-directional option.
 
@@ -70,10 +78,11 @@ def infonce(
     check_offset(offset, image_features.shape[0], text_features.shape[0])
     if block_bytes is not None:
         block_bytes = check_index("block_bytes", block_bytes)
-    impl = choose("contrastive", backend, image_features, text_features.shape[0])
-    ops = impl.ops(block_bytes)
+    check_config(config)
+    method = choose("contrastive", backend, image_features, text_features.shape[0])
+    route = {"method": method, "block_bytes": block_bytes, "config": config}
     return _ContrastiveLoss.apply(
-        image_features, text_features, scale, bias, offset, both_directions, ops
+        image_features, text_features, scale, bias, offset, both_directions, route
     )
 
 
@@ -86,6 +95,7 @@ def clip_loss(
     offset: int = 0,
     backend: str = "auto",
     block_bytes: int | None = None,
+    config: TileConfig | None = None,
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE loss, fused: the N x N score matrix is never stored.
 
@@ -108,8 +118,12 @@ def clip_loss(
         backend: "auto" (the fastest Triton implementation on CUDA, PyTorch otherwise),
             "triton", "torch" (blocked PyTorch, any device, float64 too), or an implementation:
             "blocks", "blocks-mm", "fused" (``fastclip.backends`` says what each is).
-        block_bytes: bound of the backward's G buffer in bytes (default 256 MiB on CUDA, 16 MiB
-            elsewhere); extra memory is O(N D) plus this at any N.
+        block_bytes: bound of the backward's buffer in bytes: G blocks, fp32 workspaces or score
+            blocks, by implementation (default 256 MiB on CUDA, 16 MiB elsewhere); extra memory
+            is O(N D) plus this at any N.
+        config: fixed Triton tiles for every kernel launched (a
+            ``fastclip.kernels.launch.TileConfig``); None autotunes. The route from here to the
+            kernels: ``fastclip.backends``.
 
     Returns:
         0-dim loss, float32 (float64 for float64 features), never negative. Gradients flow to
@@ -123,6 +137,7 @@ def clip_loss(
         offset=offset,
         backend=backend,
         block_bytes=block_bytes,
+        config=config,
     )
 
 
@@ -135,7 +150,7 @@ class ClipLoss(nn.Module):
         gather_with_grad: all-gather with autograd, so gradients reach the other ranks' features.
         cache_labels: accepted for compatibility; the fused loss builds no label tensor.
         rank, world_size: this process's place in the torch.distributed group.
-        backend, block_bytes: see ``clip_loss``.
+        backend, block_bytes, config: see ``clip_loss``.
     """
 
     def __init__(
@@ -148,11 +163,13 @@ class ClipLoss(nn.Module):
         *,
         backend: str = "auto",
         block_bytes: int | None = None,
+        config: TileConfig | None = None,
     ) -> None:
         super().__init__()
         check_backend(backend, "contrastive")
         if block_bytes is not None:
             check_index("block_bytes", block_bytes)
+        check_config(config)
         check_rank(rank, world_size)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
@@ -161,6 +178,7 @@ class ClipLoss(nn.Module):
         self.world_size = world_size
         self.backend = backend
         self.block_bytes = block_bytes
+        self.config = config
 
     def forward(
         self,
@@ -171,7 +189,7 @@ class ClipLoss(nn.Module):
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """(n, D) local features of this rank -> the contrastive loss (0-dim)."""
-        kw = {"backend": self.backend, "block_bytes": self.block_bytes}
+        kw = {"backend": self.backend, "block_bytes": self.block_bytes, "config": self.config}
         if self.world_size == 1:
             loss = infonce(image_features, text_features, logit_scale, logit_bias, **kw)
         else:

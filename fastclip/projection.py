@@ -7,41 +7,17 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from fastclip.backends import check_backend, choose
+from fastclip import backends
+from fastclip.backends import check_backend, check_config, choose
 from fastclip.checks import _FLOAT_DTYPES, check_device
 
-try:
-    from fastclip.kernels import projection as triton_projection
-except ImportError:  # no Triton on this platform: the PyTorch path serves everything
-    triton_projection = None
-
-
-class _NormalizedLinear(torch.autograd.Function):
-    """Saves y and the row norms, and x or W only for the gradient that needs it."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps: float):
-        y, norm = triton_projection.projection_forward(x, weight, bias, eps)
-        need_dx, need_dw, _ = ctx.needs_input_grad[:3]
-        ctx.save_for_backward(x if need_dw else None, weight if need_dx else None, y, norm)
-        ctx.eps = eps
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, weight, y, norm = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        grads = triton_projection.projection_backward(
-            grad, y, norm, x, weight, ctx.eps, need_dx, need_dw, need_db
-        )
-        return *grads, None
+if TYPE_CHECKING:
+    from fastclip.kernels.launch import TileConfig
 
 
 def check_eps(eps: object) -> None:
@@ -95,6 +71,7 @@ def normalized_linear(
     *,
     eps: float = 1e-12,
     backend: str = "auto",
+    config: TileConfig | None = None,
 ) -> torch.Tensor:
     """F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps), fused.
 
@@ -108,6 +85,7 @@ def normalized_linear(
         eps: lower bound of the norm, as in F.normalize.
         backend: "triton" (fused kernels; CUDA), "torch" (eager PyTorch, any device) or "auto"
             (Triton on CUDA, PyTorch otherwise).
+        config: fixed Triton tiles (``fastclip.kernels.launch.TileConfig``); None autotunes.
 
     Inside ``torch.autocast`` the operands are cast to the autocast dtype, as for ``F.linear``.
 
@@ -117,14 +95,10 @@ def normalized_linear(
     """
     x, weight, bias = _autocast(x, weight, bias)
     check_projection(x, weight, bias, eps)
-    if not choose("projection", backend, x).triton:
-        return F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps)
+    check_config(config)
+    method = choose("projection", backend, x)
     x2d = x.reshape(-1, x.shape[-1])  # (n_rows, in_features)
-    inputs = (x2d, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        y = _NormalizedLinear.apply(*inputs, float(eps))
-    else:
-        y = triton_projection.projection_forward(*inputs, float(eps))[0]
+    y = backends.normalized_linear(x2d, weight, bias, float(eps), method=method, config=config)
     return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., out_features)
 
 
@@ -152,7 +126,7 @@ class NormalizedLinear(nn.Linear):
     Args:
         in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
         eps: lower bound of the norm, as in F.normalize.
-        backend: see ``normalized_linear``.
+        backend, config: see ``normalized_linear``.
     """
 
     def __init__(
@@ -165,15 +139,19 @@ class NormalizedLinear(nn.Linear):
         *,
         eps: float = 1e-12,
         backend: str = "auto",
+        config: TileConfig | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         check_eps(eps)
         check_backend(backend, "projection")
+        check_config(config)
         self.eps = eps
         self.backend = backend
+        self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return normalized_linear(x, self.weight, self.bias, eps=self.eps, backend=self.backend)
+        kw = {"eps": self.eps, "backend": self.backend, "config": self.config}
+        return normalized_linear(x, self.weight, self.bias, **kw)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, eps={self.eps}, backend={self.backend!r}"

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed.nn as dist_nn
 from torch import nn
 
-from fastclip.backends import check_backend, choose
+from fastclip import backends
+from fastclip.backends import check_backend, check_config, choose
 from fastclip.checks import check_index, check_inputs, check_offset, check_rank
 from fastclip.distributed import neighbour_exchange, neighbour_exchange_bidir
+
+if TYPE_CHECKING:
+    from fastclip.kernels.launch import TileConfig
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -17,10 +23,10 @@ class _SigLipLoss(torch.autograd.Function):
     """The gradients come out of the forward's sweeps; the backward only scales them."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, offset: int | None, ops):
+    def forward(ctx, x, y, scale, bias, offset: int | None, route: dict):
         need_dx, need_dy, need_ds, need_db = ctx.needs_input_grad[:4]
-        loss, dx, dy, dscale, dbias = ops.siglip_forward(
-            x, y, scale, bias, offset, need_dx, need_dy, need_ds or need_db
+        loss, dx, dy, dscale, dbias = backends.siglip_forward(
+            x, y, scale, bias, offset, need_dx, need_dy, need_ds or need_db, **route
         )
         ctx.save_for_backward(dx, dy, dscale, dbias)
         ctx.param_like = (scale, bias)
@@ -50,6 +56,7 @@ def siglip_loss(
     negatives_only: bool = False,
     backend: str = "auto",
     block_bytes: int | None = None,
+    config: TileConfig | None = None,
 ) -> torch.Tensor:
     """SigLIP's sigmoid loss, fused: the N x N score matrix is never stored.
 
@@ -71,8 +78,12 @@ def siglip_loss(
         backend: "auto" (the fastest Triton implementation on CUDA, PyTorch otherwise),
             "triton", "torch" (blocked PyTorch, any device, float64 too), or an implementation:
             "blocks", "blocks-mm", "fused" (``fastclip.backends`` says what each is).
-        block_bytes: bound of the gradients' G buffer in bytes (default 256 MiB on CUDA, 16 MiB
-            elsewhere); extra memory is O(N D) plus this at any N.
+        block_bytes: bound of the gradients' buffer in bytes: G blocks, fp32 workspaces or
+            score blocks, by implementation (default 256 MiB on CUDA, 16 MiB elsewhere); extra
+            memory is O(N D) plus this at any N.
+        config: fixed Triton tiles for every kernel launched (a
+            ``fastclip.kernels.launch.TileConfig``); None autotunes. The route from here to the
+            kernels: ``fastclip.backends``.
 
     Returns:
         0-dim loss, float32 (float64 for float64 features), never negative. When gradients are
@@ -83,13 +94,14 @@ def siglip_loss(
         check_offset(offset, image_features.shape[0], text_features.shape[0])
     if block_bytes is not None:
         block_bytes = check_index("block_bytes", block_bytes)
-    impl = choose("siglip", backend, image_features, text_features.shape[0])
-    ops = impl.ops(block_bytes)
+    check_config(config)
+    method = choose("siglip", backend, image_features, text_features.shape[0])
+    route = {"method": method, "block_bytes": block_bytes, "config": config}
     pairs = None if negatives_only else offset
     inputs = (image_features, text_features, scale, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _SigLipLoss.apply(*inputs, pairs, ops)
-    return ops.siglip_forward(*inputs, pairs, False, False, False)[0]
+        return _SigLipLoss.apply(*inputs, pairs, route)
+    return backends.siglip_forward(*inputs, pairs, False, False, False, **route)[0]
 
 
 class SigLipLoss(nn.Module):
@@ -105,7 +117,7 @@ class SigLipLoss(nn.Module):
         cache_labels: accepted for compatibility; the fused loss builds no label matrix.
         rank, world_size: this process's place in the torch.distributed group.
         dist_impl: see above; None means "bidir".
-        backend, block_bytes: see ``siglip_loss``.
+        backend, block_bytes, config: see ``siglip_loss``.
     """
 
     def __init__(
@@ -117,6 +129,7 @@ class SigLipLoss(nn.Module):
         *,
         backend: str = "auto",
         block_bytes: int | None = None,
+        config: TileConfig | None = None,
     ) -> None:
         super().__init__()
         check_rank(rank, world_size)
@@ -126,12 +139,14 @@ class SigLipLoss(nn.Module):
         check_backend(backend, "siglip")
         if block_bytes is not None:
             check_index("block_bytes", block_bytes)
+        check_config(config)
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl
         self.backend = backend
         self.block_bytes = block_bytes
+        self.config = config
 
     def forward(
         self,
@@ -142,7 +157,7 @@ class SigLipLoss(nn.Module):
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """(n, D) local features of this rank -> the loss (0-dim)."""
-        kw = {"backend": self.backend, "block_bytes": self.block_bytes}
+        kw = {"backend": self.backend, "block_bytes": self.block_bytes, "config": self.config}
         loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, **kw)
         if self.world_size > 1:
             for texts, other in self._exchanged_texts(text_features):

@@ -1,4 +1,4 @@
-"""Fused InfoNCE (CLIP) contrastive loss: Triton forward, two backward designs, no N x N buffer.
+"""Fused InfoNCE (CLIP) contrastive loss: Triton forward and backward, no N x N buffer.
 
 Math. Row i of ``x`` (n_x, D) and row j of ``y`` (n_y, D) score
 
@@ -26,7 +26,7 @@ of row i and q_ij that of column j, is
 because 1 - p_ii = sum_{j != i} p_ij = sigmoid(m_i) exactly. G is formed in fp32 with the
 positive's term folded in before any rounding, so a confident row keeps its gradient. Its
 entries, in units of the loss weights, are at most 2; in fp16 they meet the tensor cores times
-``tiles.FP16_G_SCALE`` (folded into the weights), so that a confident row's (1e-8 and less)
+``launch.FP16_G_SCALE`` (folded into the weights), so that a confident row's (1e-8 and less)
 stay normal fp16 numbers under any loss scale; the products divide it out in fp32, exactly. No
 byte or pass more: the alternatives cost more (per-row and per-column power-of-two scales: a
 second G per block, 2 R C bytes more; fp32 G for fp16: twice the G bytes and products off the
@@ -44,17 +44,13 @@ forward, S again, G y and G^T x in the backward):
   it merges each tile's column log-sum-exp into a partial m' owned by its row chunk. The
   partials, O((row_split + col_split) N) floats, are combined afterwards. Per BM x BN tile:
   2 BM BN D FLOPs for (BM + BN) D operand elements read.
-- backward, bounded blocks (``blocked_backward``, 3 passes): for each block of R rows x C
+- backward, bounded blocks (``method="blocks"``, 3 passes): for each block of R rows x C
   columns, ``_gradient_block_kernel`` recomputes S (1 pass) and writes G in the features'
   dtype to a bounded buffer with its share of dL/ds; cuBLAS then adds G y and G^T x into fp32
   accumulators (2 passes at GEMM speed). A variant lets cuBLAS compute the block's dots in fp32
-  and the kernel read them (``dots_by_gemm``). Per tile: (BM + BN) D operand elements read (or
+  and the kernel read them (``method="blocks-mm"``). Per tile: (BM + BN) D operand elements read (or
   BM BN fp32 dots) and BM BN elements of G written.
-- backward, fused (``fused_backward``, 2 + 2 passes): one launch per operand; each program owns
-  a block of rows, recomputes their tiles against a chunk of the other operand (1 pass), forms
-  G and accumulates G times the other operand in a private fp32 workspace (1 pass): no buffer,
-  no GEMM library, but each tile also reads and writes a BM x D fp32 accumulator, which bounds
-  it by L2 bandwidth.
+- backward, fused (2 + 2 passes): row sweeps with fp32 workspaces, in ``fused.py``.
 
 Inputs in fp32, fp16 or bf16; all arithmetic in fp32; fp32 products use TF32 only when torch
 allows TF32 matmuls. Exponentials are taken in base 2 with log2(e) folded into the scale. Row
@@ -69,35 +65,37 @@ import triton
 import triton.language as tl
 
 from .blocks import column_references
-from .tiles import (
-    LN2,
+from .jit import (
     LOG2E,
-    MIN_BLOCK,
     NEG,
-    TileConfig,
-    accumulate_tile,
     block_tile,
-    bucket,
-    clear_rows,
     column_chunk,
+    operand,
+    pairs_of,
+    store_tile,
+    tile_dots,
+)
+from .launch import (
+    LN2,
+    MIN_BLOCK,
+    TileConfig,
+    bucket,
     configs,
     dot_precision,
     g_storage_scale,
     launch,
-    operand,
-    pairs_of,
-    positive_dots,
     prune_configs,
-    similarity_tile,
-    store_parts,
-    store_tile,
-    sweep_blocks,
-    sweep_rows,
     target_programs,
-    tile_dots,
     tma,
 )
+from .sweeps import (
+    positive_dots,
+    sweep_blocks,
+)
 
+# The bounded-block backward's two forms, as ``contrastive_backward``'s ``method`` takes them (the
+# fused backward is ``fused.contrastive_backward``).
+METHODS = ("blocks", "blocks-mm")
 # Forward programs along rows; each owns a partial column log-sum-exp of length n_y.
 MAX_ROW_SPLIT = 16
 # The one-exponential forward's guard (base-2 logits): a tile whose rows' and columns' largest
@@ -218,8 +216,9 @@ def _forward_kernel(
         for cb in range(cb_start, cb_end):
             cols = cb * BN + tl.arange(0, BN)
             col_ok = cols < n_y
-            dots = tile_dots(x, y, rb * BM, cb * BN, D, stride_x, stride_xd, stride_y, stride_yd,
-                             row_ok, col_ok, BK, DOT_PRECISION, TMA)  # fmt: skip
+            dots = tile_dots(x, y, rb * BM, cb * BN, D, stride_a=stride_x, stride_ad=stride_xd,
+                             stride_b=stride_y, stride_bd=stride_yd, row_ok=row_ok, col_ok=col_ok,
+                             BK=BK, DOT_PRECISION=DOT_PRECISION, TMA=TMA)  # fmt: skip
             pairs = pairs_of(rows, cols, offset)
             y_ref = tl.load(y_ref_ptr + cols, mask=col_ok, other=0.0)
             if ONE_EXP:
@@ -258,7 +257,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _softmax_gradient(dots, rows, cols, offset, scale2, a_stats_ptr, n_a, b_stats_ptr, n_b,
+def softmax_gradient(dots, rows, cols, offset, scale2, a_stats_ptr, n_a, b_stats_ptr, n_b,
                       A_TERM: tl.constexpr, B_TERM: tl.constexpr):  # fmt: skip
     """G for a tile of dots (BM, BN) between a's rows ``rows`` (BM,) and b's rows ``cols``
     (BN,), int32 indices, in fp32 (module docstring); a's row i pairs with b's row i + offset.
@@ -299,7 +298,7 @@ def _gradient_block_kernel(
     b_ptr,  # (n_b, D) the block's rows of y
     dots_ptr,  # (n_a, n_b) fp32 dots computed by a GEMM (DOTS_GIVEN), or unused
     scale_ptr,
-    a_stats_ptr,  # (4, n_a) row softmax statistics (see _softmax_gradient)
+    a_stats_ptr,  # (4, n_a) row softmax statistics (see softmax_gradient)
     b_stats_ptr,  # (4, n_b) column softmax statistics (B_TERM)
     g_ptr,  # (n_a, n_b) G, written in g's dtype
     sums_ptr,  # (1, programs) fp32 partial sums of G_ij <a_i, b_j>, written
@@ -316,7 +315,6 @@ def _gradient_block_kernel(
     stride_bd,
     stride_dots,
     stride_g,
-    stride_sums,  # unused: one sum
     # meta-parameters
     B_TERM: tl.constexpr,
     DOTS_GIVEN: tl.constexpr,
@@ -329,77 +327,17 @@ def _gradient_block_kernel(
     """One BM x BN tile of a block's G (module docstring): 1 matmul pass of n_a n_b D over the
     grid (none with DOTS_GIVEN, where the dots come from cuBLAS), plus BM BN elements of G
     written and one partial of dL/ds."""
-    rows, cols, tile_ok, dots = block_tile(a_ptr, b_ptr, dots_ptr, n_a, n_b, D, stride_a,
-                                           stride_ad, stride_b, stride_bd, stride_dots,
-                                           DOTS_GIVEN, DOT_PRECISION, BM, BN, BK, TMA)  # fmt: skip
+    rows, cols, tile_ok, dots = block_tile(
+        a_ptr, b_ptr, dots_ptr, n_a, n_b, D,
+        stride_a=stride_a, stride_ad=stride_ad, stride_b=stride_b, stride_bd=stride_bd,
+        stride_dots=stride_dots, DOTS_GIVEN=DOTS_GIVEN, DOT_PRECISION=DOT_PRECISION,
+        BM=BM, BN=BN, BK=BK, TMA=TMA,
+    )  # fmt: skip
     scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    g = _softmax_gradient(dots, rows, cols, offset, scale2, a_stats_ptr, n_a, b_stats_ptr, n_b,
-                          True, B_TERM)  # fmt: skip
+    g = softmax_gradient(dots, rows, cols, offset, scale2, a_stats_ptr, n_a, b_stats_ptr, n_b,
+                         A_TERM=True, B_TERM=B_TERM)  # fmt: skip
     store_tile(g_ptr, g, stride_g, tile_ok, BM, BN)
     tl.store(sums_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(g * dots))
-
-
-@triton.jit
-def _backward_kernel(
-    # pointers
-    a_ptr,
-    b_ptr,
-    scale_ptr,
-    acc_ptr,  # (col_split, n_a, D) fp32 workspace: G b partials, written
-    parts_ptr,  # (1, col_split, n_a) partial sums of G_ij <a_i, b_j>, written
-    a_stats_ptr,  # (4, n_a) statistics of the softmax over a's rows (A_TERM)
-    b_stats_ptr,  # (4, n_b) statistics of the softmax over b's rows (B_TERM)
-    # sizes
-    n_a,
-    n_b,
-    D,
-    offset,  # a's row i pairs with b's row i + offset
-    n_bucket,  # autotune key only
-    # strides
-    stride_a,
-    stride_ad,
-    stride_b,
-    stride_bd,
-    # meta-parameters
-    A_TERM: tl.constexpr,
-    B_TERM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    BD: tl.constexpr,
-):
-    """Accumulate G b for a block of rows of a over a chunk of b: 2 matmul passes of n_a n_b D.
-
-    S is recomputed tile by tile and turned into G (``_softmax_gradient``); the program's
-    private workspace slice collects G_ij b_j over its chunk, and its rows' sums of G_ij S_ij / s
-    (dL/ds's terms, from G in fp32). Called with (x, y) for dL/dx and
-    with (y, x) for dL/dy. Per tile: (BM + 2 BN) D operand elements read, and a BM x D fp32
-    accumulator read and written.
-    """
-    rb = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    rows = rb * BM + tl.arange(0, BM)
-    row_ok = rows < n_a
-    a_rows = a_ptr + rows.to(tl.int64) * stride_a
-    acc_blk = acc_ptr + (pid_c.to(tl.int64) * n_a + rb * BM) * D  # this program's workspace
-
-    g_dots = tl.zeros((BM,), tl.float32)
-    cb_start, cb_end = column_chunk(n_b, BN)
-    if cb_start >= cb_end:
-        clear_rows(acc_blk, row_ok, D, BM, BD)
-    for cb in range(cb_start, cb_end):
-        cols = cb * BN + tl.arange(0, BN)
-        col_ok = cols < n_b
-        dots = similarity_tile(a_rows, b_ptr + cols.to(tl.int64) * stride_b, row_ok, col_ok, D,
-                               stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
-        g = _softmax_gradient(dots, rows, cols, offset, scale2, a_stats_ptr, n_a, b_stats_ptr,
-                              n_b, A_TERM, B_TERM)  # fmt: skip
-        g_dots += tl.sum(g * dots, axis=1)
-        accumulate_tile(g, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b, stride_bd,
-                        cb == cb_start, BM, BN, BD, DOT_PRECISION)  # fmt: skip
-    store_parts(parts_ptr, g_dots, 0, rows, row_ok, n_a)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,15 +366,6 @@ _BLOCK_CONFIGS = configs(
         (64, 64, 64, 4, 3, 2),
     ],
 )
-_BACKWARD_CONFIGS = configs(
-    ("BM", "BN", "BK", "BD"),
-    [  # (BM, BN, BK, BD, warps, stages, CTAs per SM)
-        (128, 64, 64, 128, 8, 3, 1),
-        (128, 64, 64, 64, 8, 3, 1),
-        (64, 64, 64, 64, 4, 3, 2),
-        (64, 64, 32, 64, 4, 2, 2),
-    ],
-)
 _KEY = ["D", "n_bucket", "DOT_PRECISION"]
 _forward_tuned = triton.autotune(
     _FORWARD_CONFIGS,
@@ -448,11 +377,6 @@ _block_tuned = triton.autotune(
     key=_KEY + ["B_TERM", "DOTS_GIVEN"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_gradient_block_kernel)
-_backward_tuned = triton.autotune(
-    _BACKWARD_CONFIGS,
-    key=_KEY + ["A_TERM", "B_TERM"],
-    prune_configs_by={"early_config_prune": prune_configs},
-)(_backward_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,6 +392,7 @@ def contrastive_forward(
     scale: torch.Tensor,
     offset: int,
     both_directions: bool,
+    *,
     config: TileConfig | None = None,
 ) -> Stats:
     """Statistics of S = scale * x @ y.T, computed without materializing S.
@@ -532,9 +457,9 @@ def _side_stats(ref: torch.Tensor, m: torch.Tensor, w: torch.Tensor) -> torch.Te
     return torch.stack([ref, F.softplus(m) / LN2, w, w * torch.sigmoid(m)]).contiguous()
 
 
-def _stats_by_side(stats: Stats, w_x, w_y, n_y: int, offset: int, g_scale: float):
+def softmax_sides(stats: Stats, w_x, w_y, n_y: int, offset: int, g_scale: float):
     """Both softmaxes' statistics, their weights times ``g_scale``: G is formed in those units
-    (``tiles.FP16_G_SCALE``)."""
+    (``launch.FP16_G_SCALE``)."""
     pdot, row, col = stats
     w_x = w_x * g_scale
     w_y = None if w_y is None else w_y * g_scale
@@ -545,7 +470,7 @@ def _stats_by_side(stats: Stats, w_x, w_y, n_y: int, offset: int, g_scale: float
     return x_side, y_side
 
 
-def blocked_backward(
+def contrastive_backward(
     x: torch.Tensor,
     y: torch.Tensor,
     scale: torch.Tensor,
@@ -556,7 +481,8 @@ def blocked_backward(
     offset: int,
     need_dx: bool,
     need_dy: bool,
-    dots_by_gemm: bool = False,
+    *,
+    method: str = "blocks",
     block_bytes: int | None = None,
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
@@ -571,14 +497,18 @@ def blocked_backward(
             its entries are O(1) whatever dL_out is (in fp16, times ``FP16_G_SCALE``, so that a
             confident row's stay normal numbers), and the products are scaled by weight.
         need_dx, need_dy: which feature gradients to produce. dL/ds comes with either.
-        dots_by_gemm: cuBLAS computes each block's dots in fp32 and the kernel reads them.
-        block_bytes: the G buffer's bound (``blocks.default_block_bytes`` when None).
+        method: "blocks" (G from ``_gradient_block_kernel``, the products from cuBLAS) or
+            "blocks-mm" (the same, the dots from cuBLAS too).
+        block_bytes: bound of the G buffer in bytes (``blocks.default_block_bytes`` when None).
+        config: fixed tiles and splits; None autotunes (fixed small tiles under the interpreter).
 
     Returns:
         dx (n_x, D) in x's dtype or None, dy (n_y, D) in y's dtype or None, dscale (0-dim fp32).
     """
-    g_scale = g_storage_scale(x.dtype)
-    x_side, y_side = _stats_by_side(stats, w_x, w_y, y.shape[0], offset, g_scale)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    g_scale = g_storage_scale(x.dtype)  # G meets the tensor cores in x's dtype
+    x_side, y_side = softmax_sides(stats, w_x, w_y, y.shape[0], offset, g_scale)
     weight = weight / g_scale
 
     def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
@@ -601,48 +531,7 @@ def blocked_backward(
         n_sums=1,
         need_dx=need_dx,
         need_dy=need_dy,
-        dots_by_gemm=dots_by_gemm,
+        dots_by_gemm=method == "blocks-mm",
         block_bytes=block_bytes,
     )
     return dx, dy, sums[0] * weight
-
-
-def fused_backward(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    stats: Stats,
-    w_x: torch.Tensor,
-    w_y: torch.Tensor | None,
-    weight: torch.Tensor,
-    offset: int,
-    need_dx: bool,
-    need_dy: bool,
-    config: TileConfig | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Gradients of L by the fused row sweeps (module docstring); arguments and returns as in
-    ``blocked_backward``."""
-    g_scale = g_storage_scale(x.dtype)  # G tiles meet the tensor cores in x's dtype
-    x_side, y_side = _stats_by_side(stats, w_x, w_y, y.shape[0], offset, g_scale)
-    weight = weight / g_scale
-
-    def sweep(a, b, a_side, b_side, off):
-        def args_of(rows):
-            return dict(
-                a_stats_ptr=a if a_side is None else a_side[:, rows].contiguous(),
-                b_stats_ptr=a if b_side is None else b_side,
-                offset=off + rows.start,
-                A_TERM=a_side is not None,
-                B_TERM=b_side is not None,
-            )
-
-        tuned = _backward_tuned
-        return sweep_rows(_backward_kernel, tuned, a, b, scale, config, args_of, 1, scale * weight)
-
-    dx = dy = sums = None
-    if need_dx or not need_dy:  # dL/ds comes with either sweep
-        dx, sums = sweep(x, y, x_side, y_side, offset)
-    if need_dy:
-        dy, sums_y = sweep(y, x, y_side, x_side, -offset)
-        sums = sums if sums is not None else sums_y
-    return (dx if need_dx else None), dy, sums[0] * weight

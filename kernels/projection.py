@@ -49,17 +49,20 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 from triton.runtime import driver
 
-from .tiles import (
+from .jit import (
+    column_chunk,
+    similarity_tile,
+)
+from .launch import (
     WORKSPACE_BYTES,
     TileConfig,
     bucket,
-    column_chunk,
     configs,
     dot_precision,
     launch,
-    similarity_tile,
     target_programs,
 )
 
@@ -81,7 +84,7 @@ def _linear_tile(x_rows, row_ok, w_ptr, b_ptr, cols, n_in, n_out, stride_w, stri
     padding columns."""
     col_ok = cols < n_out
     z = similarity_tile(x_rows, w_ptr + cols * stride_w, row_ok, col_ok, n_in, stride_xd,
-                        stride_wd, BI, DOT_PRECISION)  # fmt: skip
+                        stride_wd, BK=BI, DOT_PRECISION=DOT_PRECISION)  # fmt: skip
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return z
@@ -428,6 +431,7 @@ def projection_forward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     eps: float,
+    *,
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = normalize(x W^T + b) row-wise and the row norms ||x_i W^T + b|| the backward needs.
@@ -484,6 +488,7 @@ def projection_backward(
     need_dx: bool,
     need_dw: bool,
     need_db: bool,
+    *,
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """dL/dx, dL/dW, dL/db of y = normalize(x W^T + b) from dL/dy, each only on request.
@@ -562,3 +567,46 @@ def projection_backward(
     dw = dw.sum(0).to(y.dtype) if need_dw else None
     db = db.sum(0).to(y.dtype) if need_db else None
     return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and the op's launcher
+# ----------------------------------------------------------------------------------------------
+
+
+class _NormalizedLinear(torch.autograd.Function):
+    """Saves y and the row norms, and x or W only for the gradient that needs it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, config: TileConfig | None):
+        y, norm = projection_forward(x, weight, bias, eps, config=config)
+        need_dx, need_dw, _ = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(x if need_dw else None, weight if need_dx else None, y, norm)
+        ctx.eps, ctx.config = eps, config
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, y, norm = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        grads = projection_backward(
+            grad, y, norm, x, weight, ctx.eps, need_dx, need_dw, need_db, config=ctx.config
+        )
+        return *grads, None, None
+
+
+def normalized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """``fastclip.normalized_linear`` on the kernels: x (n_rows, n_in) -> y (n_rows, n_out),
+    differentiable with respect to x, weight and bias where they require grad."""
+    inputs = (x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _NormalizedLinear.apply(x, weight, bias, eps, config)
+    return projection_forward(x, weight, bias, eps, config=config)[0]

@@ -16,8 +16,8 @@ pair is independent, so with
 
     dL/dx = s G y,  dL/dy = s G^T x,  dL/ds = sum_ij G_ij <x_i, y_j>,  dL/db = sum_ij G_ij.
 
-softplus and sigmoid share one exponential, e = exp(-|z S|), and ``tiles.log1p_unit``. In
-fp16, G (O(1): n_x G is at most 1) meets the tensor cores times ``tiles.FP16_G_SCALE``, so that
+softplus and sigmoid share one exponential, e = exp(-|z S|), and ``log1p_unit``. In
+fp16, G (O(1): n_x G is at most 1) meets the tensor cores times ``launch.FP16_G_SCALE``, so that
 the tiny sigmoids of confident pairs and of far negatives stay normal fp16 numbers; the
 products divide it out in fp32 (a power of two: exact). No byte or pass more.
 
@@ -30,10 +30,7 @@ dL_out). The floor is 3 passes (S, G y, G^T x):
   G in the features' dtype to a bounded buffer (1 pass); cuBLAS adds G y and G^T x into fp32
   accumulators (2 passes at GEMM speed). ``method="blocks-mm"`` lets cuBLAS compute the dots.
   Per BM x BN tile: (BM + BN) D operand elements read and BM BN elements of G written.
-- fused sweeps (``method="fused"``, 4 passes): one sweep owning blocks of x's rows yields the
-  loss, sum G and G y (2 passes), a second owning blocks of y's rows yields G^T x (2 passes),
-  each accumulating into a private fp32 workspace (deterministic, no atomics; per tile also a
-  BM x D fp32 accumulator read and written, which bounds it by L2 bandwidth).
+- fused sweeps (4 passes): ``_sweep_kernel`` with GRAD, driven by ``fused.siglip_forward``.
 
 Without gradients (evaluation), the loss alone is 1 pass (``_sweep_kernel`` without GRAD).
 Inputs in fp32, fp16 or bf16; all arithmetic in fp32; fp32 products in TF32 only when torch
@@ -46,27 +43,65 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (
+from .jit import (
+    LN2_C,
     LOG2E,
-    TileConfig,
     accumulate_tile,
     block_tile,
     clear_rows,
     column_chunk,
-    configs,
-    g_storage_scale,
     pairs_of,
-    prune_configs,
-    sigmoid_base2,
     similarity_tile,
-    softplus_base2,
     store_parts,
     store_tile,
+)
+from .launch import (
+    TileConfig,
+    configs,
+    g_storage_scale,
+    prune_configs,
+)
+from .sweeps import (
     sweep_blocks,
     sweep_rows,
 )
 
-METHODS = ("fused", "blocks", "blocks-mm")
+# The bounded blocks' two forms, as ``siglip_forward``'s ``method`` takes them (the fused sweeps
+# are ``fused.siglip_forward``).
+METHODS = ("blocks", "blocks-mm")
+
+
+@triton.jit
+def log1p_unit(e):
+    """log(1 + e) for e in [0, 1] to a few ulps, without log1p (the interpreter lacks libdevice,
+    and a fast log2(1 + e) loses e's low bits when e is small): 2 atanh(t) with t = e / (2 + e)
+    <= 1/3, a series in t^2 <= 1/9 whose 8 terms reach fp32 precision."""
+    t = e / (2.0 + e)
+    w = t * t
+    p = 1.0 / 15.0
+    p = p * w + 1.0 / 13.0
+    p = p * w + 1.0 / 11.0
+    p = p * w + 1.0 / 9.0
+    p = p * w + 1.0 / 7.0
+    p = p * w + 1.0 / 5.0
+    p = p * w + 1.0 / 3.0
+    p = p * w + 1.0
+    return 2.0 * t * p
+
+
+@triton.jit
+def sigmoid_base2(z2, e):
+    """sigmoid(z) of z = z2 / log2(e), given e = exp(-|z|) = 2^-|z2|: (1 or e) / (1 + e), full
+    relative precision in either tail."""
+    return tl.where(z2 >= 0, 1.0, e) / (1.0 + e)
+
+
+@triton.jit
+def softplus_base2(z2, e):
+    """softplus(z) of z = z2 / log2(e), given e = exp(-|z|) = 2^-|z2|: max(z, 0) + log1p(e),
+    full relative precision in either tail (softplus(-15) = 3.06e-7, not 0 or a negative).
+    Shares e with ``sigmoid_base2``: one exponential for both."""
+    return tl.maximum(z2, 0.0) * LN2_C + log1p_unit(e)
 
 
 @triton.jit
@@ -126,7 +161,7 @@ def _sweep_kernel(
     LOSS: tl.constexpr,
     GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    G_SCALE: tl.constexpr,  # G meets the tensor cores times this (``tiles.FP16_G_SCALE``)
+    G_SCALE: tl.constexpr,  # G meets the tensor cores times this (``launch.FP16_G_SCALE``)
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -158,8 +193,9 @@ def _sweep_kernel(
     for cb in range(cb_start, cb_end):
         cols = cb * BN + tl.arange(0, BN)
         col_ok = cols < n_b
-        dots = similarity_tile(a_rows, b_ptr + cols.to(tl.int64) * stride_b, row_ok, col_ok, D,
-                               stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+        b_rows = b_ptr + cols.to(tl.int64) * stride_b
+        dots = similarity_tile(a_rows, b_rows, row_ok, col_ok, D, stride_ad, stride_bd, BK=BK,
+                               DOT_PRECISION=DOT_PRECISION)  # fmt: skip
         pairs = pairs_of(rows, cols, offset)
         tile_ok = row_ok[:, None] & col_ok[None, :]
         t, e = _siglip_logits(dots, pairs, scale2, bias2, HAS_PAIRS)
@@ -170,7 +206,8 @@ def _sweep_kernel(
             loss_sum += tl.sum(tl.where(tile_ok, softplus_base2(t, e), 0.0), axis=1)
         if GRAD:
             accumulate_tile(g * G_SCALE, b_ptr, cb, col_ok, acc_blk, row_ok, D, stride_b,
-                            stride_bd, cb == cb_start, BM, BN, BD, DOT_PRECISION)  # fmt: skip
+                            stride_bd, fresh=cb == cb_start, BM=BM, BN=BN, BD=BD,
+                            DOT_PRECISION=DOT_PRECISION)  # fmt: skip
 
     store_parts(parts_ptr, g_dots, 0, rows, row_ok, n_a)
     if LOSS:
@@ -208,16 +245,19 @@ def _gradient_block_kernel(
     DOTS_GIVEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,
-    G_SCALE: tl.constexpr,  # G is written times this (``tiles.FP16_G_SCALE``)
+    G_SCALE: tl.constexpr,  # G is written times this (``launch.FP16_G_SCALE``)
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
     """One BM x BN tile of a block's G and its partial sums (module docstring): 1 matmul pass
     of n_a n_b D over the grid (none with DOTS_GIVEN), plus BM BN elements of G written."""
-    rows, cols, tile_ok, dots = block_tile(a_ptr, b_ptr, dots_ptr, n_a, n_b, D, stride_a,
-                                           stride_ad, stride_b, stride_bd, stride_dots,
-                                           DOTS_GIVEN, DOT_PRECISION, BM, BN, BK, TMA)  # fmt: skip
+    rows, cols, tile_ok, dots = block_tile(
+        a_ptr, b_ptr, dots_ptr, n_a, n_b, D,
+        stride_a=stride_a, stride_ad=stride_ad, stride_b=stride_b, stride_bd=stride_bd,
+        stride_dots=stride_dots, DOTS_GIVEN=DOTS_GIVEN, DOT_PRECISION=DOT_PRECISION,
+        BM=BM, BN=BN, BK=BK, TMA=TMA,
+    )  # fmt: skip
     scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
     pairs = pairs_of(rows, cols, offset)
     t, e = _siglip_logits(dots, pairs, scale2, bias2, HAS_PAIRS)
@@ -260,7 +300,7 @@ _block_tuned = triton.autotune(
 )(_gradient_block_kernel)
 
 
-def _sweep(a, b, scale, bias, n_x, offset, loss, grad, config):
+def sweep(a, b, scale, bias, n_x, offset, loss, grad, block_bytes, config):
     """Sweep a's rows against b (a's row i pairs with b's row i + offset; None: no pairs).
 
     Returns dL/da (n_a, D) if ``grad`` (else None) and the (3,) sums over all pairs of
@@ -280,8 +320,18 @@ def _sweep(a, b, scale, bias, n_x, offset, loss, grad, config):
 
     g_scale = g_storage_scale(a.dtype)
     grad_scale = scale / (n_x * g_scale) if grad else None
-    tuned = _sweep_tuned
-    da, sums = sweep_rows(_sweep_kernel, tuned, a, b, scale, config, args_of, 3, grad_scale)
+    da, sums = sweep_rows(
+        _sweep_kernel,
+        _sweep_tuned,
+        a,
+        b,
+        scale,
+        config,
+        args_of,
+        n_parts=3,
+        grad_scale=grad_scale,
+        workspace_bytes=block_bytes,
+    )
     return da, sums / n_x
 
 
@@ -294,6 +344,7 @@ def siglip_forward(
     need_dx: bool,
     need_dy: bool,
     need_dparams: bool,
+    *,
     method: str = "blocks",
     block_bytes: int | None = None,
     config: TileConfig | None = None,
@@ -306,21 +357,21 @@ def siglip_forward(
         scale, bias: one-element tensors on that device (bias may be None).
         offset: x_i's positive is y_{i + offset} (n_x + offset <= n_y); None: negatives only.
         need_dx, need_dy: produce dL/dx, dL/dy. need_dparams: dL/dscale and dL/dbias.
-        method: "blocks", "blocks-mm" or "fused" (module docstring); the loss alone is always
-            the 1-pass sweep.
-        block_bytes: the G buffer's bound (``blocks.default_block_bytes`` when None).
+        method: "blocks" or "blocks-mm" (module docstring); the loss alone is always the 1-pass
+            sweep.
+        block_bytes: bound of the G buffer in bytes (``blocks.default_block_bytes`` when None).
         config: fixed tiles and splits; None autotunes (fixed small tiles under the interpreter).
 
     Returns:
         loss (0-dim fp32), dx, dy (input dtype), dscale, dbias (0-dim fp32); each None when not
         requested.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n_x = x.shape[0]
     if not (need_dx or need_dy or need_dparams):
-        _, sums = _sweep(x, y, scale, bias, n_x, offset, True, False, config)
+        _, sums = sweep(x, y, scale, bias, n_x, offset, True, False, block_bytes, config)
         return sums[1], None, None, None, None
-    if method == "fused":
-        return _fused(x, y, scale, bias, offset, need_dx, need_dy, need_dparams, config)
 
     def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
         return dict(
@@ -350,18 +401,4 @@ def siglip_forward(
     dscale, loss, dbias = (sums / n_x).unbind()
     if not need_dparams:
         dscale = dbias = None
-    return loss, dx, dy, dscale, dbias
-
-
-def _fused(x, y, scale, bias, offset, need_dx, need_dy, need_dparams, config):
-    """``siglip_forward`` by the fused sweeps."""
-    n_x = x.shape[0]
-    dx, sums = _sweep(x, y, scale, bias, n_x, offset, True, need_dx, config)  # loss, dL/ds, dL/db
-    dy = None
-    if need_dy:
-        y_offset = None if offset is None else -offset
-        dy, _ = _sweep(y, x, scale, bias, n_x, y_offset, False, True, config)
-    dscale, loss, dbias = sums.unbind()
-    if not need_dparams:
-        return loss, dx, dy, None, None
     return loss, dx, dy, dscale, dbias

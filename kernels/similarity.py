@@ -25,19 +25,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (
+from .jit import (
+    column_chunk,
+    row_dot_kernel,
+    similarity_tile,
+)
+from .launch import (
     INTERPRETER_CONFIG,
     ROWS,
     TileConfig,
-    column_chunk,
     configs,
     dot_precision,
     interpreting,
     launch,
     prune_configs,
     row_block_d,
-    row_dot_kernel,
-    similarity_tile,
     target_programs,
 )
 
@@ -89,7 +91,7 @@ def _similarity_kernel(
     cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
     row_ok, col_ok = rows < n_a, cols < n_b
     s = similarity_tile(a_ptr + rows * stride_a, b_ptr + cols * stride_b, row_ok, col_ok, D,
-                        stride_ad, stride_bd, BK, DOT_PRECISION)  # fmt: skip
+                        stride_ad, stride_bd, BK=BK, DOT_PRECISION=DOT_PRECISION)  # fmt: skip
     if NORMALIZE:
         inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=0.0)
         inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=0.0)
@@ -166,7 +168,7 @@ def _topk_kernel(
         cols = (cb * BN + tl.arange(0, BN)).to(tl.int64)
         col_ok = cols < n_k
         s = similarity_tile(q_ptr + rows * stride_q, k_ptr + cols * stride_k, row_ok, col_ok, D,
-                            stride_qd, stride_kd, BK, DOT_PRECISION)  # fmt: skip
+                            stride_qd, stride_kd, BK=BK, DOT_PRECISION=DOT_PRECISION)  # fmt: skip
         if NORMALIZE:
             inv_k = tl.load(inv_k_ptr + cols, mask=col_ok, other=0.0)
             s = s * inv_q[:, None] * inv_k[None, :]
@@ -238,6 +240,7 @@ def similarity_forward(
     inv_a: torch.Tensor | None,
     inv_b: torch.Tensor | None,
     out_dtype: torch.dtype,
+    *,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """S = scale * (a * inv_a) (b * inv_b)^T + bias, (n_a, n_b) in ``out_dtype``.
@@ -289,6 +292,7 @@ def topk_forward(
     scale: torch.Tensor,
     inv_q: torch.Tensor | None,
     inv_k: torch.Tensor | None,
+    *,
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest S_ij = scale * (q_i * inv_q_i) . (keys_j * inv_k_j) of each query.
@@ -343,3 +347,81 @@ def topk_forward(
     key = (packed >> 32).to(torch.int32)
     values = torch.where(key >= 0, key, key ^ 0x7FFFFFFF).view(torch.float32)
     return values, (packed & 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and the ops' launchers
+# ----------------------------------------------------------------------------------------------
+
+
+class _Similarity(torch.autograd.Function):
+    """Triton forward; the backward is two products of the given dS, on torch's matmul."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, normalize: bool, out_dtype: torch.dtype, eps: float,
+                config: TileConfig | None):  # fmt: skip
+        inv_a = inverse_norms(a, eps) if normalize else None
+        inv_b = inverse_norms(b, eps) if normalize else None
+        ctx.save_for_backward(a, b, scale, bias, inv_a, inv_b)
+        return similarity_forward(a, b, scale, bias, inv_a, inv_b, out_dtype, config=config)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, scale, bias, inv_a, inv_b = ctx.saved_tensors
+        need_a, need_b, need_scale, need_bias = ctx.needs_input_grad[:4]
+        g = grad.float()
+        a_hat, b_hat = a.float(), b.float()  # the rows as multiplied
+        if inv_a is not None:
+            a_hat, b_hat = a_hat * inv_a[:, None], b_hat * inv_b[:, None]
+        s = scale.float().reshape(())
+        ga = g @ b_hat if need_a or need_scale else None  # (n_a, D): dS/d(a_hat) / scale
+        gb = g.T @ a_hat if need_b or (need_scale and ga is None) else None
+
+        def through_norm(d_hat, hat, inv):  # d/dx of x / ||x|| applied to d_hat
+            if inv is None:
+                return d_hat
+            return (d_hat - hat * torch.linalg.vecdot(hat, d_hat)[:, None]) * inv[:, None]
+
+        da = through_norm(s * ga, a_hat, inv_a).to(a.dtype) if need_a else None
+        db = through_norm(s * gb, b_hat, inv_b).to(b.dtype) if need_b else None
+        dscale = None
+        if need_scale:  # sum_ij dS_ij <a_hat_i, b_hat_j>
+            rows, hat = (ga, a_hat) if ga is not None else (gb, b_hat)
+            dscale = torch.linalg.vecdot(rows, hat).sum().to(scale.dtype).reshape(scale.shape)
+        dbias = g.sum().to(bias.dtype).reshape(bias.shape) if need_bias else None
+        return da, db, dscale, dbias, None, None, None, None
+
+
+def similarity(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    normalize: bool,
+    out_dtype: torch.dtype,
+    eps: float,
+    *,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """``fastclip.similarity`` on the kernel: (n_a, n_b) scores in ``out_dtype``, differentiable
+    with respect to a, b, scale and bias (one-element tensors); rows normalized by
+    1 / max(||row||, eps) first if ``normalize``."""
+    return _Similarity.apply(a, b, scale, bias, normalize, out_dtype, eps, config)
+
+
+def topk(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    scale: torch.Tensor,
+    normalize: bool,
+    eps: float,
+    *,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fastclip.topk_similarity`` on the kernel (k <= MAX_TOPK): values (n_q, k) in the
+    queries' dtype, best first, and indices (n_q, k) int64."""
+    inv_q = inverse_norms(queries, eps) if normalize else None
+    inv_k = inverse_norms(keys, eps) if normalize else None
+    values, indices = topk_forward(queries, keys, k, scale, inv_q, inv_k, config=config)
+    return values.to(queries.dtype), indices

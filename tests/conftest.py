@@ -1,14 +1,12 @@
 """Test-session settings, applied at import time, ahead of every test module.
 
 Without a CUDA device the Triton kernels run through Triton's CPU interpreter: TRITON_INTERPRET
-must be set before triton is first imported (so before the imports below).
+must be set before triton is first imported (so here, before any test module imports it).
 """
 
-import contextlib
 import os
 import tempfile
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -27,11 +25,3 @@ os.environ.update(
 # The tests of the autotuned path turn it back on.
 os.environ.setdefault("FASTCLIP_AUTOTUNE", "0")
 
-from helpers import forced_tiles  # noqa: E402  (imports triton)
-
-
-@pytest.fixture
-def tiles():
-    """Force a kernel config (tile shapes and splits) on every kernel call for the whole test."""
-    with contextlib.ExitStack() as stack:
-        yield lambda config: stack.enter_context(forced_tiles(config))

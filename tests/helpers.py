@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fastclip.kernels.contrastive as kc
-import fastclip.kernels.projection as kproj
-import fastclip.kernels.siglip as ks
-import fastclip.kernels.similarity as ksim
-from fastclip import infonce, registry, siglip_loss
+from fastclip import backends, infonce, registry, siglip_loss
 from fastclip.reference import clip_loss_exact, siglip_loss_reference
 
 CUDA = torch.cuda.is_available()
@@ -24,17 +17,6 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 # The losses' implementations (``fastclip.backends``): each test of a loss runs them all.
 LOSS_BACKENDS = list(registry.names("contrastive"))  # SigLIP's are the same
-# The kernel modules' entry points, each taking a ``config=`` TileConfig.
-KERNEL_ENTRY_POINTS = [
-    (kc, "contrastive_forward"),
-    (kc, "blocked_backward"),
-    (kc, "fused_backward"),
-    (ks, "siglip_forward"),
-]
-# forced_tiles patches these too; they have no PyTorch-path twins under the same names.
-SIMILARITY_ENTRY_POINTS = [(ksim, "similarity_forward"), (ksim, "topk_forward")]
-PROJECTION_ENTRY_POINTS = [(kproj, "projection_forward"), (kproj, "projection_backward")]
-
 # (rtol, atol relative to the reference's largest magnitude) per input dtype. Low precision
 # follows flash-attention's rule: no worse than about twice eager PyTorch's own error there.
 TOLERANCES = {
@@ -52,14 +34,28 @@ def require(*modules: str) -> None:
         pytest.importorskip(module, reason=f"{module} is not installed")
 
 
-@contextlib.contextmanager
-def forced_tiles(config):
-    """Every kernel call an op makes uses ``config`` (tile shapes and splits)."""
-    with contextlib.ExitStack() as stack:
-        for module, name in KERNEL_ENTRY_POINTS + SIMILARITY_ENTRY_POINTS + PROJECTION_ENTRY_POINTS:
-            fn = functools.partial(getattr(module, name), config=config)
-            stack.enter_context(mock.patch.object(module, name, fn))
-        yield
+# Where each loss's route is told which gradients to compute, and the flags' positions among its
+# arguments: InfoNCE's backward (need_dx, need_dy), SigLIP's forward (need_dx, need_dy,
+# need_dparams), as ``fastclip.backends`` passes them to every implementation.
+GRADIENT_REQUESTS = {
+    "clip": ("contrastive_backward", slice(8, 10)),
+    "siglip": ("siglip_forward", slice(5, 8)),
+}
+
+
+def gradient_requests(monkeypatch, loss: str) -> list[tuple]:
+    """A list that each call of ``loss``'s route (``GRADIENT_REQUESTS``) appends its gradient
+    flags to, whatever the implementation, for the rest of the test."""
+    name, flags = GRADIENT_REQUESTS[loss]
+    route = getattr(backends, name)
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(tuple(args[flags]))
+        return route(*args, **kwargs)
+
+    monkeypatch.setattr(backends, name, record)
+    return seen
 
 
 def assert_close(
@@ -133,18 +129,19 @@ def make_inputs(
     ]
 
 
-def check(ours, ref, backend, dtype, offset=0, both=True, vanishing=False, block_bytes=None):
+def check(ours, ref, backend, dtype, offset=0, both=True, vanishing=False, block_bytes=None,
+          config=None):  # fmt: skip
     """The fused InfoNCE against its reference: loss and every gradient (see ``compare``)."""
-    kw = {"backend": backend, "block_bytes": block_bytes}
+    kw = {"backend": backend, "block_bytes": block_bytes, "config": config}
     loss = infonce(*ours, offset=offset, both_directions=both, **kw)
     expected = clip_loss_exact(*ref, offset=offset, both_directions=both)
     compare(loss, expected, ours, ref, dtype, vanishing, d_bias_size=1e-6)  # d_bias is exactly 0
 
 
 def check_siglip(ours, ref, backend, dtype, offset=0, negatives_only=False, vanishing=False,
-                 block_bytes=None):  # fmt: skip
+                 block_bytes=None, config=None):  # fmt: skip
     """The fused SigLIP loss against its reference: loss and every gradient (see ``compare``)."""
-    kw = {"backend": backend, "block_bytes": block_bytes}
+    kw = {"backend": backend, "block_bytes": block_bytes, "config": config}
     loss = siglip_loss(*ours, offset=offset, negatives_only=negatives_only, **kw)
     expected = siglip_loss_reference(*ref, offset=None if negatives_only else offset)
     # d_bias = (sum_ij sigmoid(S_ij) - n_positives) / n_img, of O(1) like the loss.

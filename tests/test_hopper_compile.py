@@ -6,7 +6,7 @@ must compile with
 
 - no register spills (fp32 features, the slow path, excepted);
 - registers per thread and shared memory within what its CTAs per SM allow
-  (``tiles.SizedConfig``; other configs, and fp32 features, are meant for 1 CTA per SM);
+  (``launch.SizedConfig``; other configs, and fp32 features, are meant for 1 CTA per SM);
 - wgmma of shape m64nNk16 for its 16-bit products, N >= 128 where a product's output tile is
   at least 64 x 128 (Triton spreads warp groups over N once M is covered, 64 rows each: a
   64-row tile at 8 warps issues n64 and fails here);
@@ -39,10 +39,12 @@ import torch
 import triton
 
 import fastclip.kernels.contrastive as kc
+import fastclip.kernels.fused as kfused
+import fastclip.kernels.jit as kjit
+import fastclip.kernels.launch as klaunch
 import fastclip.kernels.projection as kproj
 import fastclip.kernels.siglip as ks
 import fastclip.kernels.similarity as ksim
-import fastclip.kernels.tiles as tiles
 
 # The GPU machine's Triton, and where the gate finds it beside the installed one.
 GPU_TRITON = "3.6.0"
@@ -142,7 +144,7 @@ def cases() -> dict[str, Case]:
         out[name] = Case(kernel, pointers, constants, config, products)
 
     def first_fp32(configs):  # what FASTCLIP_AUTOTUNE=0 launches for fp32 features
-        return tiles.fitting_configs(configs, 4, tiles.SM_SHARED_MEMORY)[0]
+        return klaunch.fitting_configs(configs, 4, klaunch.SM_SHARED_MEMORY)[0]
 
     def tile(c, m="BM", n="BN"):  # a product's (M, N) output tile
         return c.kwargs[m], c.kwargs[n]
@@ -161,9 +163,9 @@ def cases() -> dict[str, Case]:
             products = () if given else (tile(c),)
             add(f"block-{label(c)}-dots{given}-tma{tma}", kc._gradient_block_kernel, bf16,
                 const, c, *products)  # fmt: skip
-    for c in kc._BACKWARD_CONFIGS:  # S, then G b
+    for c in kfused._BACKWARD_CONFIGS:  # S, then G b
         const = {"A_TERM": True, "B_TERM": True, "DOT_PRECISION": "ieee"}
-        add(f"backward-{label(c)}", kc._backward_kernel, bf16, const, c, tile(c),
+        add(f"backward-{label(c)}", kfused._backward_kernel, bf16, const, c, tile(c),
             tile(c, n="BD"))  # fmt: skip
     for precision in ("ieee", "tf32"):  # fp32 features
         const = {"COL_STATS": True, "ONE_EXP": False, "DOT_PRECISION": precision, "TMA": False}
@@ -173,8 +175,8 @@ def cases() -> dict[str, Case]:
         add(f"block-fp32-{precision}", kc._gradient_block_kernel, fp32, const,
             first_fp32(kc._BLOCK_CONFIGS))  # fmt: skip
         const = {"A_TERM": True, "B_TERM": True, "DOT_PRECISION": precision}
-        add(f"backward-fp32-{precision}", kc._backward_kernel, fp32, const,
-            first_fp32(kc._BACKWARD_CONFIGS))  # fmt: skip
+        add(f"backward-fp32-{precision}", kfused._backward_kernel, fp32, const,
+            first_fp32(kfused._BACKWARD_CONFIGS))  # fmt: skip
         const = {"HAS_BIAS": True, "HAS_PAIRS": True, "LOSS": True, "GRAD": True,
                  "DOT_PRECISION": precision, "G_SCALE": 1.0}  # fmt: skip
         add(f"siglip-fp32-{precision}", ks._sweep_kernel, fp32, const,
@@ -222,7 +224,7 @@ def cases() -> dict[str, Case]:
         for wide, widths in ((False, (512, 256, 128)), (True, (256, 128))):
             meta = {"WIDE": wide, "DOT_PRECISION": "ieee", "HAS_BIAS": True}
             width = next((w for w in widths if kproj.fitting(
-                "forward", [c], {**meta, "BO": w}, 2, tiles.SM_SHARED_MEMORY)), None)  # fmt: skip
+                "forward", [c], {**meta, "BO": w}, 2, klaunch.SM_SHARED_MEMORY)), None)  # fmt: skip
             if width is not None:  # else pruned for every width
                 const = {**meta, "BO": width, "eps": 1e-12}
                 add(f"projection-forward-{label(c)}-BO{width}-wide{wide}", kproj._forward_kernel,
@@ -243,17 +245,17 @@ def cases() -> dict[str, Case]:
         const = {"HAS_BIAS": True, "WIDE": False, "DOT_PRECISION": precision, "BO": 512,
                  "eps": 1e-12}  # fmt: skip
         c = kproj.fitting("forward", kproj._FORWARD_CONFIGS, {"BO": 512}, 4,
-                          tiles.SM_SHARED_MEMORY)[0]  # fmt: skip
+                          klaunch.SM_SHARED_MEMORY)[0]  # fmt: skip
         add(f"projection-forward-fp32-{precision}", kproj._forward_kernel, proj32, const, c)
         const = {"DX": True, "DOT_PRECISION": precision, "eps": 1e-12}
-        c = kproj.fitting("dx", kproj._DX_CONFIGS, {}, 4, tiles.SM_SHARED_MEMORY)[0]
+        c = kproj.fitting("dx", kproj._DX_CONFIGS, {}, 4, klaunch.SM_SHARED_MEMORY)[0]
         add(f"projection-dx-fp32-{precision}", kproj._dx_kernel, proj32, const, c)
         const = {"DW": True, "DB": True, "DOT_PRECISION": precision, "eps": 1e-12}
-        c = kproj.fitting("dw", kproj._DW_CONFIGS, {}, 4, tiles.SM_SHARED_MEMORY)[0]
+        c = kproj.fitting("dw", kproj._DW_CONFIGS, {}, 4, klaunch.SM_SHARED_MEMORY)[0]
         add(f"projection-dw-fp32-{precision}", kproj._dw_kernel, proj32, const, c)
-    rows = triton.Config({"BM": tiles.ROWS, "BD": 128}, num_warps=4, num_stages=1)
-    add("finalize", tiles.finalize_kernel, bf16, {}, rows)
-    add("row-dot", tiles.row_dot_kernel, bf16, {}, rows)
+    rows = triton.Config({"BM": klaunch.ROWS, "BD": 128}, num_warps=4, num_stages=1)
+    add("finalize", kjit.finalize_kernel, bf16, {}, rows)
+    add("row-dot", kjit.row_dot_kernel, bf16, {}, rows)
     return out
 
 
@@ -310,8 +312,8 @@ def test_compiles_within_occupancy(compiled, name):
     # slow path: one CTA per SM, spills tolerated.
     fp32 = "bf16" not in case.pointers.values()
     ctas = 1 if fp32 else getattr(case.config, "ctas", 1)
-    registers = tiles.register_budget(case.config.num_warps, ctas)
-    shared = tiles.SM_SHARED_MEMORY // ctas
+    registers = klaunch.register_budget(case.config.num_warps, ctas)
+    shared = klaunch.SM_SHARED_MEMORY // ctas
     usage = f"{result['regs']} regs, {result['stack']} B spilled, {result['shared']} B shared"
     assert fp32 or result["stack"] == 0, f"{name}: {usage}"
     assert result["regs"] <= registers, f"{name}: {usage}; {ctas} CTAs per SM allow {registers}"

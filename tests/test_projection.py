@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from helpers import CUDA, DEVICE, assert_close, needs_cuda
 from torch import nn
 
+import fastclip.kernels.launch as kt
 import fastclip.kernels.projection as kp
-import fastclip.kernels.tiles as kt
 from fastclip.projection import NormalizedLinear, normalized_linear
 from fastclip.reference import normalized_linear_reference
 
@@ -51,7 +51,7 @@ def same(t: torch.Tensor) -> torch.Tensor:
 
 
 def check(leaves, grad, backend, dtype=torch.float32, eps=1e-12, live=(True, True, True),
-          layouts=(same, same, same), grad_layout=same):  # fmt: skip
+          layouts=(same, same, same), grad_layout=same, config=None):  # fmt: skip
     """normalized_linear on copies of ``leaves`` (in ``dtype``, laid out by ``layouts``) against
     the float64 reference: y, and the gradient of each input that is ``live``; none for the
     others."""
@@ -63,7 +63,7 @@ def check(leaves, grad, backend, dtype=torch.float32, eps=1e-12, live=(True, Tru
         None if t is None else t.clone().requires_grad_(need)
         for t, need in zip(leaves, live, strict=True)
     ]
-    y = normalized_linear(*ours, eps=eps, backend=backend)
+    y = normalized_linear(*ours, eps=eps, backend=backend, config=config)
     expected = normalized_linear_reference(*ref, eps=eps)
     assert y.dtype == dtype
     assert_close(y, expected, dtype, "y")
@@ -90,25 +90,25 @@ def check(leaves, grad, backend, dtype=torch.float32, eps=1e-12, live=(True, Tru
         (9, 17, 513, False),  # past 512: five 128-wide column blocks, the two-stage epilogue
     ],
 )
-def test_shapes(backend, tiles, rows, n_in, n_out, bias):
-    tiles(SMALL)
+def test_shapes(backend, rows, n_in, n_out, bias):
+    config = SMALL
     leaves, grad = make((rows, n_in), n_out, bias, seed=rows + n_in + n_out)
-    check(leaves, grad, backend)
+    check(leaves, grad, backend, config=config)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_out_features_1024(backend, tiles):
-    tiles(WIDE)  # wider tiles keep the interpreter fast; four 256-wide column blocks
+def test_out_features_1024(backend):
+    config = WIDE  # wider tiles keep the interpreter fast; four 256-wide column blocks
     leaves, grad = make((5, 24), 1024, seed=4)
-    check(leaves, grad, backend)
+    check(leaves, grad, backend, config=config)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("x_shape", [(2, 3, 5, 17), (17,)], ids=["batch-dims", "one-vector"])
-def test_leading_dimensions(backend, tiles, x_shape):
-    tiles(SMALL)
+def test_leading_dimensions(backend, x_shape):
+    config = SMALL
     leaves, grad = make(x_shape, 24, seed=len(x_shape))
-    check(leaves, grad, backend)
+    check(leaves, grad, backend, config=config)
 
 
 def strided(t: torch.Tensor) -> torch.Tensor:
@@ -128,10 +128,17 @@ def expanded_ones(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_inputs(backend, tiles):
-    tiles(SMALL)
+def test_non_contiguous_inputs(backend):
+    config = SMALL
     leaves, grad = make((29, 20), 24, seed=5)
-    check(leaves, grad, backend, layouts=(strided, column_major, same), grad_layout=strided)
+    check(
+        leaves,
+        grad,
+        backend,
+        layouts=(strided, column_major, same),
+        grad_layout=strided,
+        config=config,
+    )
     check(leaves, torch.ones_like(grad), backend, layouts=(column_major, strided, strided),
           grad_layout=expanded_ones)  # fmt: skip
 
@@ -142,23 +149,23 @@ def test_non_contiguous_inputs(backend, tiles):
     [(0, 1, 1), (1, 0, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0)],
     ids=["x-no-grad", "frozen-weight", "x-only", "weight-only", "bias-only", "frozen-bias"],
 )
-def test_only_some_inputs_require_grad(backend, tiles, flags, live):
+def test_only_some_inputs_require_grad(backend, flags, live):
     """A frozen tower's features, a frozen projection: no gradient for them, and none
     computed; the others stay exact."""
-    tiles(SMALL)
+    config = SMALL
     leaves, grad = make((21, 18), 20, seed=sum(live))
-    check(leaves, grad, backend, live=tuple(map(bool, live)))
+    check(leaves, grad, backend, live=tuple(map(bool, live)), config=config)
     assert flags == ([tuple(map(bool, live))] if backend == "triton" else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_evaluation_runs_the_forward_alone(backend, tiles, flags):
-    tiles(SMALL)
+def test_evaluation_runs_the_forward_alone(backend, flags):
+    config = SMALL
     leaves, _ = make((19, 18), 20, seed=6)
     expected = normalized_linear_reference(*leaves)
     ours = [t.to(DEVICE, torch.float32).requires_grad_() for t in leaves]
     with torch.no_grad():
-        y = normalized_linear(*ours, backend=backend)
+        y = normalized_linear(*ours, backend=backend, config=config)
     assert not y.requires_grad
     assert_close(y, expected, torch.float32, "y under no_grad")
     y = normalized_linear(*(t.detach() for t in ours), backend=backend)
@@ -168,25 +175,25 @@ def test_evaluation_runs_the_forward_alone(backend, tiles, flags):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_norms_below_eps(backend, tiles):
+def test_norms_below_eps(backend):
     """Rows whose norm is below eps are divided by eps (no projection in their gradient)."""
-    tiles(SMALL)
+    config = SMALL
     leaves, grad = make((40, 16), 24, bias=False, seed=7)
     row_norms = torch.logspace(-2, 1, 40, dtype=torch.float64)[:, None]  # 0.01 to 10
     leaves[0] = F.normalize(leaves[0] @ leaves[1].T @ leaves[1], dim=1) * row_norms
-    check(leaves, grad, backend, eps=0.5)
+    check(leaves, grad, backend, eps=0.5, config=config)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_rows(backend, tiles):
+def test_zero_rows(backend):
     """A zero row's norm is clamped to eps = 1e-12: y = 0 and dz = g / eps, finite and huge."""
-    tiles(SMALL)
+    config = SMALL
     (x, weight, _), grad = make((20, 16), 24, bias=False, seed=8)
     zero = torch.tensor([0, 7, 19])
     x[zero] = 0.0
     ours = [t.to(DEVICE, torch.float32).requires_grad_() for t in (x, weight)]
     ref = [t.clone().requires_grad_() for t in (x, weight)]
-    y = normalized_linear(*ours, backend=backend)
+    y = normalized_linear(*ours, backend=backend, config=config)
     expected = normalized_linear_reference(*ref)
     y.backward(grad.float().to(DEVICE))
     expected.backward(grad)
@@ -199,22 +206,22 @@ def test_zero_rows(backend, tiles):
     assert_close(ours[1].grad, ref[1].grad, torch.float32, "d_weight")
 
 
-def test_many_column_blocks(tiles, monkeypatch):
+def test_many_column_blocks(monkeypatch):
     """The two-stage epilogue with seven 16-wide column blocks, the last one masked."""
-    tiles(SMALL)
+    config = SMALL
     monkeypatch.setattr(kp, "MAX_BLOCK_O", 32)
     monkeypatch.setattr(kp, "WIDE_BLOCK_O", 32)
     assert kp.output_block(100) == 16
     leaves, grad = make((23, 20), 100, seed=9)
-    check(leaves, grad, "triton")
+    check(leaves, grad, "triton", config=config)
 
 
 @pytest.mark.parametrize("row_split", [2, 3, 7], ids=lambda s: f"split-{s}")
-def test_dw_row_splits(tiles, row_split):
+def test_dw_row_splits(row_split):
     """dW and db summed over row chunks: uneven ones, and more chunks than row blocks (3)."""
-    tiles(kt.TileConfig(16, 16, 16, 16, num_stages=1, row_split=row_split))
+    config = kt.TileConfig(16, 16, 16, 16, num_stages=1, row_split=row_split)
     leaves, grad = make((37, 20), 24, seed=10)
-    check(leaves, grad, "triton")
+    check(leaves, grad, "triton", config=config)
 
 
 def test_float64_on_the_torch_path():
@@ -246,9 +253,9 @@ def test_module_swaps_with_linear(bias):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_module_matches_reference(backend, tiles):
-    tiles(SMALL)
-    module = NormalizedLinear(20, 24, device=DEVICE, backend=backend)
+def test_module_matches_reference(backend):
+    config = SMALL
+    module = NormalizedLinear(20, 24, device=DEVICE, backend=backend, config=config)
     x = torch.randn(3, 7, 20, device=DEVICE, requires_grad=True)
     y = module(x)
     ref_x = x.detach().double().requires_grad_()

@@ -9,12 +9,12 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, LOSS_BACKENDS, check, check_siglip, forced_tiles, make_inputs
+from helpers import DEVICE, LOSS_BACKENDS, check, check_siglip, make_inputs
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fastclip import infonce, siglip_loss
-from fastclip.kernels.tiles import INTERPRETER_CONFIG
+from fastclip.kernels.launch import INTERPRETER_CONFIG, TileConfig
 from fastclip.reference import clip_loss_exact, siglip_loss_reference
 
 TRITON = [name for name in LOSS_BACKENDS if name != "torch"]
@@ -63,7 +63,9 @@ def siglip_cases(draw) -> Case:
 DOMINANT_POSITIVE = Case(1, 2, 0, 4, 148.4131591025766, None, False, seed=1)
 
 
-def check_case(case: Case, backend: str, siglip: bool = False) -> None:
+def check_case(
+    case: Case, backend: str, siglip: bool = False, config: TileConfig | None = None
+) -> None:
     # Unnormalized features: row norms spread over two decades, so |S| reaches ~1e5.
     ours, ref = make_inputs(
         case.n_img,
@@ -77,10 +79,11 @@ def check_case(case: Case, backend: str, siglip: bool = False) -> None:
     # At large logits the softmaxes go one-hot (the sigmoids saturate) and the float64 loss and
     # gradients underflow towards 0 where fp32 keeps O(eps |S|): measure the error against
     # natural sizes.
+    kw = {"vanishing": True, "config": config}
     if siglip:
-        check_siglip(ours, ref, backend, torch.float32, case.offset, case.negatives_only, True)
+        check_siglip(ours, ref, backend, torch.float32, case.offset, case.negatives_only, **kw)
     else:
-        check(ours, ref, backend, torch.float32, case.offset, case.both, vanishing=True)
+        check(ours, ref, backend, torch.float32, case.offset, case.both, **kw)
 
 
 @settings(PROPERTY, max_examples=200)
@@ -96,8 +99,7 @@ def test_torch_backend_matches_reference(case):
 @example(case=DOMINANT_POSITIVE)
 def test_triton_backends_match_reference(backend, case):
     # The smallest tiles: even n ~ 40 spans several row and column tiles with masked edges.
-    with forced_tiles(INTERPRETER_CONFIG):
-        check_case(case, backend)
+    check_case(case, backend, config=INTERPRETER_CONFIG)
 
 
 @settings(PROPERTY, max_examples=150)
@@ -113,8 +115,7 @@ def test_siglip_torch_backend_matches_reference(case):
 @example(case=DOMINANT_POSITIVE)
 def test_siglip_triton_backends_match_reference(backend, case):
     # The smallest tiles, the columns in two chunks (one idle when n_txt <= 16).
-    with forced_tiles(replace(INTERPRETER_CONFIG, col_split=2)):
-        check_case(case, backend, siglip=True)
+    check_case(case, backend, siglip=True, config=replace(INTERPRETER_CONFIG, col_split=2))
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
@@ -141,10 +142,11 @@ def test_losses_are_positive(backend, case, noise):
     if not case.negatives_only:
         kw = {"offset": case.offset, "both_directions": case.both}
         losses["InfoNCE"] = (infonce, clip_loss_exact, kw, kw)
-    with forced_tiles(INTERPRETER_CONFIG):
-        for name, (fn, reference, kw, ref_kw) in losses.items():
-            bias = case.bias if name == "SigLIP" else None
-            loss = fn(x.to(DEVICE), y.to(DEVICE), case.scale, bias, backend=backend, **kw).item()
-            exact = reference(x.double(), y.double(), case.scale, bias, **ref_kw).item()
-            assert loss >= 0, f"{name} loss {loss}"
-            assert loss > 0 or exact < 1e-37, f"{name} loss 0, exactly {exact:.3g}"
+    for name, (fn, reference, kw, ref_kw) in losses.items():
+        bias = case.bias if name == "SigLIP" else None
+        features = x.to(DEVICE), y.to(DEVICE)
+        loss = fn(*features, case.scale, bias, backend=backend, config=INTERPRETER_CONFIG, **kw)
+        loss = loss.item()
+        exact = reference(x.double(), y.double(), case.scale, bias, **ref_kw).item()
+        assert loss >= 0, f"{name} loss {loss}"
+        assert loss > 0 or exact < 1e-37, f"{name} loss 0, exactly {exact:.3g}"

@@ -3,22 +3,17 @@ ties, non-finite scores, forced tiles and argument checking."""
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import CUDA, DEVICE, TOLERANCES, assert_close, make_inputs, needs_cuda
 
+import fastclip.kernels.launch as kt
 import fastclip.kernels.similarity as ksim
-import fastclip.kernels.tiles as kt
-from fastclip import similarity, topk_similarity
+from fastclip import chunked, similarity, topk_similarity
 from fastclip.measure import peak_memory_bytes
 from fastclip.reference import similarity_reference
-
-# ``fastclip.similarity`` is the function (re-exported by the package); this is its module.
-api = importlib.import_module("fastclip.similarity")
 
 BACKENDS = ["torch", "triton"]
 SMALL = kt.INTERPRETER_CONFIG  # 16 x 16 tiles: n ~ 40 runs several tiles and masked edges
@@ -31,9 +26,11 @@ def inputs(n_a, n_b, dim, seed=0, **kwargs):
     return make_inputs(n_a, n_b, dim, scale=3.0, bias=-0.5, norm=False, seed=seed, **kwargs)
 
 
-def check_similarity(ours, ref, backend, normalize=False, out_dtype=None, dtype=torch.float32):
+def check_similarity(ours, ref, backend, normalize=False, out_dtype=None, dtype=torch.float32,
+                     config=None):  # fmt: skip
     """S and the gradient of every input that requires grad, for a random dS."""
-    got = similarity(*ours, normalize=normalize, out_dtype=out_dtype, backend=backend)
+    kw = {"normalize": normalize, "out_dtype": out_dtype, "backend": backend, "config": config}
+    got = similarity(*ours, **kw)
     expected = similarity_reference(*ref, normalize=normalize)
     assert got.dtype == (out_dtype or ours[0].dtype)
     assert_close(got, expected, dtype, "S")
@@ -100,28 +97,28 @@ def check_topk(values, indices, expected_scores, k, dtype=torch.float32):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("n_a, n_b", [(1, 1), (17, 33), (33, 17), (32, 48)])
-def test_similarity_shapes(backend, tiles, normalize, n_a, n_b):
-    tiles(SMALL)
+def test_similarity_shapes(backend, normalize, n_a, n_b):
+    config = SMALL
     ours, ref = inputs(n_a, n_b, 24, seed=n_a + n_b, row_norms=(0.1, 10.0))
-    check_similarity(ours, ref, backend, normalize)
+    check_similarity(ours, ref, backend, normalize, config=config)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("dim", [1, 17, 64, 500])
-def test_similarity_feature_widths(backend, tiles, normalize, dim):
-    tiles(WIDE)  # D = 500 ends in a masked chunk of the 128-wide feature loop
+def test_similarity_feature_widths(backend, normalize, dim):
+    config = WIDE  # D = 500 ends in a masked chunk of the 128-wide feature loop
     ours, ref = inputs(19, 23, dim, seed=dim)
-    check_similarity(ours, ref, backend, normalize)
+    check_similarity(ours, ref, backend, normalize, config=config)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float64])
-def test_similarity_out_dtype(backend, tiles, out_dtype):
+def test_similarity_out_dtype(backend, out_dtype):
     """fp32 features stored as fp32 or fp64 (fp32 products either way)."""
-    tiles(SMALL)
+    config = SMALL
     ours, ref = inputs(18, 21, 20, seed=2)
-    check_similarity(ours, ref, backend, normalize=True, out_dtype=out_dtype)
+    check_similarity(ours, ref, backend, normalize=True, out_dtype=out_dtype, config=config)
 
 
 def test_similarity_float64_on_the_torch_backend():
@@ -132,8 +129,8 @@ def test_similarity_float64_on_the_torch_backend():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
-def test_similarity_non_contiguous_inputs(backend, tiles, normalize):
-    tiles(SMALL)
+def test_similarity_non_contiguous_inputs(backend, normalize):
+    config = SMALL
     gen = torch.Generator().manual_seed(5)
     wide = torch.randn(33, 48, generator=gen, dtype=torch.float64)
     stored_transposed = torch.randn(24, 40, generator=gen, dtype=torch.float64)
@@ -144,7 +141,7 @@ def test_similarity_non_contiguous_inputs(backend, tiles, normalize):
     ref = [wide[:, ::2].clone(), stored_transposed.T.clone()]
     ref += [torch.tensor(v, dtype=torch.float64) for v in (5.0, -2.0)]
     ours, ref = ([t.requires_grad_() for t in ts] for ts in (ours, ref))
-    check_similarity(ours, ref, backend, normalize)
+    check_similarity(ours, ref, backend, normalize, config=config)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -153,8 +150,8 @@ def test_similarity_non_contiguous_inputs(backend, tiles, normalize):
     [(2.5, -1.0), (2.5, 0.0), (None, None), ("tensor-0d", "tensor-0d"), ("tensor-1", "tensor-1")],
     ids=["numbers", "no-bias", "defaults", "0-d-tensors", "1-element-tensors"],
 )
-def test_similarity_numbers_and_tensors(backend, tiles, scale, bias):
-    tiles(SMALL)
+def test_similarity_numbers_and_tensors(backend, scale, bias):
+    config = SMALL
     ours, ref = inputs(13, 19, 16, seed=4)
     if scale == "tensor-1":  # shape (1,): gradients keep it
         ours[2:], ref[2:] = (
@@ -164,20 +161,20 @@ def test_similarity_numbers_and_tensors(backend, tiles, scale, bias):
         ours, ref = ours[:2], ref[:2]
     elif scale != "tensor-0d":
         ours[2:], ref[2:] = [scale, bias], [scale, bias]
-    check_similarity(ours, ref, backend, normalize=True)
+    check_similarity(ours, ref, backend, normalize=True, config=config)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_similarity_zero_row_with_normalize(backend, tiles):
+def test_similarity_zero_row_with_normalize(backend):
     """A zero row's norm is clamped to 1e-12 (F.normalize): finite scores equal to the bias, and
     finite gradients (dS b / 1e-12 for that row) that match the reference."""
-    tiles(SMALL)
+    config = SMALL
     ours, ref = inputs(20, 18, 16, seed=6)
     for i, row in ((0, 3), (1, 17)):
         with torch.no_grad():
             ours[i][row] = 0.0
             ref[i][row] = 0.0
-    got = similarity(*ours, normalize=True, backend=backend)
+    got = similarity(*ours, normalize=True, backend=backend, config=config)
     expected = similarity_reference(*ref, normalize=True)
     assert torch.isfinite(got).all()
     assert_close(got, expected, torch.float32, "S")
@@ -201,13 +198,13 @@ def test_similarity_zero_row_with_normalize(backend, tiles):
 @pytest.mark.parametrize(
     "frozen", [(0,), (1,), (2,), (3,), (0, 1), (0, 2, 3), (1, 2, 3)], ids=lambda f: f"frozen{f}"
 )
-def test_similarity_only_some_inputs_require_grad(backend, tiles, frozen):
-    tiles(SMALL)
+def test_similarity_only_some_inputs_require_grad(backend, frozen):
+    config = SMALL
     ours, ref = inputs(18, 26, 16, seed=len(frozen) + frozen[0], row_norms=(0.5, 2.0))
     for i in frozen:
         ours[i].requires_grad_(False)
         ref[i].requires_grad_(False)
-    check_similarity(ours, ref, backend, normalize=True)
+    check_similarity(ours, ref, backend, normalize=True, config=config)
 
 
 def test_similarity_without_grad_is_a_constant():
@@ -290,24 +287,24 @@ def test_topk(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_topk_exact_ties(backend, tiles):
+def test_topk_exact_ties(backend):
     """Ten distinct keys, each stored four times, spread over three tiles and two chunks:
     every score is tied, and the top 7 cut through a group of equals."""
-    tiles(kt.TileConfig(block_m=16, block_n=16, block_k=16, num_stages=1, col_split=2))
+    config = kt.TileConfig(block_m=16, block_n=16, block_k=16, num_stages=1, col_split=2)
     q, base = random_pair(6, 10, 8, seed=9)
     keys = base[torch.arange(40) % 10]
-    values, indices = topk_similarity(q, keys, 7, backend=backend)
+    values, indices = topk_similarity(q, keys, 7, backend=backend, config=config)
     check_topk(values, indices, scores(q, keys), 7)
     # All four copies of the best key, then three of the second best's.
     best = scores(q, base).argsort(dim=1, descending=True)[:, :2]
     assert torch.equal(indices.cpu() % 10, best.repeat_interleave(torch.tensor([4, 3]), dim=1))
 
 
-def test_topk_many_more_keys_than_queries(tiles):
+def test_topk_many_more_keys_than_queries():
     """2000 keys (125 tiles, 2 chunks) for two queries: three relevant keys scattered among
     distractors orthogonal to every query (score 0), so that most tiles are skipped and the
     merges that do run come late. (Random keys merge on most tiles: slow on the interpreter.)"""
-    tiles(kt.TileConfig(block_m=16, block_n=16, block_k=16, num_stages=1, col_split=2))
+    config = kt.TileConfig(block_m=16, block_n=16, block_k=16, num_stages=1, col_split=2)
     gen = torch.Generator().manual_seed(10)
     q = torch.zeros(2, 4)
     q[:, :2] = torch.rand(2, 2, generator=gen) + 0.5  # positive: relevant keys score > 0
@@ -316,7 +313,8 @@ def test_topk_many_more_keys_than_queries(tiles):
     relevant = torch.randperm(2000, generator=gen)[:3]
     keys[relevant, :2] = torch.rand(3, 2, generator=gen) + 0.1
     q, keys = q.to(DEVICE), keys.to(DEVICE)
-    values, indices = topk_similarity(q, keys, 5, backend="triton")  # and two tied zeros
+    # And two tied zeros.
+    values, indices = topk_similarity(q, keys, 5, backend="triton", config=config)
     check_topk(values, indices, scores(q, keys), 5)
     assert set(indices[:, :3].flatten().tolist()) == set(relevant.tolist())
 
@@ -370,7 +368,7 @@ def test_topk_torch_chunks(chunk):
 
 def test_topk_torch_default_chunks(monkeypatch):
     """chunk=None splits the keys by TOPK_CHUNK_ELEMENTS (here 7 queries x 9 keys per step)."""
-    monkeypatch.setattr(api, "TOPK_CHUNK_ELEMENTS", 63)
+    monkeypatch.setattr(chunked, "TOPK_CHUNK_ELEMENTS", 63)
     q, keys = random_pair(7, 45, 16, seed=14)
     values, indices = topk_similarity(q, keys, 5, normalize=True, backend="torch")
     check_topk(values, indices, scores(q, keys, normalize=True), 5)
@@ -385,7 +383,7 @@ def test_topk_torch_memory_is_n_k_plus_one_block(n):
     q, keys = (torch.randn(n, 16, generator=gen) for _ in range(2))
     peak = peak_memory_bytes(lambda: topk_similarity(q, keys, k, backend="torch"), cpu)
     result = n * k * (4 + 8)  # fp32 values, int64 indices
-    bound = api.TOPK_CHUNK_ELEMENTS * 4 + 4 * result  # the block; the result, merges, top-ks
+    bound = chunked.TOPK_CHUNK_ELEMENTS * 4 + 4 * result  # the block; the result, merges, top-ks
     assert peak <= bound, f"{peak / 2**20:.1f} MiB at N = {n}, bound {bound / 2**20:.1f} MiB"
     assert peak < n * n * 4 / 3, "not below eager's scores"
     if n == 4096:
@@ -453,7 +451,7 @@ def no_launch(monkeypatch):
 
     for name in ("similarity_forward", "topk_forward", "inverse_norms"):
         monkeypatch.setattr(ksim, name, launched)
-    monkeypatch.setattr(api, "_topk_torch", launched)
+    monkeypatch.setattr(chunked, "topk", launched)
 
 
 def features(n=6, dim=8, dtype=torch.float32, device=DEVICE):
