@@ -429,7 +429,7 @@ def contrastive_forward(
         x_ref_ptr=pdot,
         y_ref_ptr=column_references(pdot, n_y, offset),
         row_part_ptr=row_part,
-        col_part_ptr=row_part if col_part is None else col_part,
+        col_part_ptr=col_part,
         n_x=n_x,
         n_y=n_y,
         D=D,
@@ -514,7 +514,7 @@ def contrastive_backward(
     def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
         return dict(
             a_stats_ptr=x_side[:, r0:r1].contiguous(),
-            b_stats_ptr=x_side if y_side is None else y_side[:, c0:c1].contiguous(),
+            b_stats_ptr=None if y_side is None else y_side[:, c0:c1].contiguous(),
             offset=offset + r0 - c0,
             B_TERM=y_side is not None,
         )

@@ -144,8 +144,8 @@ def contrastive_backward(
     def sweep(a, b, a_side, b_side, off):
         def args_of(rows):
             return dict(
-                a_stats_ptr=a if a_side is None else a_side[:, rows].contiguous(),
-                b_stats_ptr=a if b_side is None else b_side,
+                a_stats_ptr=None if a_side is None else a_side[:, rows].contiguous(),
+                b_stats_ptr=b_side,
                 offset=off + rows.start,
                 A_TERM=a_side is not None,
                 B_TERM=b_side is not None,

@@ -452,7 +452,7 @@ def projection_forward(
     norm = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block_o = output_block(n_out)
     has_bias = bias is not None
-    bias = bias.contiguous() if has_bias else weight  # the kernel reads b at unit stride
+    bias = bias.contiguous() if has_bias else None  # the kernel reads b at unit stride
     meta = {"HAS_BIAS": has_bias, "WIDE": n_out > block_o, "BO": block_o}
     meta["DOT_PRECISION"] = dot_precision(x.dtype)
     args = dict(
@@ -510,14 +510,14 @@ def projection_backward(
     dx = torch.empty((n_rows, n_in), dtype=y.dtype, device=y.device) if need_dx else None
     n_bucket, precision = bucket(n_rows), dot_precision(y.dtype)
 
-    w = weight if need_dx else y  # placeholder pointers for what the flags leave untouched
+    w = weight if need_dx else None
     args = dict(
         g_ptr=grad,
         y_ptr=y,
         norm_ptr=norm,
         w_ptr=w,
         yg_ptr=yg,
-        dx_ptr=yg if dx is None else dx,
+        dx_ptr=dx,
         n_rows=n_rows,
         n_in=n_in,
         n_out=n_out,
@@ -525,8 +525,8 @@ def projection_backward(
         eps=eps,
         stride_g=grad.stride(0),
         stride_gd=grad.stride(1),
-        stride_w=w.stride(0),
-        stride_wd=w.stride(1),
+        stride_w=w.stride(0) if need_dx else 0,
+        stride_wd=w.stride(1) if need_dx else 0,
         DX=need_dx,
         DOT_PRECISION=precision,
     )
@@ -537,15 +537,14 @@ def projection_backward(
         return dx, None, None
 
     split = _row_split(n_rows, n_out, n_in, y.device, config)
-    dw = torch.empty((split, n_out, n_in), **f32) if need_dw else yg
-    db = torch.empty((split, n_out), **f32) if need_db else yg
-    inputs = x if need_dw else y
+    dw = torch.empty((split, n_out, n_in), **f32) if need_dw else None
+    db = torch.empty((split, n_out), **f32) if need_db else None
     args = dict(
         g_ptr=grad,
         y_ptr=y,
         norm_ptr=norm,
         yg_ptr=yg,
-        x_ptr=inputs,
+        x_ptr=x if need_dw else None,
         dw_ptr=dw,
         db_ptr=db,
         n_rows=n_rows,
@@ -555,8 +554,8 @@ def projection_backward(
         eps=eps,
         stride_g=grad.stride(0),
         stride_gd=grad.stride(1),
-        stride_x=inputs.stride(0),
-        stride_xd=inputs.stride(1),
+        stride_x=x.stride(0) if need_dw else 0,
+        stride_xd=x.stride(1) if need_dw else 0,
         DW=need_dw,
         DB=need_db,
         DOT_PRECISION=precision,

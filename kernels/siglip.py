@@ -309,7 +309,7 @@ def sweep(a, b, scale, bias, n_x, offset, loss, grad, block_bytes, config):
 
     def args_of(rows):
         return dict(
-            bias_ptr=scale if bias is None else bias,
+            bias_ptr=bias,
             offset=0 if offset is None else offset + rows.start,
             HAS_BIAS=bias is not None,
             HAS_PAIRS=offset is not None,
@@ -375,7 +375,7 @@ def siglip_forward(
 
     def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
         return dict(
-            bias_ptr=scale if bias is None else bias,
+            bias_ptr=bias,
             offset=0 if offset is None else offset + r0 - c0,
             HAS_BIAS=bias is not None,
             HAS_PAIRS=offset is not None,

@@ -51,6 +51,17 @@ GPU_TRITON = "3.6.0"
 GPU_TRITON_DIR = Path(__file__).resolve().parents[1] / ".gate" / f"triton-{GPU_TRITON}"
 # Sizes compiled as multiples of 16, as the JIT specializes them for the usual widths (512, 768).
 DIVISIBLE = ("D", "n_in", "n_out")
+# Pointers the launchers pass as None where a flag is off: the JIT makes them constants.
+UNUSED_WITHOUT = {
+    "COL_STATS": ("col_part_ptr",),
+    "HAS_BIAS": ("bias_ptr",),
+    "NORMALIZE": ("inv_a_ptr", "inv_b_ptr", "inv_q_ptr", "inv_k_ptr"),
+    "A_TERM": ("a_stats_ptr",),
+    "B_TERM": ("b_stats_ptr",),
+    "DX": ("w_ptr", "dx_ptr"),
+    "DW": ("x_ptr", "dw_ptr"),
+    "DB": ("db_ptr",),
+}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
 DESCRIPTORS = re.compile(r"tt\.(experimental_)?descriptor_|tt\.make_tensor_descriptor")
@@ -85,6 +96,9 @@ def compile_for_hopper(case: Case) -> dict:
     wgmma shapes and whether it uses tensor descriptors and TMA instructions."""
     fn, pointers, config = case.kernel, case.pointers, case.config
     constants = {**case.constants, **config.kwargs}
+    for flag, names in UNUSED_WITHOUT.items():
+        if constants.get(flag) is False:
+            constants.update({n: None for n in names if n in fn.arg_names})
     # The JIT treats a unit stride as a constant and 16-divisible ints and pointers as aligned.
     constants.update({n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")})
     signature, attrs = {}, {}
