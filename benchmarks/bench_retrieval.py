@@ -1,99 +1,95 @@
-"""Speed and memory of the similarity matrix and of top-k retrieval.
+"""The similarity matrix and top-k retrieval: their cases, for the runner and for pytest.
 
     pytest benchmarks/bench_retrieval.py --benchmark-only --benchmark-json=bench.json
 
-Similarity: ``fastclip.similarity`` against cuBLAS (``torch.matmul(a, b.T)``, the plain product;
-target >= 0.9x at 16384^2) and eager ``scale * a @ b.T + bias``. Top-k: ``topk_similarity``
-against eager ``torch.topk(q @ k.T, k)``, which stores the n_q x n_k scores (target >= 3x at
-n = 65536, k = 10, with O(n k) memory). bf16, 1 matmul pass of 2 n_q n_k D FLOPs each. On a CPU,
-the PyTorch path's top-k against eager at n = 4096 and 16384 (fp32): its peak memory is the
-(n, k) result and one block of ``fastclip.similarity.TOPK_CHUNK_ELEMENTS`` scores at any n.
+Similarity: ``fastclip.similarity`` ("triton"; "torch" its PyTorch path) against cuBLAS
+("cublas": ``torch.matmul(a, b.T)``, the plain product; target >= 0.9x at 16,384^2) and eager
+(``scale * a @ b.T + bias``). Top-k: ``topk_similarity`` against eager ``torch.topk(q @ k.T, k)``,
+which stores the n_q x n_k scores (target >= 3x at n = 65,536, k = 10, with O(n k) memory).
+bf16, 1 matmul pass of 2 n_q n_k D FLOPs each, no gradients (mode "eval"). On a CPU, the PyTorch
+path's top-k against eager at n = 4,096 and 16,384 (fp32): its peak memory is the (n, k) result
+and one block of ``fastclip.similarity.TOPK_CHUNK_ELEMENTS`` scores at any n.
+
+The runner's part: "retrieval", the similarity at ``SIMILARITY`` and the top-k at ``TOPK``,
+D = 512, k = 10.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
-import torch.nn.functional as F
-from common import DEVICE, cpu_only, measure, needs_cuda
+from harness import Bench, Case, cpu_only, features, grid, needs_cuda, record, settle
 
-from fastclip import similarity, topk_similarity
-from fastclip.measure import synchronize
+from fastclip import backends, similarity, topk_similarity
 from fastclip.reference import similarity_reference
 
-ROUNDS = 3
-SIMILARITY = [(n, dim) for dim in (512, 768) for n in (4096, 16384, 32768)]
-TOPK = [(n, k) for k in (1, 10, 100) for n in (16384, 65536, 262144)]
+SIMILARITY = {"full": 16384, "tiny": 64, "interpreted": 64}  # n of the runner's n x n case
+TOPK = {"full": 65536, "tiny": 16, "interpreted": 16}  # queries and keys of its top-k case
+RETRIEVAL_D, K = 512, 10
+SCALE, BIAS = 14.3, 0.5  # the similarity's logit scale and bias
+SEEDS = {"similarity": (0, 1), "topk": (2, 3)}
+
+TRITON = backends.implementations("similarity", triton=True)
+GRID = grid("similarity", (*TRITON, "cublas", "eager"), ("eval",), (4096, 16384, 32768), (512, 768))
+GRID += grid(
+    "topk",
+    (*TRITON, "eager"),
+    ("eval",),
+    (16384, 65536, 262144),
+    (512,),
+    extra=[(("k", k),) for k in (1, 10, 100)],
+)
+CPU = grid("topk", ("torch", "eager"), ("eval",), (4096, 16384), (256,), extra=[(("k", K),)])
+ROUNDS = 3  # timed runs per case, at most
 
 
-def _features(n: int, dim: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    return F.normalize(torch.randn(n, dim, generator=gen, device=DEVICE), dim=-1).to(dtype)
+def function(op: str, provider: str, a, b, k: int | None) -> Callable:
+    """``provider``'s similarity of a and b, or top-k of queries a among keys b."""
+    if op == "topk" and provider == "eager":
+        return lambda: torch.topk(a @ b.T, k, dim=1)
+    if op == "topk":
+        return lambda: topk_similarity(a, b, k, backend=provider)
+    if provider == "cublas":
+        return lambda: torch.matmul(a, b.T)
+    if provider == "eager":
+        return lambda: similarity_reference(a, b, SCALE, BIAS)
+    return lambda: similarity(a, b, SCALE, BIAS, backend=provider)
 
 
-def _similarity_case(benchmark, oom_log, provider: str, n: int, dim: int, dtype: torch.dtype):
-    a, b = _features(n, dim, dtype, 0), _features(n, dim, dtype, 1)
-    fns = {
-        "fastclip": lambda: similarity(a, b, 14.3, 0.5, backend="triton"),
-        "fastclip-torch": lambda: similarity(a, b, 14.3, 0.5, backend="torch"),
-        "cublas": lambda: torch.matmul(a, b.T),
-        "eager": lambda: similarity_reference(a, b, 14.3, 0.5),
-    }
-
-    def run() -> None:
-        fns[provider]()
-        synchronize(DEVICE)
-
-    info = {"op": "similarity", "provider": provider, "mode": "forward", "N": n, "D": dim}
-    info["dtype"] = str(dtype).removeprefix("torch.")
-    measure(benchmark, oom_log, info, run, (a, b), 2 * n * n * dim, ROUNDS)
+def measure(bench: Bench, case: Case, runs: int | None = None, rivals=()) -> dict:
+    """One case, a row of "retrieval"; ``rivals`` (providers) run between its timed runs."""
+    k = case.more.get("k")
+    a, b = (features(case.N, case.D, bench.device, s).to(bench.dtype) for s in SEEDS[case.op])
+    row = {"op": case.op, "provider": case.provider, "mode": case.mode, "N": case.N, "D": case.D}
+    row = bench.add("retrieval", {**row, "dtype": bench.dtype_name, **case.more})
+    if case.provider in TRITON:
+        row["autotune"] = bench.autotune
+    fn = function(case.op, case.provider, a, b, k)
+    others = [function(case.op, p, a, b, k) for p in rivals]
+    return bench.measure(row, fn, 2 * case.N * case.N * case.D, runs=runs, rivals=others)
 
 
-def _topk_case(benchmark, oom_log, provider: str, n: int, k: int, dim: int, dtype: torch.dtype,
-               rivals: tuple[str, ...] = ()):  # fmt: skip
-    """Top-k of n queries among n keys by ``provider``, alternating with ``rivals``."""
-    q, keys = _features(n, dim, dtype, 0), _features(n, dim, dtype, 1)
-    fns = {
-        "fastclip": lambda: topk_similarity(q, keys, k, backend="triton"),
-        "fastclip-torch": lambda: topk_similarity(q, keys, k, backend="torch"),
-        "eager": lambda: torch.topk(q @ keys.T, k, dim=1),
-    }
-
-    def runner(name: str):
-        def run() -> None:
-            fns[name]()
-            synchronize(DEVICE)
-
-        return run
-
-    info = {"op": "topk", "provider": provider, "mode": f"k={k}", "N": n, "D": dim}
-    info["dtype"] = str(dtype).removeprefix("torch.")
-    others = [runner(p) for p in rivals]
-    measure(benchmark, oom_log, info, runner(provider), (q, keys), 2 * n * n * dim, ROUNDS,
-            rivals=others)  # fmt: skip
+def part_retrieval(bench: Bench) -> None:
+    D = bench.D(RETRIEVAL_D)
+    n = bench.pick(SIMILARITY)
+    for provider in (*TRITON, "cublas", "eager"):
+        measure(bench, Case("similarity", provider, "eval", n, D))
+    settle(bench.device)
+    n = bench.pick(TOPK)
+    for provider in (*TRITON, "eager"):
+        measure(bench, Case("topk", provider, "eval", n, D, (("k", K),)))
 
 
 @needs_cuda
-@pytest.mark.parametrize("provider", ["fastclip", "cublas", "eager"])
-@pytest.mark.parametrize("n, dim", SIMILARITY, ids=[f"N{n}-D{d}" for n, d in SIMILARITY])
-def test_gpu_similarity(benchmark, oom_log, n, dim, provider):
-    _similarity_case(benchmark, oom_log, provider, n, dim, torch.bfloat16)
-
-
-@needs_cuda
-@pytest.mark.parametrize("provider", ["fastclip", "eager"])
-@pytest.mark.parametrize("n, k", TOPK, ids=[f"N{n}-k{k}" for n, k in TOPK])
-def test_gpu_topk(benchmark, oom_log, n, k, provider):
-    _topk_case(benchmark, oom_log, provider, n, k, 512, torch.bfloat16)
-
-
-CPU_PROVIDERS = ("fastclip-torch", "eager")
-CPU_TOPK_N = (4096, 16384)  # the PyTorch path's memory: one bounded block, where eager's grows
+@pytest.mark.parametrize("case", GRID, ids=str)
+def test_gpu(benchmark, bench: Bench, case: Case):
+    record(benchmark, lambda: measure(bench, case, ROUNDS))
 
 
 @cpu_only
-@pytest.mark.parametrize("provider", CPU_PROVIDERS)
-@pytest.mark.parametrize("n", CPU_TOPK_N, ids=[f"N{n}" for n in CPU_TOPK_N])
-def test_cpu_topk(benchmark, oom_log, n, provider):
-    rivals = tuple(p for p in CPU_PROVIDERS if p != provider)
-    _topk_case(benchmark, oom_log, provider, n, 10, 256, torch.float32, rivals)
+@pytest.mark.parametrize("case", CPU, ids=str)
+def test_cpu_topk(benchmark, bench: Bench, case: Case):
+    rivals = [c.provider for c in CPU if c.provider != case.provider and c.N == case.N]
+    record(benchmark, lambda: measure(bench, case, ROUNDS, rivals))

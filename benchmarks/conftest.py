@@ -1,20 +1,24 @@
-"""Benchmark plumbing: bench_*.py collected, out-of-memory records in the JSON output, memory
-freed between cases.
+"""``pytest benchmarks/ --benchmark-only``: the case files' grids (bench_*.py) through the
+harness's measurement, their rows in the results format (``results.py``).
 
-A provider that runs out of memory has no time to report, and pytest-benchmark saves only cases
-that were timed. Such a case is therefore skipped with the reason "out of memory" and appended to
-a list that ``pytest_benchmark_update_json`` writes under the top-level key ``"oom"`` of the
-``--benchmark-json`` file, next to ``"benchmarks"``; ``render.py`` shows those cells as OOM.
+Every case adds its row to the session's results, which ``--benchmark-json`` writes beside
+pytest-benchmark's own keys (``render.py`` and ``tuning.py`` read them) and the terminal shows
+at the end. pytest-benchmark runs each case's measurement once: its own columns are that
+measurement's time, while the case's times (median, p20, p80 of its runs) are in its row, also
+its ``extra_info``. A provider that runs out of memory is recorded as such and skipped.
 """
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
+from harness import Bench, facts, settle
+from render import markdown
+from results import Results
 
-OOM_KEY = pytest.StashKey[list]()
+from fastclip import costs
+
+RESULTS = pytest.StashKey[Results]()
 
 
 def pytest_collect_file(file_path, parent):
@@ -26,20 +30,30 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
-@pytest.fixture
-def oom_log(request) -> list[dict]:
-    """The session's out-of-memory records: append one ``extra_info``-style dict per case."""
-    return request.config.stash.setdefault(OOM_KEY, [])
-
-
-def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["oom"] = config.stash.get(OOM_KEY, [])
+@pytest.fixture(scope="session")
+def bench(pytestconfig) -> Bench:
+    """The session's device and results: bf16 features on a GPU, fp32 on a CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = Results(None, facts(device))
+    pytestconfig.stash[RESULTS] = results
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return Bench(device, dtype, results, costs.device_constants(gpu))
 
 
 @pytest.fixture(autouse=True)
 def free_memory():
     """Return every case's memory to the device, so the next one starts from the same state."""
     yield
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    settle(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    if RESULTS in config.stash:
+        output_json.update(config.stash[RESULTS].data)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if RESULTS in config.stash:
+        terminalreporter.write_sep("-", "fastclip benchmarks")
+        terminalreporter.write_line(markdown(config.stash[RESULTS].data))

@@ -5,7 +5,8 @@
 #     bash benchmarks/gpu_check.sh        # results in $OUT (default benchmarks/results/latest)
 #
 # Writes env.txt (GPU, driver, versions, install log), tests.log, bench.log, bench.json (every
-# benchmark part merged), summary.md and bench.png: six files. Wheels carried in wheels/
+# benchmark part merged, in the results format of benchmarks/results.py), summary.md and
+# bench.png (benchmarks/render.py): six files. Wheels carried in wheels/
 # (benchmarks/fetch_wheels.sh: tokenizers, tqdm, Pillow, webdataset, which the machine lacks) are installed first;
 # without them the tests that need them skip.
 #
@@ -15,15 +16,16 @@
 # and eager), autotuning included, took 95 s.
 #   tests 160 (the suite grew by the model, training and fine-tuning tests: an estimate);
 #   losses, fastclip (blocks, blocks-mm, fused) + eager 200: twice the cases of that run, and
-#   three implementations to tune (an estimate); by default the targets' widths only (InfoNCE
-#   D=512, SigLIP D=768; BENCH_FILTER="" runs both widths of both losses, about twice as long);
+#   three implementations to tune (an estimate), each full step's gradients checked once per
+#   shape; by default the targets' widths only (InfoNCE D=512, SigLIP D=768; BENCH_FILTER=""
+#   runs both widths of both losses, about twice as long);
 #   losses, torch.compile 50, the same cases (two references, each compiled twice: the first
 #   shape, then with dynamic shapes);
 #   InfoNCE at N = 2^20 90, blocks and blocks-mm (each tuned at N = 65536 first, whose bucket it
 #   shares; a memory run and a timed one, ~12 s each by fastclip.costs);
 #   similarity and top-k 50;
 #   normalized projection 60: by default N = 32768 only (768->512 and 1024->768, fastclip, eager
-#   and torch.compile, forward and forward+backward: 12 cases); PROJECTION_FILTER="" runs
+#   and torch.compile, forward, backward and full: 18 cases); PROJECTION_FILTER="" runs
 #   N = 8192 to 131072 as well, about twice as long.
 # The benchmarks run in parts because pytest-benchmark writes its JSON only when a run ends: a
 # part stopped at its limit loses only its own results. A failing step is recorded in
@@ -38,7 +40,7 @@ LARGE_LIMIT_S=${LARGE_LIMIT_S:-90}
 RETRIEVAL_LIMIT_S=${RETRIEVAL_LIMIT_S:-50}
 PROJECTION_LIMIT_S=${PROJECTION_LIMIT_S:-60}
 PROJECTION_FILTER=${PROJECTION_FILTER-N32768}
-BENCH_FILTER=${BENCH_FILTER-(clip-D512 or siglip-D768) and not siglip-D512}
+BENCH_FILTER=${BENCH_FILTER-contrastive-D512 or siglip-D768}
 mkdir -p "$OUT"
 rm -f "$OUT"/bench.json "$OUT"/part-*.json "$OUT/bench.log"
 
@@ -76,19 +78,20 @@ step() {
 step tests "$TESTS_LIMIT_S" "$OUT/tests.log" python -m pytest tests -q
 notes[-1]+=" — $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -n 1 | tr -d '=')"
 
-bench() {  # bench NAME LIMIT_S LABEL FILE PYTEST_ARGS...: one part of the benchmarks, into NAME.json
-    local name=$1 limit=$2 label=$3 file=$4
-    shift 4
-    step "benchmarks, $label" "$limit" "$OUT/bench.log" python -m pytest "benchmarks/$file" \
-        --benchmark-only -q --benchmark-json="$OUT/part-$name.json" "$@"
+bench() {  # bench NAME LIMIT_S LABEL PYTEST_ARGS...: one part of the benchmarks, into NAME.json
+    local name=$1 limit=$2 label=$3
+    shift 3
+    step "benchmarks, $label" "$limit" "$OUT/bench.log" python -m pytest "$@" \
+        --benchmark-only -q --benchmark-json="$OUT/part-$name.json"
 }
 grid="test_gpu and not large${BENCH_FILTER:+ and ($BENCH_FILTER)}"
-bench losses "$GRID_LIMIT_S" "losses: fastclip and eager" bench_losses.py -k "$grid and not compile"
-bench compile "$COMPILE_LIMIT_S" "losses: torch.compile" bench_losses.py -k "$grid and compile"
-bench large "$LARGE_LIMIT_S" "InfoNCE at N = 2^20" bench_losses.py -k large_batch
-bench retrieval "$RETRIEVAL_LIMIT_S" "similarity and top-k" bench_retrieval.py
-bench projection "$PROJECTION_LIMIT_S" "normalized projection" bench_projection.py \
-    -k "test_projection_gpu${PROJECTION_FILTER:+ and ($PROJECTION_FILTER)}"
+losses=(benchmarks/bench_contrastive.py benchmarks/bench_siglip.py)
+bench losses "$GRID_LIMIT_S" "losses: fastclip and eager" "${losses[@]}" -k "$grid and not compile"
+bench compile "$COMPILE_LIMIT_S" "losses: torch.compile" "${losses[@]}" -k "$grid and compile"
+bench large "$LARGE_LIMIT_S" "InfoNCE at N = 2^20" benchmarks/bench_contrastive.py -k large_batch
+bench retrieval "$RETRIEVAL_LIMIT_S" "similarity and top-k" benchmarks/bench_retrieval.py
+bench projection "$PROJECTION_LIMIT_S" "normalized projection" benchmarks/bench_projection.py \
+    -k "test_gpu${PROJECTION_FILTER:+ and ($PROJECTION_FILTER)}"
 
 results=()
 for f in "$OUT"/part-*.json; do

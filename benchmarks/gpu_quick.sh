@@ -7,27 +7,28 @@
 # Writes these 7 files into $OUT, nothing else and no folder, whatever is stopped or killed:
 # env.txt (GPU, driver, versions, the install and its import check); tests.log (the CUDA-only
 # tests of the kernels' test files, those of the paths no GPU has run first, without the
-# autotuning ones); warm.log (a --tiny run of gpu_quick.py beside the tests, which compiles the
+# autotuning ones); warm.log (a --tiny run of the runner beside the tests, which compiles the
 # kernels the measurements launch into Triton's on-disk cache, shared by every process);
-# quick.json and quick.log (benchmarks/gpu_quick.py: every measurement, saved as it is made);
-# summary.md (benchmarks/quick_summary.py: every part's status, and its tables); tuning.json
-# (benchmarks/tuning.py: the table backend="auto" reads, for fastclip/tuning.json).
+# quick.json and quick.log (benchmarks/run.py, the benchmarks' runner, within this script's
+# budget: every measurement, saved as it is made); summary.md (benchmarks/render.py, the
+# benchmarks' renderer: every part's status, and its tables); tuning.json (benchmarks/tuning.py:
+# the table backend="auto" reads, for fastclip/tuning.json).
 #
 # First the install is checked: one Python that imports what the run needs. If it fails,
 # summary.md says so in one line and the script stops there (exit 1).
 #
-# Then each part that never ran on a GPU runs in a gpu_quick.py process of its own, under a hard
+# Then each part that never ran on a GPU runs in a runner process of its own, under a hard
 # limit (timeout: SIGINT, then SIGKILL 5 s later): a blocking CUDA call that SIGALRM cannot
 # interrupt, or a sticky CUDA error that poisons a process, costs that part alone. The parts
 # earlier runs measured share one process. Every process adds its parts to one quick.json
-# (--merge); quick_summary.py gives each part that its process left unfinished the status that
+# (--merge); render.py gives each part that its process left unfinished the status that
 # explains it (stopped, killed, not reached, skipped), in the JSON too.
 #
 # Budget, in seconds: BUDGET_S (285) in all, so that the run ends within five minutes. Each step
 # runs under its limit, capped by what is left of BUDGET_S less RESERVE_S and the SIGKILL's grace,
 # so the script reaches its summary and cleanup within BUDGET_S even if every step hangs; a
 # process with less than MIN_PROCESS_S left is skipped. A process's limit is its parts' limits
-# (gpu_quick.py's table, and the basis of their estimates) plus STARTUP_S for Python, torch and
+# (run.py's table, and the basis of their estimates) plus STARTUP_S for Python, torch and
 # CUDA to start. Estimates, not measurements:
 #
 #   | step                        | limit                   | estimate | how                      |
@@ -70,19 +71,19 @@ WARM_WAIT_S=${WARM_WAIT_S:-5}
 STARTUP_S=${STARTUP_S:-4}  # Python, torch and CUDA starting, per process (Triton caches on disk)
 KILL_AFTER_S=5  # SIGKILL this long after a limit's SIGINT
 RESERVE_S=5  # kept for the summary (3 s at most), tuning.json (2) and the cleanup
-MIN_PROCESS_S=$((STARTUP_S + 3))  # 3: gpu_quick.py's shortest part
-# Extra arguments for every gpu_quick.py run ("--tiny" rehearses on a CPU).
+MIN_PROCESS_S=$((STARTUP_S + 3))  # 3: the runner's shortest part
+# Extra arguments for every runner process ("--tiny" rehearses on a CPU).
 QUICK_ARGS=${QUICK_ARGS:-}
 # The paths no GPU has run first (the bounded-block backward, TMA, host syncs), then the others.
 TESTS=()
-for file in tests/test_contrastive.py tests/test_siglip.py tests/test_host_sync.py \
-    tests/test_precision.py tests/test_similarity.py tests/test_projection.py; do
+for file in tests/test_losses.py tests/test_contrastive.py tests/test_siglip.py \
+    tests/test_host_sync.py tests/test_precision.py tests/test_similarity.py tests/test_projection.py; do
     [ -f "$file" ] && TESTS+=("$file")
 done
 # The kernels the measurements launch, in the order they need them.
 WARM_PARTS=${WARM_PARTS-contrastive,siglip,block-configs,tma,retrieval,projection,bandwidth}
-# gpu_quick.py processes, in order: comma-separated parts and the process's limit (the parts'
-# limits in gpu_quick.py plus STARTUP_S). Every part that never ran on a GPU has its own.
+# Runner processes, in order: comma-separated parts and the process's limit (the parts' limits
+# in run.py plus STARTUP_S). Every part that never ran on a GPU has its own.
 PROCESSES=(
     cublas:14
     contrastive:32
@@ -149,7 +150,7 @@ print(sys.version)
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__, gpu)
 import pytest, fastclip, fastclip.costs, fastclip.backends, fastclip.reference
 import fastclip.kernels.contrastive, fastclip.kernels.siglip, fastclip.kernels.similarity
-import fastclip.kernels.projection, gpu_quick, quick_summary, tuning, cuda_only
+import fastclip.kernels.projection, run, render, tuning, cuda_only
 print('fastclip', fastclip.__file__)"
 limited "$(cap 60)" python -c "$CHECK" > "$WORK/check.log" 2>&1
 check_rc=$?
@@ -170,7 +171,7 @@ tail -n 2 "$WORK/check.log"
 # ---- CUDA tests, and the compiling run beside them --------------------------------------------
 warm=
 if [ -n "$WARM_PARTS" ]; then
-    python benchmarks/gpu_quick.py --tiny $QUICK_ARGS --parts "$WARM_PARTS" \
+    python benchmarks/run.py --tiny $QUICK_ARGS --parts "$WARM_PARTS" \
         --out "$WORK/warm.json" > "$OUT/warm.log" 2>&1 &
     warm=$!
 fi
@@ -211,8 +212,8 @@ if [ -n "$warm" ]; then
     wait "$warm" 2> /dev/null
 fi
 
-# ---- gpu_quick.py, one process per group of parts ----------------------------------------------
-processes=()  # quick_summary.py's --process arguments: parts, exit status, limit
+# ---- the runner, one process per group of parts ------------------------------------------------
+processes=()  # render.py's --process arguments: parts, exit status, limit
 for entry in "${PROCESSES[@]}"; do
     parts=${entry%:*}
     limit=$(cap "${entry##*:}")
@@ -222,15 +223,15 @@ for entry in "${PROCESSES[@]}"; do
         continue
     fi
     echo "=== process: $parts (limit $limit s)" | tee -a "$OUT/quick.log"
-    limited "$limit" python benchmarks/gpu_quick.py $QUICK_ARGS --parts "$parts" --merge \
+    limited "$limit" python benchmarks/run.py $QUICK_ARGS --parts "$parts" --merge \
         --out "$OUT/quick.json" --budget $((limit - STARTUP_S)) 2>&1 | tee -a "$OUT/quick.log"
     processes+=(--process "$parts" "${PIPESTATUS[0]}" "$limit")
 done
 
 # ---- summary, tuning table, cleanup -------------------------------------------------------------
 notes=(--note "test step: $tests_note; $warm_note" --note "wall time: $((SECONDS - start)) s")
-timeout 3 python benchmarks/quick_summary.py "$OUT/quick.json" --tests "$OUT/tests.log" \
-    ${processes[@]+"${processes[@]}"} "${notes[@]}" --out "$OUT/summary.md"
+timeout 3 python benchmarks/render.py "$OUT/quick.json" --tests "$OUT/tests.log" --no-plot \
+    ${processes[@]+"${processes[@]}"} "${notes[@]}" --out "$OUT"
 summary_rc=$?
 if [ "$summary_rc" != 0 ]; then
     printf '# fastclip quick GPU run: the summary failed (exit %s)\n\n- CUDA tests: %s; %s\n' \

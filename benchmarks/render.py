@@ -1,199 +1,396 @@
-"""Markdown tables and plot of the loss benchmarks.
+"""summary.md and bench.png from benchmark results (``results.py``): where and how they ran,
+the targets, then a table per section, and time and memory against N.
 
-    python benchmarks/render.py RESULTS.json [MORE.json ...] [--out DIR] [--note TEXT ...]
-                                [--merge ALL.json]
+    python benchmarks/render.py RESULTS.json [MORE.json ...] [--out DIR] [--tests tests.log]
+                                [--note TEXT ...] [--process PARTS EXIT LIMIT_S ...]
+                                [--merge ALL.json] [--no-plot]
 
-RESULTS.json is what ``pytest benchmarks/ --benchmark-only --benchmark-json=RESULTS.json`` writes:
-timed cases under "benchmarks" (their ``extra_info`` holds op, provider, mode, N, D, dtype,
-peak_mib, tflops, the matmul passes they count and the versions), out-of-memory cases under
-"oom" (see conftest.py). Several
-files (runs split with ``-k``) make one summary, a table per loss. Writes DIR/summary.md and
-DIR/bench.png; DIR defaults to the folder of the first file.
+RESULTS.json: what the runner (``run.py``) or ``pytest benchmarks/ --benchmark-only
+--benchmark-json=...`` wrote; several files (a run split into parts) make one summary, and
+--merge writes them into one. ``--process`` reports how each runner process ended
+(``gpu_quick.sh`` runs one per group of parts): its comma-separated parts, its exit status
+("skipped" if it never started) and its limit; a part its process left unfinished gets the
+status that explains it (``results.reconcile``), in the JSON too. Writes DIR/summary.md and,
+unless --no-plot, DIR/bench.png; DIR defaults to the folder of the first file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
-from matplotlib.figure import Figure
+from results import BASELINES, find, load, merge, reconcile, write_json
+from targets import targets
+from tuning import choices
 
-BASELINES = ("eager", "compile", "cublas")
-MODES = ("forward", "forward+backward")
-METRICS = (("ms", "ms"), ("tflops", "TFLOP/s"), ("peak_mib", "peak MiB"))
-LEGEND = (
-    "ms: median over the timed rounds. TFLOP/s: 2·N²·D FLOPs per matmul pass (normalized "
-    "projection: 2·N·D_in·D_out), counting the passes each provider executes where a table lists "
-    "them below it; otherwise the algorithmic floor, the same count for every provider: 1 pass "
-    "for a forward, 4 for an InfoNCE forward+backward, 3 for SigLIP's and the projection's. "
-    "Peak MiB: memory allocated on top of the inputs. OOM: ran out of memory. Speedup: the "
-    "baseline's time over fastclip's."
-)
-OP_TITLES = {
-    "clip": "InfoNCE (CLIP) loss",
-    "siglip": "SigLIP loss",
-    "projection": "Normalized projection",
-    "similarity": "Similarity matrix",
+TITLES = {
+    "contrastive": "InfoNCE (CLIP)",
+    "siglip": "SigLIP",
+    "similarity": "Similarity",
     "topk": "Top-k retrieval",
+    "projection": "Normalized projection",
 }
-FIXED_TILES = "†"  # marks fastclip times measured without autotuning
+MODES = ("eval", "forward", "backward", "full")
+FIXED = "†"  # marks fastclip times measured without autotuning
+LEGEND = (
+    "Times: median ms of runs back to back on the device's timeline (CUDA events on a GPU; "
+    f"p20–p80 in brackets); {FIXED} fastclip with its default tiles, not autotuned. Modes: eval "
+    "(no gradients), forward (recording the graph), backward, full (forward and backward). "
+    "TFLOP/s: 2·N²·D FLOPs per matmul pass (the projection: 2·N·D_in·D_out), counted as each "
+    "provider executes them (in brackets, from fastclip.registry; eager stores S) and, "
+    "separately, at the floor of an implementation that does not store S. Peak MiB: allocated "
+    "on top of the inputs, against the bound N·D·8 bytes + the G buffer. Errors: relative norm "
+    "error of dL/dx and dL/dy against the fp32 PyTorch path on the same (rounded) inputs (the "
+    "confident batch: float64); floor: the exact gradient rounded to the dtype; ✓: within "
+    "tolerance (benchmarks/tuning.py). vs: the baseline's time over the provider's. Predicted: "
+    "fastclip.costs on the constants its column names."
+)
+Column = tuple[str, Callable[[dict], "str | None"]]  # (head, cell); None: the row has no value
 
 
-def load_cases(results: dict) -> list[dict]:
-    """One dict per case: its ``extra_info`` plus "ms", the median time (None: out of memory)."""
-    cases = [{**b["extra_info"], "ms": b["stats"]["median"] * 1e3} for b in results["benchmarks"]]
-    cases += [{**oom, "ms": None} for oom in results.get("oom", [])]
-    # Older results named the op "loss", and those from before SigLIP named none: InfoNCE.
-    return [{"op": case.pop("loss", "clip"), **case} for case in cases]
-
-
-def provider_order(cases: list[dict]) -> tuple[list[str], list[str]]:
-    """(fastclip's providers, the baselines present), each in column order."""
-    names = {c["provider"] for c in cases}
-    return sorted(names - set(BASELINES)), [b for b in BASELINES if b in names]
-
-
-def _row_key(case: dict) -> tuple:
-    """(op, mode, dtype, D, N), sortable: known modes in MODES order, others by name."""
-    mode = case["mode"]
-    mode_key = (MODES.index(mode), "") if mode in MODES else (len(MODES), mode)
-    return case["op"], mode_key, case["dtype"], str(case["D"]), case["N"]
-
-
-def _num(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
-
-
-def _cell(case: dict | None, metric: str) -> str:
-    if case is None:
+def num(x: float | None) -> str:
+    if x is None:
         return "–"
-    if case["ms"] is None:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def timing(row: dict | None, spread: bool = True) -> str:
+    """A row's time (with its spread), or what stopped it."""
+    if row is None:
+        return "–"
+    if row.get("oom"):
         return "OOM"
-    if case.get(metric) is None:  # e.g. no memory reading on this platform
-        return "n/a"
-    fixed = metric == "ms" and case.get("autotune") is False
-    return _num(case[metric]) + (FIXED_TILES if fixed else "")
+    if "ms" not in row:
+        return "error" if "error" in row else "not run"
+    spread = f" ({num(row['p20'])}–{num(row['p80'])})" if spread and "p20" in row else ""
+    return num(row["ms"]) + spread + (FIXED if row.get("autotune") is False else "")
 
 
-def _speedup(ours: dict | None, base: dict | None) -> str:
-    if ours is None or base is None or ours["ms"] is None or base["ms"] is None:
-        return "–"
-    return f"{base['ms'] / ours['ms']:.2f}×"
+def get(key: str, show: Callable = num) -> Callable[[dict], str | None]:
+    return lambda row: None if row.get(key) is None else show(row[key])
 
 
-def markdown(results: dict, cases: list[dict], notes: list[str]) -> str:
-    """The summary: where and when ``results`` ran, then a table per loss."""
-    env = cases[0]
-    python = results["machine_info"]["python_version"]
-    device = env["gpu"] or f"none (CPU: {results['machine_info']['cpu'].get('brand_raw', '?')})"
-    lines = [
-        "# fastclip benchmarks",
-        "",
-        f"- GPU: {device}" + (f", CUDA {env['cuda']}" if env["cuda"] else ""),
-        f"- torch {env['torch']}, triton {env['triton']}, Python {python}",
-        f"- Date: {results['datetime'][:16].replace('T', ' ')} UTC",
-        *(f"- {note}" for note in notes),
-        "",
-        LEGEND,
-        "",
-    ]
-    if any(c.get("autotune") is False for c in cases):
-        lines += [f"{FIXED_TILES} fastclip with its default tiles, not autotuned.", ""]
-    for op in sorted({c["op"] for c in cases}):
-        mine = [c for c in cases if c["op"] == op]
-        lines += [f"## {OP_TITLES.get(op, op)}", "", *_table(mine), "", *_passes(mine)]
-    return "\n".join(lines)
+def pair(key: str, fmt: str) -> Callable[[dict], str | None]:
+    """dx and dy of a row's errors (or floors)."""
+    return get(key, lambda v: f"{v['dx']:{fmt}} / {v['dy']:{fmt}}")
 
 
-def _passes(cases: list[dict]) -> list[str]:
-    """The matmul passes each provider's TFLOP/s count, per mode, where the cases record them."""
-    counted: dict[str, dict[str, int]] = {}
-    for case in cases:
-        if case.get("passes") is not None:
-            counted.setdefault(case["mode"], {})[case["provider"]] = case["passes"]
-    if not counted:
+def counted(key: str, count: str) -> Callable[[dict], str | None]:
+    """TFLOP/s with the passes they count."""
+    return lambda r: None if count not in r else f"{num(r.get(key))} ({r[count]})"
+
+
+def stages(row: dict) -> str | None:
+    predicted = row.get("predicted_stages_ms", {})
+    measured = row.get("stages_ms") or {k: None for k in predicted}
+    text = " · ".join(f"{k} {num(v)} ({num(predicted.get(k))})" for k, v in measured.items())
+    return text or None
+
+
+def versus(rows: list[dict], base: str) -> Callable[[dict], str]:
+    """A fastclip row's speedup over the baseline ``base`` of the same case."""
+
+    def cell(row: dict) -> str:
+        if row["provider"] in BASELINES:
+            return ""
+        same = {k: row.get(k) for k in ("op", "dtype", "D", "N", "mode", "k")}
+        other = find(rows, **same, provider=base)
+        if not other or "ms" not in other or "ms" not in row:
+            return "–"
+        return f"{other['ms'] / row['ms']:.2f}×"
+
+    return cell
+
+
+CASE = [  # a case's columns, the first six naming it
+    ("N", get("N", "{:,}".format)),
+    ("D", get("D", str)),
+    ("k", get("k", str)),
+    ("dtype", get("dtype", str)),
+    ("mode", get("mode", str)),
+    ("provider", get("provider", str)),
+    ("ms", timing),
+    ("TFLOP/s (passes)", lambda r: counted("tflops", "passes")(r) or num(r.get("tflops"))),
+    ("TFLOP/s floor (passes)", counted("tflops_floor", "floor_passes")),
+]
+MEMORY = [("peak MiB", get("peak_mib")), ("bound MiB", get("bound_mib"))]
+CHECKS = [
+    ("error dx / dy", pair("err", ".2e")),
+    ("floor dx / dy", pair("floor", ".1e")),
+    ("ok", get("ok", lambda ok: "✓" if ok else "✗")),
+]
+PREDICTED = [("predicted ms ({model})", get("predicted_ms")), ("stages ms (predicted)", stages)]
+CASES = [*CASE, *MEMORY, *PREDICTED, *CHECKS, ("compile s", get("compile_s"))]
+LARGE = [
+    *CASE[:2],
+    ("provider", lambda r: r["provider"] + (" (auto's)" if r.get("auto") else "")),
+    ("forward ms", get("forward_ms")),
+    ("backward ms", get("backward_ms")),
+    ("total ms", lambda r: timing(r, False)),
+    *CASE[7:],
+    *MEMORY,
+    *PREDICTED,
+]
+CONFIDENT = [
+    ("loss", lambda r: TITLES[r["op"]]),
+    *CASE[:2],
+    ("scale", lambda r: num(r["scale"]) + (f", bias {num(r['bias'])}" if r.get("bias") else "")),
+    ("provider", get("provider", str)),
+    ("loss error", get("loss_err", "{:.1e}".format)),
+    *CHECKS,
+]
+BANDWIDTH = [
+    ("what", get("what", str)),
+    ("buffer MiB", get("buffer_mib")),
+    ("ms", timing),
+    ("GB/s", get("gb_s")),
+]
+TILES = [
+    ("loss", lambda r: TITLES[r["op"]]),
+    *CASE[:2],
+    ("G kernel tiles", get("config", str)),
+    ("stage", get("stage", str)),
+    ("TMA", get("tma", str)),
+    ("ms", timing),
+    ("TFLOP/s (1 pass)", get("tflops")),
+]
+
+
+def table(head: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * left + "---:|" * (len(head) - left)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows] + [""]
+
+
+def columns(results: dict, spec: list[Column], rows: list[dict], left: int) -> list[str]:
+    """A table of ``rows`` by columns, less those no row has a value in; the first ``left``
+    columns (of those kept) aligned left. Heads name the cost model's constants ({model})."""
+    cells = [[cell(row) for _, cell in spec] for row in rows]
+    kept = [i for i in range(len(spec)) if any(c[i] is not None for c in cells)]
+    shown = [["–" if c[i] is None else c[i] for i in kept] for c in cells]
+    head = [spec[i][0].format(model=model_label(results)) for i in kept]
+    return table(head, shown, left=sum(i < left for i in kept))
+
+
+def model_label(results: dict) -> str:
+    """The constants fastclip.costs predicted with: "H100 constants"."""
+    name = results.get("model_device") or "NVIDIA H200"
+    words = name.split()
+    model = words[1] if words[0] == "NVIDIA" and len(words) > 1 else words[0]
+    return f"{model} constants{', the default' if 'default' in name else ''}"
+
+
+def case_key(row: dict) -> tuple:
+    mode = MODES.index(row["mode"]) if row.get("mode") in MODES else len(MODES)
+    return row["op"], mode, row.get("dtype", ""), str(row["D"]), row.get("k", 0), row["N"]
+
+
+def section(
+    results: dict, title: str, rows: list[dict], spec: list[Column], left: int, note: str = ""
+) -> list[str]:
+    """A titled table of ``rows`` (none: nothing), the speedups over each baseline present after
+    the times of a case table, and the errors that stopped any."""
+    if not rows:
         return []
-    modes = sorted(counted, key=lambda m: (MODES.index(m) if m in MODES else len(MODES), m))
-    per_mode = [
-        f"{mode}: " + ", ".join(f"{p} {n}" for p, n in sorted(counted[mode].items()))
-        for mode in modes
+    if spec is CASES:
+        rows = sorted(rows, key=case_key)
+        found = [(f"vs {b}", versus(rows, b)) for b in BASELINES if find(rows, provider=b)]
+        spec = [*CASES[:9], *found, *CASES[9:]]
+    errors = [f"- {r.get('provider', r.get('op'))}: {r['error']}" for r in rows if "error" in r]
+    notes = [note, ""] if note else []
+    body = columns(results, spec, rows, left)
+    return [f"## {title}", "", *notes, *body, *errors, *([""] if errors else [])]
+
+
+def cublas(results: dict) -> list[str]:
+    """cuBLAS at the block shapes: one row per shape, a column per product."""
+    rows = results.get("cublas", [])
+    products = list(dict.fromkeys(r["product"] for r in rows))
+    shapes = {(r["R"], r["C"], r["D"]): r["uses"] for r in rows}
+    cells = []
+    for (R, C, D), uses in shapes.items():
+        by = {r["product"]: r for r in rows if (r["R"], r["C"], r["D"]) == (R, C, D)}
+        found = [
+            f"{timing(by.get(p), False)} ({num(by.get(p, {}).get('tflops'))})" for p in products
+        ]
+        cells.append([f"{R:,} × {C:,}", str(D), "; ".join(uses), *found])
+    note = (
+        "ms per block (TFLOP/s): one pass over the N×N matrix runs the product once per block, "
+        "the count in brackets after each case. S: the block's dots into fp32 (blocks-mm) or "
+        "bf16; G Y and G^T X accumulate into fp32 as the bounded-block backward does."
+    )
+    head = ["R × C", "D", "used by", *products]
+    return ["## cuBLAS at the block shapes", "", note, "", *table(head, cells, 3)] if cells else []
+
+
+def header(results: dict, tests: str | None, notes: list[str]) -> list[str]:
+    where = f"none: CPU ({results.get('cpu')})"
+    if results.get("interpreter"):
+        where += ", Triton's interpreter" + (", tiny sizes" if results.get("tiny") else "")
+    if results.get("gpu"):
+        facts = [f"{results['sms']} SMs"] if "sms" in results else []
+        facts += [f"{num(results['memory_gib'])} GiB"] if "memory_gib" in results else []
+        facts += [f"L2 {num(results['l2_mib'])} MiB"] if results.get("l2_mib") else []
+        where = results["gpu"] + (f" ({', '.join(facts)})" if facts else "")
+        where += f", CUDA {results.get('cuda')}"
+    versions = (results.get(k) for k in ("torch", "triton", "python"))
+    lines = ["# fastclip benchmarks", "", f"- GPU: {where}"]
+    lines += [
+        "- torch {}, triton {}, Python {}".format(*versions),
+        f"- Date: {results.get('date')}",
     ]
-    return [f"TFLOP/s count the matmul passes as executed: {'; '.join(per_mode)}.", ""]
+    if "out_dtype_gemm" in results:
+        native = "native (out_dtype)" if results["out_dtype_gemm"] else "widened operands"
+        lines.append(f"- cuBLAS fp32 output from bf16: {native}")
+    if results.get("configs"):
+        configs = "; ".join(config_text(n, c) for n, c in results["configs"].items())
+        mib = num(results.get("block_bytes", 0) / 2**20)
+        lines.append(
+            f"- Tiles, each kernel's first autotune config that fits: {configs}; G buffer {mib} MiB"
+        )
+    parts = "; ".join(
+        f"{name}: {p.get('status')}"
+        + (f", {p['seconds']} s" if "seconds" in p else "")
+        + (f" (limit {p['limit_s']} s)" if "limit_s" in p else "")
+        for name, p in results.get("parts", {}).items()
+    )
+    lines += [f"- Parts: {parts}"] if parts else []
+    lines += [f"- CUDA tests: {tests}"] if tests else []
+    return [*lines, *(f"- {note}" for note in notes), "", LEGEND, ""]
 
 
-def _table(cases: list[dict]) -> list[str]:
-    """One row per (mode, dtype, D, N): every provider's metrics, then fastclip's speedups."""
-    ours, baselines = provider_order(cases)
-    providers = ours + baselines
-    pairs = [(o, b) for o in ours for b in baselines]
-    head = ["mode", "dtype", "D", "N"]
-    head += [f"{p} {label}" for p in providers for _, label in METRICS]
-    head += [f"{o} vs {b}" for o, b in pairs]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
-    rows: dict[tuple, dict[str, dict]] = {}
-    for case in cases:
-        rows.setdefault(_row_key(case), {})[case["provider"]] = case
-    for key in sorted(rows):
-        by = rows[key]
-        case = next(iter(by.values()))
-        cells = [case["mode"], case["dtype"], str(case["D"]), f"{case['N']:,}"]
-        cells += [_cell(by.get(p), metric) for p in providers for metric, _ in METRICS]
-        cells += [_speedup(by.get(o), by.get(b)) for o, b in pairs]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+def config_text(name: str, config: dict) -> str:
+    """One entry of the runner's "configs": InfoNCE G 128×128×64, 8 warps, 3 stages."""
+    if "blocks" not in config:
+        return f"{name}: {config}"
+    blocks = "×".join(str(size) for size in config["blocks"].values())
+    cap = f", maxnreg {config['maxnreg']}" if config.get("maxnreg") else ""
+    return f"{name} {blocks}, {config['warps']} warps, {config['stages']} stages{cap}"
 
 
-def plot(cases: list[dict], path: Path) -> None:
-    """One row of panels per (op, mode, dtype, D): time and peak memory vs N, log-log."""
-    ours, baselines = provider_order(cases)
-    groups = sorted({_row_key(c)[:4] for c in cases})
-    fig = Figure(figsize=(11, 3.6 * len(groups)), layout="constrained")
-    axes = fig.subplots(len(groups), 2, squeeze=False)
-    for group, (ax_time, ax_mem) in zip(groups, axes, strict=True):
-        for provider in ours + baselines:
-            mine = [c for c in cases if c["provider"] == provider and _row_key(c)[:4] == group]
-            runs = sorted((c for c in mine if c["ms"] is not None), key=lambda c: c["N"])
-            oom = sorted(c["N"] for c in mine if c["ms"] is None)
-            label = provider + (f" (OOM at N={', '.join(f'{n:,}' for n in oom)})" if oom else "")
-            n = [c["N"] for c in runs]
-            ax_time.plot(n, [c["ms"] for c in runs], marker="o", label=label)
-            measured = [c for c in runs if c.get("peak_mib") is not None]
-            ax_mem.plot([c["N"] for c in measured], [c["peak_mib"] for c in measured], marker="o",
-                        label=label)  # fmt: skip
-        op, _, dtype, dim = group
-        mode = next(c["mode"] for c in cases if _row_key(c)[:4] == group)
-        title = f"{op}, {mode}, {dtype}, D={dim}"
-        ax_time.set(yscale="log", ylabel="median ms", title=f"{title}: time")
-        ax_mem.set(yscale="log", ylabel="peak MiB above inputs", title=f"{title}: memory")
+def section_targets(results: dict) -> list[str]:
+    found = targets(results)
+    if all(measured is None for _, measured, _ in found):
+        return []
+    mark = {True: "yes", False: "**no**", None: "–"}
+    rows = [[t, m or "not measured", mark[met]] for t, m, met in found]
+    return ["## Targets", "", *table(["target (H100/H200, bf16)", "measured", "met"], rows)]
+
+
+def section_tuning(results: dict) -> list[str]:
+    picks = choices(results)
+    cells = [
+        [
+            TITLES[c["op"]],
+            c["dtype"],
+            str(c["D"]),
+            f"{c['N']:,}",
+            c["pick"] or "none",
+            "; ".join(f"{i}: {why}" for i, why in c["rejected"].items()),
+        ]
+        for c in picks
+    ]
+    note = (
+        "What `python benchmarks/tuning.py` writes to fastclip/tuning.json from these results: "
+        "the fastest implementation within tolerance."
+    )
+    head = ["loss", "dtype", "D", "N", "auto runs", "rejected"]
+    return ["## auto's table", "", note, "", *table(head, cells, left=5)] if picks else []
+
+
+def markdown(results: dict, tests: str | None = None, notes: list[str] = ()) -> str:
+    """The summary: where and how the results ran, the targets, then a table per section."""
+    rows = {key: value for key, value in results.items() if isinstance(value, list)}
+    losses, large = rows.get("losses", []), rows.get("large", [])
+    confident = rows.get("confident", [])
+    gap = next((f"{r['median_gap']:.1e}" for r in confident if "median_gap" in r), None)
+    lines = header(results, tests, list(notes)) + section_targets(results)
+    lines += section(results, "Bandwidth", rows.get("bandwidth", []), BANDWIDTH, 1)
+    lines += cublas(results)
+    lines += section(
+        results, "G kernel tiles (one G pass)", rows.get("block_configs", []), TILES, 4
+    )
+    lines += section(results, "Tensor descriptors (TMA), one pass", rows.get("tma", []), TILES, 4)
+    for op in ("contrastive", "siglip"):
+        lines += section(results, TITLES[op], [r for r in losses if r["op"] == op], CASES, 6)
+    note = "Texts = images + 5% noise" + (f"; the median row's 1 − p_ii is {gap}." if gap else ".")
+    lines += section(results, "Confident batch", confident, CONFIDENT, 5, note)
+    title = f"InfoNCE at N = {large[0]['N']:,}, one run each" if large else ""
+    lines += section(results, title, large, LARGE, 3)
+    lines += section(results, "Similarity and top-k", rows.get("retrieval", []), CASES, 6)
+    lines += section(results, TITLES["projection"], rows.get("projection", []), CASES, 6)
+    return "\n".join(lines + section_tuning(results))
+
+
+def plot(results: dict, path: Path) -> None:
+    """One row of panels per (op, mode, dtype, D): time and peak memory against N, log-log."""
+    from matplotlib.figure import Figure  # here: the summary alone starts faster without it
+
+    rows = [r for key in ("losses", "retrieval", "projection") for r in results.get(key, [])]
+    groups = sorted({case_key(r)[:5] for r in rows})
+    fig = Figure(figsize=(11, 3.6 * max(1, len(groups))), layout="constrained")
+    axes = fig.subplots(max(1, len(groups)), 2, squeeze=False)
+    for group, (ax_time, ax_mem) in zip(groups, axes, strict=False):
+        mine = [r for r in rows if case_key(r)[:5] == group]
+        for provider in dict.fromkeys(r["provider"] for r in mine):
+            runs = sorted((r for r in mine if r["provider"] == provider), key=lambda r: r["N"])
+            oom = [f"{r['N']:,}" for r in runs if r.get("oom")]
+            label = provider + (f" (OOM at N={', '.join(oom)})" if oom else "")
+            for ax, key in ((ax_time, "ms"), (ax_mem, "peak_mib")):
+                held = [r for r in runs if r.get(key)]
+                if held:
+                    ax.plot([r["N"] for r in held], [r[key] for r in held], "o-", label=label)
+        name = f"{TITLES.get(group[0], group[0])}, {mine[0]['mode']}, {group[2]}, D={group[3]}"
+        ax_time.set(ylabel="median ms", title=f"{name}: time")
+        ax_mem.set(ylabel="peak MiB above inputs", title=f"{name}: memory")
         for ax in ax_time, ax_mem:
-            ax.set_xscale("log", base=2)
+            if ax.has_data():  # no memory reading under Triton's interpreter
+                ax.set(xscale="log", yscale="log")
             ax.set_xlabel("N")
         ax_time.legend(fontsize="small")
     fig.savefig(path, dpi=110)
 
 
+def tests_line(log: str) -> str | None:
+    """pytest's closing line ("12 passed, 3 skipped in 40s"), or None."""
+    pattern = r"^=*\s*(\d+ (?:passed|failed|error|skipped|deselected).*?)\s*=*$"
+    found = re.findall(pattern, log, re.M)
+    return found[-1] if found else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, nargs="+", help="pytest-benchmark JSON files")
+    parser.add_argument("results", type=Path, nargs="+", help="results JSON files")
     parser.add_argument("--out", type=Path, help="output folder (default: the first file's)")
+    parser.add_argument("--tests", type=Path, help="the CUDA tests' log")
     parser.add_argument("--note", action="append", default=[], help="extra line for the header")
-    parser.add_argument("--merge", type=Path, help="also write every case into one JSON file")
+    parser.add_argument(
+        "--process",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("PARTS", "EXIT", "LIMIT_S"),
+        help="how a runner process ended: its parts (a,b), exit status or 'skipped', its limit",
+    )
+    parser.add_argument("--merge", type=Path, help="also write every result into one JSON file")
+    parser.add_argument("--no-plot", action="store_true", help="the summary alone")
     args = parser.parse_args(argv)
-
-    runs = [json.loads(path.read_text()) for path in args.results]
-    cases = [case for results in runs for case in load_cases(results)]
-    if not cases:
-        raise SystemExit(f"no benchmark results in {', '.join(map(str, args.results))}")
+    results = merge([load(path) or {"parts": {}} for path in args.results])
+    if args.process:
+        args.note.append("runner processes: " + "; ".join(reconcile(results, args.process)))
+        write_json(args.results[0], results)
     if args.merge:
-        merged = {**runs[0], "benchmarks": [b for r in runs for b in r["benchmarks"]]}
-        merged["oom"] = [oom for r in runs for oom in r.get("oom", [])]
-        args.merge.write_text(json.dumps(merged, indent=1))
+        write_json(args.merge, results)
+    tests = None
+    if args.tests and args.tests.exists():
+        tests = tests_line(args.tests.read_text()) or "no result line (stopped?)"
     out = args.out or args.results[0].parent
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(markdown(runs[0], cases, args.note))
-    plot(cases, out / "bench.png")
-    print(f"wrote {out / 'summary.md'} and {out / 'bench.png'}")
+    (out / "summary.md").write_text(markdown(results, tests, args.note))
+    if not args.no_plot:
+        plot(results, out / "bench.png")
+    print(f"wrote {out / 'summary.md'}" + ("" if args.no_plot else f" and {out / 'bench.png'}"))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""fastclip/tuning.json from a gpu_quick.py run: the implementation ``backend="auto"`` runs on
-CUDA for each measured (loss, dtype, D, N bucket).
+"""fastclip/tuning.json from benchmark results (``results.py``: the runner's, or pytest's on a
+GPU): the implementation ``backend="auto"`` runs on CUDA for each measured (loss, dtype, D, N
+bucket).
 
     python benchmarks/tuning.py quick.json [--out fastclip/tuning.json]
 
-The rule: for each case, the fastest forward+backward among the Triton implementations whose
-gradients are within tolerance, on the case's random batch and on its loss's confident batch.
+The rule: for each case, the fastest full step (forward+backward) among fastclip's
+implementations (every provider but the baselines) whose gradients are within tolerance, on the
+case's random batch and on its loss's confident batch.
 The large runs (N = 2^20) are cases too, so that ``auto`` does not extrapolate from 65,536 to
 where block shapes change.
 Within tolerance is the precision tests' rule for low precision: each feature gradient's
@@ -21,7 +23,9 @@ import json
 import math
 from pathlib import Path
 
-EAGER = "eager"  # the one row of a case that is no implementation of fastclip's: the yardstick
+from results import BASELINES, load
+
+EAGER = "eager"  # the yardstick of every case
 GRADIENTS = ("dx", "dy")
 SLACK = 1e-2  # the tests' allowance beyond the rounding floor and eager's error
 
@@ -41,7 +45,7 @@ def within_tolerance(err: dict, floor: dict, eager: dict | None = None) -> bool:
 
 def _eager_errors(rows: list[dict], key) -> dict:
     """Eager's gradient errors by ``key`` of its rows."""
-    return {key(r): r["err"] for r in rows if r["impl"] == EAGER and "err" in r}
+    return {key(r): r["err"] for r in rows if r["provider"] == EAGER and "err" in r}
 
 
 def confident_results(results: dict) -> dict[tuple[str, str], bool]:
@@ -49,10 +53,10 @@ def confident_results(results: dict) -> dict[tuple[str, str], bool]:
     rows = results.get("confident", [])
     eager = _eager_errors(rows, lambda r: r["op"])
     return {
-        (r["op"], r["impl"]): "err" in r
+        (r["op"], r["provider"]): "err" in r
         and within_tolerance(r["err"], r["floor"], eager.get(r["op"]))
         for r in rows
-        if r["impl"] != EAGER
+        if r["provider"] not in BASELINES
     }
 
 
@@ -65,33 +69,34 @@ def choices(results: dict) -> list[dict]:
     rejected, and the pick (None when no implementation qualified). The large runs ("large")
     count as cases too; having no gradient error of their own, an implementation qualifies
     there as it did at the largest N measured for its loss."""
-    rows = results.get("losses", [])
+    rows = [r for r in results.get("losses", []) if r["mode"] == "full"]
     eager = _eager_errors(rows, _case)
     confident = confident_results(results)
     largest = {}  # (op, dtype, D, implementation) -> its row at the largest N
     for row in sorted(rows, key=lambda r: r["N"]):
-        largest[(*_case(row)[:3], row["impl"])] = row
+        largest[(*_case(row)[:3], row["provider"])] = row
 
     def rejection(row: dict) -> str | None:
         if "ms" not in row:
             return "out of memory" if row.get("oom") else row.get("error", "not timed")
-        checked = row if "err" in row else largest.get((*_case(row)[:3], row["impl"]), {})
+        checked = row if "err" in row else largest.get((*_case(row)[:3], row["provider"]), {})
         if "err" not in checked:
             return "gradient error not measured"
         if not within_tolerance(checked["err"], checked["floor"], eager.get(_case(checked))):
             return "gradient error beyond tolerance" + (
                 "" if checked is row else f" at N={checked['N']}"
             )
-        if not confident.get((row["op"], row["impl"]), True):
+        if not confident.get((row["op"], row["provider"]), True):
             return "gradient error beyond tolerance on the confident batch"
         return None
 
-    measured = [r for r in rows + results.get("large", []) if r["impl"] != EAGER]
+    large = results.get("large", [])
+    measured = [r for r in rows + large if r["provider"] not in BASELINES]
     picks = []
     for key in sorted({_case(r) for r in measured}):
         mine = [r for r in measured if _case(r) == key]
-        times = {r["impl"]: r["ms"] for r in mine if "ms" in r}
-        rejected = {r["impl"]: why for r in mine if (why := rejection(r)) is not None}
+        times = {r["provider"]: r["ms"] for r in mine if "ms" in r}
+        rejected = {r["provider"]: why for r in mine if (why := rejection(r)) is not None}
         allowed = {impl: ms for impl, ms in times.items() if impl not in rejected}
         pick = min(allowed, key=allowed.get) if allowed else None
         op, dtype, dim, n = key
@@ -116,10 +121,10 @@ def tuning(results: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="the JSON gpu_quick.py wrote")
+    parser.add_argument("results", type=Path, help="the results JSON (run.py's, or pytest's)")
     parser.add_argument("--out", type=Path, default=Path("fastclip/tuning.json"))
     args = parser.parse_args(argv)
-    results = json.loads(args.results.read_text())
+    results = load(args.results)
     if results.get("gpu") is None or results.get("tiny"):
         parser.error(f"{args.results} is not a full GPU run: no tuning from it")
     for choice in choices(results):

@@ -1,5 +1,9 @@
-"""Wall-clock time and peak memory of a function, on CUDA or on the CPU (shared by the demo and
-the benchmarks)."""
+"""Time and peak memory of a function, on CUDA or on the CPU: the one timer of the demo and the
+benchmarks.
+
+Times are read on the device's timeline (CUDA events; the host's clock on a CPU) around runs
+issued back to back, and summarized the same way everywhere: the median with p20 and p80.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,20 +30,81 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds of a function's runs: the median, p20 and p80, and how many runs."""
+
+    ms: float
+    p20: float
+    p80: float
+    runs: int
+
+
+def summarize(times: list[float]) -> Timing:
+    """The median, p20 and p80 of ``times`` (milliseconds)."""
+    if len(times) == 1:
+        return Timing(times[0], times[0], times[0], 1)
+    p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive")
+    return Timing(statistics.median(times), p20, p80, len(times))
+
+
+class Clock:
+    """Points on the device's timeline: CUDA events, or the host's clock on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.points: list = []
+
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.points.append(event)
+        else:
+            self.points.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Milliseconds between consecutive marks (waits for the device)."""
+        pairs = zip(self.points, self.points[1:], strict=False)
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return [a.elapsed_time(b) for a, b in pairs]
+        return [(b - a) * 1e3 for a, b in pairs]
+
+
+def timings(
+    fn: Callable[[], Any],
+    device: torch.device,
+    max_runs: int = 10,
+    warmup: int = 1,
+    fill_ms: float | None = None,
+    between: Callable[[], Any] | None = None,
+) -> Timing:
+    """``fn()`` timed after ``warmup`` untimed runs: a probe run, then the others back to back,
+    ``max_runs`` in all, or with ``fill_ms`` as many as fill that long (at least 2, unless
+    ``max_runs`` is 1). ``between``, when given, runs untimed before each timed run (another
+    provider of the same case, so that none is timed in the state another left behind)."""
+    for _ in range(warmup):
+        fn()
+    clock, runs, done = Clock(device), max_runs, 0
+    while done < runs:
+        if between is not None:
+            between()
+        clock.mark()
+        fn()
+        clock.mark()
+        done += 1
+        if done == 1 and fill_ms is not None and max_runs > 1:
+            more = int(fill_ms / max(clock.intervals()[0], 1e-3))
+            runs = 1 + max(1, min(max_runs - 1, more))
+    return summarize(clock.intervals()[::2])
+
+
 def time_ms(
     fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1
 ) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` runs, synchronizing around each."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of ``fn()`` over ``repeats`` runs (``timings``)."""
+    return timings(fn, device, max_runs=repeats, warmup=warmup).ms
 
 
 def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:

@@ -1,6 +1,6 @@
-"""The short GPU run's tools: benchmarks/gpu_quick.sh rehearsed whole on a CPU (gpu_quick.py at
-tiny sizes through Triton's interpreter, a process per group of parts, one JSON), its summary,
-and the conversion of its results into the table that ``backend="auto"`` reads."""
+"""The short GPU run's tools: benchmarks/gpu_quick.sh rehearsed whole on a CPU (the benchmarks'
+runner at tiny sizes through Triton's interpreter, a process per group of parts, one JSON), its
+summary, and the conversion of its results into the table that ``backend="auto"`` reads."""
 
 import importlib
 import json
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastclip import backends, costs
+from fastclip import backends, costs, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 ERR = {"dx": 4e-3, "dy": 4e-3, "dscale": 1e-3}
@@ -41,8 +41,8 @@ def tuning_file(tmp_path, monkeypatch):
 
 def loss_row(op, n, impl, ms, err=ERR, **more):
     dim = 512 if op == "contrastive" else 768
-    row = {"op": op, "dtype": "bfloat16", "D": dim, "N": n, "impl": impl, "floor": FLOOR}
-    return {**row, "ms": ms, "err": err, "passes": 4, "floor_passes": 4, **more}
+    row = {"op": op, "dtype": "bfloat16", "D": dim, "N": n, "provider": impl, "mode": "full"}
+    return {**row, "floor": FLOOR, "ms": ms, "err": err, "passes": 4, "floor_passes": 4, **more}
 
 
 def fake_results():
@@ -64,22 +64,23 @@ def fake_results():
     ]
     del losses[9]["ms"]
     confident = [
-        {"impl": "eager", "err": {"dx": 0.9, "dy": 0.9}},
-        {"impl": "blocks", "err": ERR},
-        {"impl": "blocks-mm", "err": {"dx": 0.2, "dy": 0.2}},
-        {"impl": "fused", "err": ERR},
+        {"provider": "eager", "err": {"dx": 0.9, "dy": 0.9}},
+        {"provider": "blocks", "err": ERR},
+        {"provider": "blocks-mm", "err": {"dx": 0.2, "dy": 0.2}},
+        {"provider": "fused", "err": ERR},
     ]
     for row in confident:
         row.update(op="contrastive", dtype="bfloat16", N=4096, D=512, scale=100.0, floor=FLOOR)
         row["loss_err"] = 1e-6
     large = [  # blocks-mm failed the confident batch: only blocks qualifies at 2^20
-        {"impl": "blocks-mm", "ms": 7500.0, "auto": True},
-        {"impl": "blocks", "ms": 9000.0},
+        {"provider": "blocks-mm", "ms": 7500.0, "auto": True},
+        {"provider": "blocks", "ms": 9000.0},
     ]
     for row in large:
         row.update(op="contrastive", dtype="bfloat16", D=512, N=2**20, passes=4, floor_passes=4)
-        row.update(peak_mib=4200.0, bound_mib=4352.0)
-    forward = {"op": "contrastive", "N": 65536, "provider": "fastclip", "ms": 9.0, "tflops": 489.0}
+        row.update(mode="full", peak_mib=4200.0, bound_mib=4352.0)
+    forward = {"op": "contrastive", "dtype": "bfloat16", "D": 512, "N": 65536, "mode": "eval"}
+    losses.append({**forward, "provider": "blocks", "ms": 9.0, "tflops": 489.0})
     retrieval = [
         {"op": "similarity", "provider": "fastclip", "mode": "forward", "N": 16384, "ms": 0.5},
         {"op": "similarity", "provider": "cublas", "mode": "forward", "N": 16384, "ms": 0.4},
@@ -92,7 +93,7 @@ def fake_results():
     facts.update(triton="3.6.0", cuda="13.0", tiny=False, sms=132, memory_gib=139.8)
     parts = {"contrastive": {"status": "ok", "seconds": 8.1, "limit_s": 40}}
     return {**facts, "parts": parts, "losses": losses, "confident": confident,
-            "large": large, "forward": [forward], "retrieval": retrieval}  # fmt: skip
+            "large": large, "retrieval": retrieval}  # fmt: skip
 
 
 def test_within_tolerance(bench):
@@ -141,7 +142,7 @@ def test_tuning_cli_writes_the_table_and_refuses_tiny_runs(bench, tmp_path, caps
 
 
 def test_summary_checks_the_targets(bench):
-    text = bench("quick_summary").summary(fake_results(), tests="89 passed in 70.1s")
+    text = bench("render").markdown(fake_results(), tests="89 passed in 70.1s")
     lines = text.splitlines()
     assert "- GPU: NVIDIA H200 (132 SMs, 140 GiB), CUDA 13.0" in lines
     assert "- CUDA tests: 89 passed in 70.1s" in lines
@@ -162,17 +163,19 @@ def test_summary_checks_the_targets(bench):
 
 
 def test_summary_labels_predictions_with_the_constants_used(bench):
-    summary = bench("quick_summary").summary
-    h100 = summary({**fake_results(), "model_device": costs.H100.name})
-    assert "predicted ms (H100 constants)" in h100 and "constants of the NVIDIA H100 80GB" in h100
+    summary = bench("render").markdown
+    results = fake_results()
+    results["losses"][1]["predicted_ms"] = 0.4
+    h100 = summary({**results, "model_device": costs.H100.name})
+    assert "| predicted ms (H100 constants) |" in h100
     other = costs.device_constants("NVIDIA A100-SXM4-80GB").name
     assert "predicted ms (H200 constants, the default)" in summary(
-        {**fake_results(), "model_device": other}
+        {**results, "model_device": other}
     )
 
 
 def test_a_process_that_ended_early_leaves_every_part_a_status(bench):
-    """What quick_summary.py makes of how gpu_quick.sh's processes ended."""
+    """What the summary step makes of how gpu_quick.sh's processes ended."""
     results = {"parts": {"a": {"status": "ok"}, "b": {"status": "running"}}}
     results["parts"]["c"] = {"status": "not started"}
     results["parts"]["d"] = {"status": "interrupted"}
@@ -182,7 +185,7 @@ def test_a_process_that_ended_early_leaves_every_part_a_status(bench):
         ["e", "1", "14"],
         ["f", "skipped", "9"],
     ]
-    lines = bench("quick_summary").reconcile(results, processes)
+    lines = bench("results").reconcile(results, processes)
     status = {name: part["status"] for name, part in results["parts"].items()}
     assert status == {
         "a": "ok",
@@ -197,11 +200,11 @@ def test_a_process_that_ended_early_leaves_every_part_a_status(bench):
 
 def test_the_script_gives_each_part_its_limit_plus_a_start(bench):
     """gpu_quick.sh's processes: every part once, each process's limit its parts' limits in
-    gpu_quick.py plus STARTUP_S."""
+    the runner plus STARTUP_S."""
     script = (ROOT / "benchmarks" / "gpu_quick.sh").read_text()
     listed = re.search(r"^PROCESSES=\((.*?)^\)", script, flags=re.S | re.M).group(1).split()
     startup = int(re.search(r"^STARTUP_S=\$\{STARTUP_S:-(\d+)\}", script, flags=re.M).group(1))
-    limits = {part.name: part.limit_s for part in bench("gpu_quick").PARTS}
+    limits = {part.name: part.limit_s for part in bench("run").PARTS}
     names = []
     for entry in listed:
         parts, limit = entry.split(":")
@@ -212,14 +215,14 @@ def test_the_script_gives_each_part_its_limit_plus_a_start(bench):
 
 @pytest.fixture
 def quick(bench, monkeypatch):
-    """gpu_quick, whose --tiny sizes on a CPU run every part in seconds."""
+    """The benchmarks' runner, whose --tiny sizes on a CPU run every part in seconds."""
     monkeypatch.setenv("FASTCLIP_AUTOTUNE", "0")
-    return bench("gpu_quick")
+    return bench("run")
 
 
 def test_tiny_run_keeps_what_finished_when_a_part_runs_out_of_time(quick, tmp_path, monkeypatch):
-    def endless(run):
-        run.results.add("bandwidth", {"what": "first"})
+    def endless(bench):
+        bench.add("bandwidth", {"what": "first"})
         while True:
             pass
 
@@ -246,18 +249,18 @@ def test_merge_adds_parts_and_replaces_a_repeated_one(quick, tmp_path):
     assert merged["bandwidth"] and all(row["part"] == "bandwidth" for row in merged["bandwidth"])
 
 
-def test_facts_name_the_first_config_of_each_kernel_that_fits(quick, monkeypatch):
+def test_facts_name_the_first_config_of_each_kernel_that_fits(quick, bench, monkeypatch):
     """As on a GPU with a Hopper's shared memory: the configs each kernel launches without
     autotuning, the first of its autotune list."""
-    from fastclip.kernels import projection, tiles
+    from fastclip.kernels import launch, projection
 
     hopper = SimpleNamespace(get_device_properties=lambda index: {"max_shared_mem": 232448})
-    for module in (tiles, projection):
+    for module in (launch, projection):
         monkeypatch.setattr(module, "driver", SimpleNamespace(active=SimpleNamespace(utils=hopper)))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     configs = quick.launched_configs(torch.empty(0, dtype=torch.bfloat16))
     assert configs.keys() == quick.KERNELS.keys()
-    first = quick.BLOCK_CONFIGS["contrastive"][0]
+    first = bench("probes").BLOCK_CONFIGS["contrastive"][0]
     expected = {"blocks": first.kwargs, "warps": first.num_warps, "stages": first.num_stages}
     assert configs["InfoNCE G"] == {**expected, "maxnreg": first.maxnreg}
 
@@ -307,7 +310,7 @@ def rehearsal(tmp_path_factory):
 
 
 def test_rehearsal_reports_every_part(rehearsal, bench):
-    names = [part.name for part in bench("gpu_quick").PARTS]
+    names = [part.name for part in bench("run").PARTS]
     files = returned_files(rehearsal)
     assert {path.name for path in files} >= {"env.txt", "tests.log", "quick.json", "summary.md"}
     results = json.loads((rehearsal / "quick.json").read_text())
@@ -322,22 +325,28 @@ def test_rehearsal_reports_every_part(rehearsal, bench):
 
 def test_rehearsal_measures_every_part(rehearsal, bench):
     results = json.loads((rehearsal / "quick.json").read_text())
-    assert {row["impl"] for row in results["losses"]} == {"eager", "blocks", "blocks-mm", "fused"}
-    for row in results["losses"]:
+    implementations = registry.names("contrastive", triton=True)
+    full = [row for row in results["losses"] if row["mode"] == "full"]
+    assert {row["provider"] for row in full} == {"eager", *implementations}
+    for row in full:
         assert row["ms"] > 0 and row["ok"], row
-        if row["impl"] != "eager":  # every stage the cost model predicts, measured
+        if row["provider"] != "eager":  # every stage the cost model predicts, measured
             assert row["stages_ms"].keys() == row["predicted_stages_ms"].keys(), row
-    assert all(row["ok"] for row in results["confident"] if row["impl"] != "eager")
+    evaluation = [row for row in results["losses"] if row["mode"] == "eval"]  # no gradients
+    assert {row["provider"] for row in evaluation} == {"eager", implementations[0]}
+    assert all(row["ok"] for row in results["confident"] if row["provider"] != "eager")
     assert len(results["cublas"]) % 4 == 0 and all("tflops" in r for r in results["cublas"])
-    for part in ("bandwidth", "block_configs", "forward", "retrieval", "projection", "large"):
+    for part in ("bandwidth", "block_configs", "tma", "retrieval", "projection", "large"):
         assert results[part] and all("ms" in row for row in results[part]), part
-    quick = bench("gpu_quick")
-    configs = {op: len(listed) for op, listed in quick.BLOCK_CONFIGS.items()}
+    for row in evaluation + full + results["retrieval"] + results["projection"]:
+        assert row["p20"] <= row["ms"] <= row["p80"] and "tflops" in row, row
+    configs = {op: len(listed) for op, listed in bench("probes").BLOCK_CONFIGS.items()}
     for op, count in configs.items():  # every config of the G kernel's autotune list
         assert sum(row["op"] == op for row in results["block_configs"]) == count, op
 
     summary = (rehearsal / "summary.md").read_text()
-    assert "## InfoNCE (CLIP), D=32" in summary and "## auto's table" in summary
+    assert "## InfoNCE (CLIP)" in summary and "## auto's table" in summary
+    assert "| 64 | 32 | float16 | full | blocks |" in summary
     picks = {c["pick"] for c in bench("tuning").choices(results)}
     assert picks <= {"blocks", "blocks-mm", "fused"} and None not in picks
 
