@@ -81,6 +81,7 @@ from results import Results
 import fastclip.kernels.contrastive as kc
 import fastclip.kernels.fused as kf
 import fastclip.kernels.projection as kp
+import fastclip.kernels.projection_backward as kpb
 import fastclip.kernels.siglip as ks
 import fastclip.kernels.similarity as ksim
 from fastclip import costs
@@ -135,8 +136,8 @@ KERNELS = {
         kp._forward_tuned,
         {"BO": kp.output_block(bench_projection.PROJECTION[1]), "WIDE": False},
     ),
-    "projection dx": (kp._dx_tuned, {}),
-    "projection dW": (kp._dw_tuned, {}),
+    "projection dx": (kpb._dx_tuned, {}),
+    "projection dW": (kpb._dw_tuned, {}),
 }
 
 

@@ -11,25 +11,23 @@ import argparse
 import contextlib
 import dataclasses
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import torch
-from torch.utils.data import Dataset
 
 from fastclip import train as training
 from fastclip.checkpoint import load_pretrained
 from fastclip.checks import check_number, one_of
-from fastclip.data import SOURCES, described, few_shot_splits, find, serving
-from fastclip.finetune import METHODS, Task, compare, load_checkpoint, render_table
-from fastclip.hub import repo_id
+from fastclip.data import SOURCES, described, serving
+from fastclip.finetune import command as finetuning
 from fastclip.tokenizer import Tokenizer
-from fastclip.train import Diverged, FlagError, TrainConfig, checkpoint_of, latest_checkpoint
-from fastclip.train.config import allowed, check_setting
+from fastclip.train import Diverged, FlagError, TrainConfig
+from fastclip.train.directory import existing_checkpoint
+from fastclip.train.settings import check_setting, flag_help
 from fastclip.zeroshot import Evaluation
+
+Config = TypeVar("Config")
 
 # What a command raises at the user's input (flags, data, files) or a diverged run: one line
 # "fastclip COMMAND: error: ..." and exit status 1, no traceback. Flag errors exit with
@@ -63,31 +61,36 @@ def flag_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
 
 def config_parser(prog: str, description: str, config: type) -> argparse.ArgumentParser:
     """A parser with a ``--flag`` per field of the dataclass ``config`` (``batch_size`` is
-    ``--batch-size``; a bool gets ``--no-flag`` too), its help from the field's metadata."""
+    ``--batch-size``; a bool gets ``--no-flag`` too), its help from the field's metadata, and
+    the field's own ``add_argument`` keywords last."""
     parser = Parser(prog=prog, description=description)
     for f in dataclasses.fields(config):
-        kind, values = type(f.default), allowed(f)
-        shown = [f"default: {f.default}"] if f.default != "" else []  # "": not given
-        help = f"{f.metadata['help']} ({'; '.join([*shown, values] if values else shown)})"
-        if kind is bool:
-            parser.add_argument(
-                flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=help
-            )
+        help = flag_help(f)
+        if type(f.default) is bool:
+            options = dict(action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            parser.add_argument(flag(f.name), type=kind, default=f.default, help=help)
+            options = dict(type=type(f.default), default=f.default, help=help)
+        parser.add_argument(flag(f.name), **{**options, **f.metadata["flag"]})
     return parser
 
 
-def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    """``fastclip train``'s flags as a TrainConfig; a value out of its field's range is the
-    parser's error, naming the flag (exit status 2)."""
-    description = training.__doc__.split("\n\n")[0]
-    parser = config_parser("fastclip train", description, TrainConfig)
+def parse_config(
+    config: type[Config], prog: str, description: str, argv: list[str] | None
+) -> Config:
+    """A command's flags as its ``config`` dataclass; a value out of its field's range is the
+    parser's error, naming the flag (exit status 2), and so is any ValueError the config raises."""
+    parser = config_parser(prog, description, config)
     values = vars(parser.parse_args(argv))
     with flag_errors(parser):
-        for f in dataclasses.fields(TrainConfig):
+        for f in dataclasses.fields(config):
             check_setting(f, values[f.name], flag(f.name))
-        return TrainConfig(**values)
+        return config(**values)
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    """``fastclip train``'s flags as a TrainConfig."""
+    description = training.__doc__.split("\n\n")[0]
+    return parse_config(TrainConfig, "fastclip train", description, argv)
 
 
 def train_command(argv: list[str]) -> dict[str, float]:
@@ -123,110 +126,12 @@ def eval_command(argv: list[str]) -> dict[str, float]:
     return metrics
 
 
-def existing_checkpoint(path: str) -> str | Path:
-    """A checkpoint as a flag names it: a checkpoint directory or weights file, a run
-    directory (its latest checkpoint), or a Hugging Face Hub name (fetched when loaded); a
-    ValueError if there is nothing at ``path``."""
-    if repo_id(path):
-        return path
-    if not Path(path).exists():
-        raise ValueError(f"no checkpoint at {path}: no such file or directory")
-    return checkpoint_of(path)
-
-
-def _finetune_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="fastclip finetune",
-        description="Train one method on k shots per class, or --compare them all.",
-    )
-    add = parser.add_argument
-    add("--checkpoint", help="a pretrained CLIP (default: train a tiny one)")
-    add("--data", default="digits", help=f"{described('few_shot')} (default: digits)")
-    add("--method", default="probe", choices=tuple(METHODS), help="(default: probe)")
-    add("--compare", action="store_true", help="every method: a table over k")
-    add("--shots", type=int, nargs="+", help="k (16; --compare: 1 4 16)")
-    add("--out", help="for the trained part, the table, a pretraining run (replaced)")
-    add("--pretrain-steps", type=int, default=150, help="without --checkpoint")
-    add("--seed", type=int, default=0, help="the few-shot draw, initialization")
-    add("--data-seed", type=int, default=0, help="the pretraining run's --seed")
-    return parser
-
-
 def finetune_command(argv: list[str]) -> dict:
     """fastclip finetune: one method's top-1 accuracy at one k (and its trained part saved to
     --out), or with --compare every method's at every k, as a table."""
-    parser = _finetune_parser()
-    args = parser.parse_args(argv)
-    shots = args.shots or ([1, 4, 16] if args.compare else [16])
-    if not args.compare and len(shots) != 1:
-        parser.error("--shots takes one k without --compare")
-    with flag_errors(parser):
-        for k in shots:
-            check_number("--shots", k, 1, integer=True)
-        check_number("--pretrain-steps", args.pretrain_steps, 1, integer=True)
-        check_number("--seed", args.seed, 0, integer=True)
-        check_number("--data-seed", args.data_seed, 0, integer=True)
-        find(args.data, "few_shot")
-        given = args.checkpoint and existing_checkpoint(args.checkpoint)
-    out = Path(args.out) if args.out else None
-    with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = given or _pretrain(args, (out or Path(scratch)) / "pretrained")
-        model, tokenizer = load_checkpoint(checkpoint), Tokenizer.from_pretrained(checkpoint)
-    splits = few_shot_splits(args.data, args.data_seed)
-    if args.compare:
-        return _compare(args, model, tokenizer, splits, shots, out)
-    return _run_one(args, model, tokenizer, splits, shots[0], out)
-
-
-def _compare(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    tokenizer: Tokenizer,
-    splits: tuple[Dataset, Dataset],
-    shots: list[int],
-    out: Path | None,
-) -> dict[str, dict[int, float]]:
-    """Every method at every k: the table printed, and written to --out."""
-    tic = time.perf_counter()
-    results = compare(model, tokenizer, *splits, shots=shots, seed=args.seed)
-    table = render_table(results)
-    elapsed = time.perf_counter() - tic
-    print(f"{table}\n\n{args.data}: top-1 on the test split ({elapsed:.0f} s)")
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.md").write_text(table + "\n")
-    return results
-
-
-def _run_one(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    tokenizer: Tokenizer,
-    splits: tuple[Dataset, Dataset],
-    k: int,
-    out: Path | None,
-) -> dict[str, float]:
-    """One method at one k against zero-shot: printed, and the trained part saved to --out."""
-    tic, method = time.perf_counter(), args.method
-    task = Task.build(model, tokenizer, *splits)
-    part, top1 = task.run(method, k, seed=args.seed)
-    results = {"zero-shot": task.zero_shot(), method: top1}
-    print(f"{'zero-shot':<10} {results['zero-shot']:6.1%}")
-    print(f"{method:<10} {top1:6.1%}  (k = {k}, {time.perf_counter() - tic:.0f} s)")
-    if out:
-        path = out / f"{method}.safetensors"
-        out.mkdir(parents=True, exist_ok=True)
-        METHODS[method].save(part, path)
-        print(f"saved {path}")
-    return results
-
-
-def _pretrain(args: argparse.Namespace, out: Path) -> Path:
-    """Train a tiny CLIP on ``args.data`` briefly; its final checkpoint."""
-    training.train(TrainConfig(data=args.data, steps=args.pretrain_steps, out=str(out),
-                               eval_every=0, save_every=0, seed=args.data_seed,
-                               overwrite=True))  # fmt: skip
-    return latest_checkpoint(out)
+    description = finetuning.__doc__.split("\n\n")[0]
+    config = parse_config(finetuning.FinetuneConfig, "fastclip finetune", description, argv)
+    return finetuning.finetune(config)
 
 
 COMMANDS = {"train": train_command, "eval": eval_command, "finetune": finetune_command}

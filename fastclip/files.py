@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 TORCH_SAVE_HEADS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, its older pickle
 
 
-class Tokenizer(Protocol):
+class SavesPretrained(Protocol):
     """What a checkpoint directory needs of a tokenizer (``fastclip.Tokenizer`` has it)."""
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -198,7 +198,7 @@ def write_checkpoint(
     directory: str | os.PathLike,
     state: Mapping[str, torch.Tensor],
     config: Mapping,
-    tokenizer: Tokenizer | None = None,
+    tokenizer: SavesPretrained | None = None,
 ) -> Path:
     """A checkpoint directory: ``model.safetensors``, ``config.json`` and, if given, the
     tokenizer's files; each file written atomically."""

@@ -217,3 +217,55 @@ def bucket(n: int) -> int:
     """Autotune key: powers of two from 1K to 64K rows, so a new batch size does not trigger a new
     search; past 64K rows every config fills the GPU many times over and the best one is settled."""
     return min(triton.next_power_of_2(max(n, 1024)), 65536)
+
+
+# ----------------------------------------------------------------------------------------------
+# The projection's kernels: which configs fit
+# ----------------------------------------------------------------------------------------------
+
+
+def projection_footprint(kernel: str, blocks: dict) -> tuple[int, int]:
+    """(operand elements per pipeline stage, fp32 accumulator elements) of a projection kernel's
+    tiles ("forward", "dx" or "dw"; ``projection.py``)."""
+    bm, bo, bi = blocks["BM"], blocks["BO"], blocks["BI"]
+    if kernel == "forward":  # x (BM, BI) and W (BO, BI) tiles into z (BM, BO)
+        return (bm + bo) * bi, bm * bo
+    if kernel == "dx":  # g, y (BM, BO) and W (BO, BI) into dx (BM, BI)
+        return (2 * bm + bi) * bo, bm * bi
+    return (2 * bo + bi) * bm, bo * bi  # dw: g, y (BM, BO) and x (BM, BI) into dW (BO, BI)
+
+
+def projection_fitting(
+    kernel: str, configs: list, meta: dict, element_size: int, shared_memory: int
+) -> list:
+    """The configs whose pipelined operand tiles take at most 3/4 of the shared memory and whose
+    fp32 accumulator takes at most 128 registers a thread and half of what a thread may have
+    (65536 / threads): the compiler spills the rest, or refuses it. The forward's two-stage
+    epilogue counts its accumulator twice (compiled, it keeps about that much more live)."""
+    kept = []
+    for c in configs:
+        sizes = {**meta, **c.kwargs}
+        operands, accumulator = projection_footprint(kernel, sizes)
+        smem = operands * c.num_stages * element_size
+        threads = 32 * c.num_warps
+        registers = accumulator / threads * (2 if meta.get("WIDE") else 1)
+        if smem <= 0.75 * shared_memory and registers <= min(128, 65536 / threads / 2):
+            if kernel != "forward" or _full_width_mma(sizes, c.num_warps):
+                kept.append(c)
+    return kept
+
+
+def _full_width_mma(sizes: dict, num_warps: int) -> bool:
+    """Hopper's MMA runs per warp group (4 warps) on 64 rows: warp groups beyond BM / 64 split
+    the BO output columns between them, and an n64 instruction where n128 fits halves the
+    operand reuse. A BO of 128 or more must stay at least 128 wide per warp group."""
+    split = max(1, (num_warps // 4) // max(1, sizes["BM"] // 64))
+    return sizes["BO"] < 128 or sizes["BO"] // split >= 128
+
+
+def projection_prune(kernel: str, configs: list, named_args: dict, **meta) -> list:
+    """``early_config_prune``: the fitting configs for this GPU (each kernel's first argument is an
+    operand in the input dtype); the last config, the smallest, if none fits."""
+    first = next(iter(named_args.values()))
+    smem = driver.active.utils.get_device_properties(first.device.index)["max_shared_mem"]
+    return projection_fitting(kernel, configs, meta, first.element_size(), smem) or configs[-1:]

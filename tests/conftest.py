@@ -24,4 +24,3 @@ os.environ.update(
 # Tests run the kernels with fixed tiles: autotuning every new shape would dominate a GPU run.
 # The tests of the autotuned path turn it back on.
 os.environ.setdefault("FASTCLIP_AUTOTUNE", "0")
-

@@ -19,6 +19,7 @@ from helpers import require
 from safetensors.torch import load_file
 
 require("tokenizers", "tqdm")
+from fastclip.finetune import FinetuneConfig
 from fastclip.train import TrainConfig
 
 # A run of seconds: the tiny preset on 64 generated images.
@@ -270,7 +271,7 @@ def test_bad_flags_end_in_one_line_with_status_2(tmp_path, args, message):
 
 
 def test_every_number_a_flag_takes_has_a_range():
-    for f in fields(TrainConfig):
+    for f in (*fields(TrainConfig), *fields(FinetuneConfig)):
         if not isinstance(f.default, (bool, str)):
             assert f.metadata["range"] is not None, f.name
 

@@ -252,11 +252,10 @@ def test_merge_adds_parts_and_replaces_a_repeated_one(quick, tmp_path):
 def test_facts_name_the_first_config_of_each_kernel_that_fits(quick, bench, monkeypatch):
     """As on a GPU with a Hopper's shared memory: the configs each kernel launches without
     autotuning, the first of its autotune list."""
-    from fastclip.kernels import launch, projection
+    from fastclip.kernels import launch
 
     hopper = SimpleNamespace(get_device_properties=lambda index: {"max_shared_mem": 232448})
-    for module in (launch, projection):
-        monkeypatch.setattr(module, "driver", SimpleNamespace(active=SimpleNamespace(utils=hopper)))
+    monkeypatch.setattr(launch, "driver", SimpleNamespace(active=SimpleNamespace(utils=hopper)))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     configs = quick.launched_configs(torch.empty(0, dtype=torch.bfloat16))
     assert configs.keys() == quick.KERNELS.keys()

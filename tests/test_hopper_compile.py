@@ -43,6 +43,7 @@ import fastclip.kernels.fused as kfused
 import fastclip.kernels.jit as kjit
 import fastclip.kernels.launch as klaunch
 import fastclip.kernels.projection as kproj
+import fastclip.kernels.projection_backward as kprojb
 import fastclip.kernels.siglip as ks
 import fastclip.kernels.similarity as ksim
 
@@ -237,36 +238,36 @@ def cases() -> dict[str, Case]:
     for c in kproj._FORWARD_CONFIGS:
         for wide, widths in ((False, (512, 256, 128)), (True, (256, 128))):
             meta = {"WIDE": wide, "DOT_PRECISION": "ieee", "HAS_BIAS": True}
-            width = next((w for w in widths if kproj.fitting(
+            width = next((w for w in widths if klaunch.projection_fitting(
                 "forward", [c], {**meta, "BO": w}, 2, klaunch.SM_SHARED_MEMORY)), None)  # fmt: skip
             if width is not None:  # else pruned for every width
                 const = {**meta, "BO": width, "eps": 1e-12}
                 add(f"projection-forward-{label(c)}-BO{width}-wide{wide}", kproj._forward_kernel,
                     proj, const, c, (c.kwargs["BM"], width))  # fmt: skip
-    for c in kproj._DX_CONFIGS:
+    for c in kprojb._DX_CONFIGS:
         const = {"DX": True, "DOT_PRECISION": "ieee", "eps": 1e-12}
-        add(f"projection-dx-{label(c)}", kproj._dx_kernel, proj, const, c, tile(c, n="BI"))
-    for c in kproj._DW_CONFIGS:
+        add(f"projection-dx-{label(c)}", kprojb._dx_kernel, proj, const, c, tile(c, n="BI"))
+    for c in kprojb._DW_CONFIGS:
         for db in (True, False):
             const = {"DW": True, "DB": db, "DOT_PRECISION": "ieee", "eps": 1e-12}
-            add(f"projection-dw-{label(c)}-db{db}", kproj._dw_kernel, proj, const, c,
+            add(f"projection-dw-{label(c)}-db{db}", kprojb._dw_kernel, proj, const, c,
                 tile(c, "BO", "BI"))  # fmt: skip
     const = {"DX": False, "DOT_PRECISION": "ieee", "eps": 1e-12}
-    add("projection-dx-statistic-only", kproj._dx_kernel, proj, const, kproj._DX_CONFIGS[0])
+    add("projection-dx-statistic-only", kprojb._dx_kernel, proj, const, kprojb._DX_CONFIGS[0])
     const = {"DW": False, "DB": True, "DOT_PRECISION": "ieee", "eps": 1e-12}
-    add("projection-dw-bias-only", kproj._dw_kernel, proj, const, kproj._DW_CONFIGS[0])
+    add("projection-dw-bias-only", kprojb._dw_kernel, proj, const, kprojb._DW_CONFIGS[0])
     for precision in ("ieee", "tf32"):  # fp32
         const = {"HAS_BIAS": True, "WIDE": False, "DOT_PRECISION": precision, "BO": 512,
                  "eps": 1e-12}  # fmt: skip
-        c = kproj.fitting("forward", kproj._FORWARD_CONFIGS, {"BO": 512}, 4,
+        c = klaunch.projection_fitting("forward", kproj._FORWARD_CONFIGS, {"BO": 512}, 4,
                           klaunch.SM_SHARED_MEMORY)[0]  # fmt: skip
         add(f"projection-forward-fp32-{precision}", kproj._forward_kernel, proj32, const, c)
         const = {"DX": True, "DOT_PRECISION": precision, "eps": 1e-12}
-        c = kproj.fitting("dx", kproj._DX_CONFIGS, {}, 4, klaunch.SM_SHARED_MEMORY)[0]
-        add(f"projection-dx-fp32-{precision}", kproj._dx_kernel, proj32, const, c)
+        c = klaunch.projection_fitting("dx", kprojb._DX_CONFIGS, {}, 4, klaunch.SM_SHARED_MEMORY)[0]
+        add(f"projection-dx-fp32-{precision}", kprojb._dx_kernel, proj32, const, c)
         const = {"DW": True, "DB": True, "DOT_PRECISION": precision, "eps": 1e-12}
-        c = kproj.fitting("dw", kproj._DW_CONFIGS, {}, 4, klaunch.SM_SHARED_MEMORY)[0]
-        add(f"projection-dw-fp32-{precision}", kproj._dw_kernel, proj32, const, c)
+        c = klaunch.projection_fitting("dw", kprojb._DW_CONFIGS, {}, 4, klaunch.SM_SHARED_MEMORY)[0]
+        add(f"projection-dw-fp32-{precision}", kprojb._dw_kernel, proj32, const, c)
     rows = triton.Config({"BM": klaunch.ROWS, "BD": 128}, num_warps=4, num_stages=1)
     add("finalize", kjit.finalize_kernel, bf16, {}, rows)
     add("row-dot", kjit.row_dot_kernel, bf16, {}, rows)

@@ -33,7 +33,7 @@ from fastclip.data import ShapesDataset, write_shards
 from fastclip.model import CLIP
 from fastclip.train import FlagError, TrainConfig, contrastive_step, optimizer_step
 from fastclip.train.directory import MANIFEST, RunFiles, claim
-from fastclip.train.step import MAX_NONFINITE_LOSSES, Scaling, autocast_dtype
+from fastclip.train.precision import MAX_NONFINITE_LOSSES, Scaling, autocast_dtype
 
 # On the CPU everywhere (a GPU machine too): gloo for two processes, and bit-exact resumes.
 SMALL = dict(steps=6, batch_size=32, samples=512, warmup=2, log_every=1, eval_every=0, save_every=3,
@@ -416,7 +416,7 @@ def test_the_loss_scale_reaches_every_micro_batch(micro_batch):
 def test_an_inf_gradient_skips_the_step_and_halves_the_scale():
     torch.manual_seed(0)
     model, (images, tokens) = CLIP("tiny"), clip_batch()
-    optimizer = train.step.adamw(model, 1e-3, 0.1)
+    optimizer = train.optim.adamw(model, 1e-3, 0.1)
     scaling = Scaling(torch.amp.GradScaler("cpu", init_scale=2.0**16))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     contrastive_step(model, ClipLoss(), images, tokens, 4, contextlib.nullcontext, scaling.scaler)

@@ -18,8 +18,9 @@ A Hugging Face Hub repository's name (``org/name``, ``hf-hub:org/name``) reads i
 (``fastclip.hub``); an open_clip directory's ``open_clip_config.json`` gives what the weights'
 shapes cannot (``open_clip``).
 
-``pretrained`` holds fastclip's layout and the loading; ``openai`` and ``hf`` the converters, each
-one table of names read both ways; ``fastclip.files`` the file reading and writing.
+``pretrained`` holds fastclip's layout and the loading (``weight_names`` reads a checkpoint's
+names alone); ``openai`` and ``hf`` the converters, each one table of names (``keys``) read both
+ways; ``fastclip.files`` the file reading and writing.
 """
 
 from fastclip.checkpoint.hf import export_hf, from_hf_state_dict, to_hf_state_dict

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fastclip.checkpoint.keys import KeyMap
-from fastclip.files import Tokenizer, write_checkpoint
+from fastclip.files import SavesPretrained, write_checkpoint
 from fastclip.model import CLIP, CLIPConfig
 
 KEYS = KeyMap(
@@ -171,7 +171,7 @@ def config_to_hf(c: CLIPConfig) -> dict:
 
 
 def export_hf(
-    model: CLIP, directory: str | os.PathLike, tokenizer: Tokenizer | None = None
+    model: CLIP, directory: str | os.PathLike, tokenizer: SavesPretrained | None = None
 ) -> Path:
     """Write a Hugging Face ``CLIPModel`` directory (config.json, model.safetensors, and the
     tokenizer's files if given): ``transformers.CLIPModel.from_pretrained(directory)`` loads it."""

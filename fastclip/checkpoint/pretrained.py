@@ -13,11 +13,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from fastclip.checkpoint.hf import from_hf_state_dict
 from fastclip.checkpoint.open_clip import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, open_clip_fields
 from fastclip.checkpoint.openai import from_openai_state_dict, infer_config, to_openai_state_dict
-from fastclip.files import Tokenizer, read_json, read_state_dict, require_match, write_checkpoint
+from fastclip.files import (
+    SavesPretrained,
+    read_json,
+    read_state_dict,
+    require_match,
+    write_checkpoint,
+)
 from fastclip.hub import Layout, resolve
 from fastclip.model import CLIP, CLIPConfig
 
@@ -137,12 +144,27 @@ def load_weights(model: CLIP, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def save_pretrained(
-    model: CLIP, directory: str | os.PathLike, tokenizer: Tokenizer | None = None
+    model: CLIP, directory: str | os.PathLike, tokenizer: SavesPretrained | None = None
 ) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (+ the tokenizer's files) into ``directory``,
     each file atomically. ``load_pretrained(directory)`` reads them back."""
     config = {"fastclip": model.config.to_dict()}
     return write_checkpoint(directory, model.state_dict(), config, tokenizer)
+
+
+def weight_names(path: Path) -> tuple[Path, list[str]] | None:
+    """The safetensors file of a local checkpoint (a directory or a weights file) and the names
+    of the weights it holds, read from its header without loading a tensor; None if it has no
+    readable safetensors file (``load_pretrained`` then says what is wrong)."""
+    files = [path / name for name in WEIGHT_FILES] if path.is_dir() else [path]
+    weights = next((f for f in files if f.suffix == ".safetensors" and f.is_file()), None)
+    if weights is None:
+        return None
+    try:
+        with safe_open(weights, framework="pt") as f:
+            return weights, list(f.keys())
+    except (SafetensorError, OSError):
+        return None
 
 
 def _read_directory(path: Path, names: tuple[str, ...] = WEIGHT_FILES) -> dict[str, torch.Tensor]:

@@ -20,11 +20,13 @@ own: ``save_adapter``/``load_adapter`` (safetensors); ``fastclip.lora.save_lora`
 
 One module per method (``probe``, ``adapter``, ``prompt``, ``lora``), each exposing a ``Method``
 (``base``): fit on a task's shots, score its test split, save the part. ``task.METHODS`` is the
-registry that ``Task.run``, ``compare`` and ``fastclip finetune`` (``fastclip.cli``) read.
+registry that ``Task.run``, ``compare`` and ``fastclip finetune`` read; ``command`` holds that
+command's flags (``FinetuneConfig``) and its run (``finetune``).
 """
 
 from fastclip.finetune.adapter import ClipAdapter, train_adapter
 from fastclip.finetune.base import FewShot, Method, Split, load_adapter, save_adapter, top1
+from fastclip.finetune.command import FinetuneConfig, finetune
 from fastclip.finetune.lora import train_lora
 from fastclip.finetune.probe import LinearProbe, fit_linear_probe
 from fastclip.finetune.prompt import PromptLearner, train_prompts
@@ -42,6 +44,7 @@ __all__ = [
     "METHODS",
     "ClipAdapter",
     "FewShot",
+    "FinetuneConfig",
     "LinearProbe",
     "Method",
     "PromptLearner",
@@ -49,6 +52,7 @@ __all__ = [
     "Task",
     "compare",
     "few_shot_indices",
+    "finetune",
     "fit_linear_probe",
     "load_adapter",
     "load_checkpoint",

@@ -9,12 +9,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastclip.checkpoint import WEIGHT_FILES, load_pretrained
-from fastclip.checkpoint.pretrained import HUB_LAYOUTS
+from fastclip.checkpoint import load_pretrained
+from fastclip.checkpoint.pretrained import HUB_LAYOUTS, weight_names
 from fastclip.checks import check_classnames, check_int
 from fastclip.finetune import adapter, lora, probe, prompt
 from fastclip.finetune.base import FewShot, Method, Split, check_text_tower, top1
@@ -94,15 +93,9 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     missing tower is named, with what needs it, before anything is built. A Hub repository's
     name reads its snapshot."""
     path = resolve(path, HUB_LAYOUTS)
-    files = [path / name for name in WEIGHT_FILES] if path.is_dir() else [path]
-    weights = next((f for f in files if f.suffix == ".safetensors" and f.is_file()), None)
-    try:
-        with safe_open(weights, framework="pt") as f:
-            keys = list(f.keys())
-    except (TypeError, SafetensorError, OSError):  # none, or unreadable: load_pretrained says
-        return load_pretrained(path)
+    weights, keys = weight_names(path) or (None, [])  # none: load_pretrained says what is wrong
     for tower, (prefixes, users) in TOWERS.items():
-        if not any(k.startswith(prefixes) for k in keys):
+        if weights and not any(k.startswith(prefixes) for k in keys):
             raise ValueError(
                 f"{weights} has no {tower} tower (no {'*, '.join(prefixes)}* weights), "
                 f"which {users} need"

@@ -1,24 +1,24 @@
 """The settings of a training run: one dataclass whose fields carry their defaults, their help
-text and their allowed values. The command line (``fastclip train --help``) is built from it, and
-every value is checked when a config is made, before a run starts; what only the run's data,
-checkpoint or processes can tell (a batch larger than the dataset, a ``--model`` other than the
-resumed checkpoint's) is checked as the run starts, before it writes anything (``FlagError``)."""
+text and their allowed values (``settings.setting``). The command line (``fastclip train
+--help``) is built from it, and every value is checked when a config is made, before a run
+starts; what only the run's data, checkpoint or processes can tell (a batch larger than the
+dataset, a ``--model`` other than the resumed checkpoint's) is checked as the run starts, before
+it writes anything (``FlagError``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import Field, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
-from fastclip.checks import check_choice, check_number, number_range, one_of
 from fastclip.data import column_keywords, described, find
 from fastclip.hub import repo_id
 from fastclip.model import PRESETS
 from fastclip.tokenizer import MIN_VOCAB_SIZE
+from fastclip.train.losses import LOSSES
+from fastclip.train.precision import PRECISIONS, check_precision
 from fastclip.train.processes import DEVICES, check_available
 from fastclip.train.reporting import REPORTERS, reporter_names
-from fastclip.train.step import LOSSES, PRECISIONS, check_precision
+from fastclip.train.settings import check_setting, setting
 
 # What a new run takes where --model, --loss or --vocab-size is not given (the fields' unset
 # defaults); --resume and --init take their checkpoint's (fastclip.train.origin).
@@ -28,42 +28,6 @@ NEW_RUN = dict(model="tiny", loss="clip", vocab_size=1024)
 class FlagError(ValueError):
     """A flag that the run's data, checkpoint or processes refuse, found as the run starts and
     before it writes anything: like a value out of range, one line and exit status 2."""
-
-
-def setting(
-    default: Any,
-    help: str,
-    choices: Sequence[str] = (),
-    *,
-    low: float | None = None,
-    above: bool = False,
-) -> Any:
-    """A config field: its default, its ``--flag``'s help and its allowed values: ``choices``
-    for a str; for a number, at least ``low`` (more than ``low`` if ``above``)."""
-    limits = None if low is None else dict(low=low, open_low=above)
-    metadata = {"help": help, "choices": tuple(choices), "range": limits}
-    return field(default=default, metadata=metadata)
-
-
-def allowed(f: Field) -> str:
-    """The values a field allows, in words ("" if any value of its type)."""
-    if f.metadata["choices"]:
-        return one_of(f.metadata["choices"])
-    if f.metadata["range"] is not None:
-        return number_range(integer=isinstance(f.default, int), **f.metadata["range"])
-    return ""
-
-
-def check_setting(f: Field, value: object, name: str) -> None:
-    """A ValueError naming ``name`` (the field, or its flag) unless ``value`` is one that the
-    field allows. The default always is: for ``model``, ``loss`` and ``vocab_size`` it stands
-    for "not given"."""
-    if value == f.default:
-        return
-    if f.metadata["choices"]:
-        check_choice(name, value, f.metadata["choices"])
-    elif f.metadata["range"] is not None:
-        check_number(name, value, integer=isinstance(f.default, int), **f.metadata["range"])
 
 
 @dataclass

@@ -27,6 +27,7 @@ from glob import escape
 from pathlib import Path
 
 from fastclip.files import read_json, write_json
+from fastclip.hub import repo_id
 from fastclip.tokenizer import HUB_LAYOUTS
 
 MANIFEST = "fastclip-run.json"
@@ -71,6 +72,17 @@ def latest_checkpoint(out: Path) -> Path | None:
 def checkpoint_of(path: str | os.PathLike) -> Path:
     """A checkpoint directory as given, or the latest checkpoint of a run directory."""
     return latest_checkpoint(Path(path)) or Path(path)
+
+
+def existing_checkpoint(path: str) -> str | Path:
+    """A checkpoint as a flag names it: a checkpoint directory or weights file, a run
+    directory (its latest checkpoint), or a Hugging Face Hub name (fetched when loaded); a
+    ValueError if there is nothing at ``path``."""
+    if repo_id(path):
+        return path
+    if not Path(path).exists():
+        raise ValueError(f"no checkpoint at {path}: no such file or directory")
+    return checkpoint_of(path)
 
 
 @dataclass

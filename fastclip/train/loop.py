@@ -28,8 +28,10 @@ from fastclip.tokenizer import Tokenizer
 from fastclip.train.batches import batches, captions, pixels, steps_per_epoch
 from fastclip.train.config import FlagError, TrainConfig
 from fastclip.train.directory import ENTRIES, RunFiles, checkpoint_name, claim
-from fastclip.train.metrics import JsonlFile, ProgressBar, Sink, plot, summary
+from fastclip.train.losses import LOSSES
+from fastclip.train.optim import adamw, cosine_schedule, lock_towers
 from fastclip.train.origin import Origin, described, start
+from fastclip.train.precision import Scaling, autocast_for, grad_scaler
 from fastclip.train.processes import (
     average,
     barrier,
@@ -38,20 +40,22 @@ from fastclip.train.processes import (
     setup_distributed,
     shutdown,
 )
-from fastclip.train.reporting import REPORTERS, open_reporters, reporter_names
+from fastclip.train.reporting import (
+    REPORTERS,
+    JsonlFile,
+    ProgressBar,
+    Sink,
+    open_reporters,
+    plot,
+    reporter_names,
+    summary,
+)
 from fastclip.train.state import restore, rng_states, save_checkpoint
 from fastclip.train.step import (
-    LOSSES,
     Diverged,
-    Scaling,
-    adamw,
-    autocast_for,
     clamp_logit_scale,
     contrastive_step,
-    cosine_schedule,
     finite,
-    grad_scaler,
-    lock_towers,
     optimizer_step,
 )
 from fastclip.zeroshot import Evaluation

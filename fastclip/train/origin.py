@@ -23,8 +23,8 @@ from fastclip.model import CLIP, PRESETS, CLIPConfig
 from fastclip.tokenizer import Tokenizer
 from fastclip.train.config import NEW_RUN, FlagError, TrainConfig
 from fastclip.train.directory import latest_checkpoint
+from fastclip.train.losses import LOSSES
 from fastclip.train.state import read_trainer, saved_config
-from fastclip.train.step import LOSSES
 
 # The CLIPConfig fields that make a preset's architecture; the tokenizer sets the vocabulary and
 # the context, the loss the initial scale and bias, and OpenAI's weights QuickGELU.

@@ -29,7 +29,7 @@ from fastclip.train.directory import (
     latest_checkpoint,
     temporary,
 )
-from fastclip.train.step import Scaling
+from fastclip.train.precision import Scaling
 
 KEEP = 2  # checkpoints kept in a run directory; older ones are deleted after each save
 
