@@ -7,5 +7,5 @@ set -euo pipefail
 rm -rf wheels
 python -m pip download --only-binary=:all: --no-deps --python-version 3.12 \
     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any -d wheels \
-    tokenizers tqdm pillow webdataset braceexpand pyyaml
+    tokenizers tqdm pillow webdataset braceexpand pyyaml ftfy wcwidth regex
 ls -l wheels

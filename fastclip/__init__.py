@@ -2,7 +2,7 @@
 
 import importlib
 
-from fastclip.checkpoint import export_hf, load_pretrained, save_pretrained
+from fastclip.checkpoint import export_hf, export_open_clip, load_pretrained, save_pretrained
 from fastclip.loss import ClipLoss, clip_loss, infonce
 from fastclip.model import CLIP, PRESETS, CLIPConfig
 from fastclip.projection import NormalizedLinear, normalized_linear
@@ -43,6 +43,7 @@ __all__ = [
     "create_model",
     "create_model_and_transforms",
     "export_hf",
+    "export_open_clip",
     "get_tokenizer",
     "infonce",
     "list_pretrained",

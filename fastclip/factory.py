@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from fastclip.checkpoint.open_clip import OPEN_CLIP_CONFIG, open_clip_normalization
 from fastclip.checkpoint.pretrained import HUB_LAYOUTS, load_pretrained
 from fastclip.files import read_json
-from fastclip.hub import HF_HUB_PREFIX, repo_id, resolve
+from fastclip.hub import HF_HUB_PREFIX, looks_like_path, repo_id, resolve
 from fastclip.model import CLIP, PRESETS, CLIPConfig
 from fastclip.tokenizer import Tokenizer
 from fastclip.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
@@ -131,15 +130,16 @@ def create_model_and_transforms(
 
 def get_tokenizer(model_name: str, *, revision: str | None = None) -> Tokenizer:
     """The tokenizer of a pretrained model: OpenAI's BPE (``TOKENIZER_REPO``, as open_clip's
-    default) for the names of ``PRETRAINED``, a repository's own for ``hf-hub:org/name``."""
+    default) for the names of ``PRETRAINED``, a repository's own for ``hf-hub:org/name``. Either
+    pads with 0, as open_clip's tokenizer does, whatever pad token the repository names."""
     if model_name.startswith(HF_HUB_PREFIX):
-        return Tokenizer.from_pretrained(model_name, revision=revision)
+        return Tokenizer.from_pretrained(model_name, revision=revision, pad="openai")
     if model_name.removesuffix(QUICKGELU) not in PRETRAINED:
         raise ValueError(
             f"model_name must be one of {list(PRETRAINED)} (a {QUICKGELU} suffix allowed) or "
             f"hf-hub:org/name, got {model_name!r}; a new model's tokenizer is Tokenizer.train's"
         )
-    return Tokenizer.from_pretrained(TOKENIZER_REPO, revision=revision)
+    return Tokenizer.from_pretrained(TOKENIZER_REPO, revision=revision, pad="openai")
 
 
 def _build(
@@ -172,7 +172,7 @@ def _weights(name: str, pretrained: str | os.PathLike) -> Weights | str | os.Pat
     tags = PRETRAINED.get(name, {})
     if pretrained in tags:
         return tags[pretrained]
-    if repo_id(pretrained) is None and not Path(pretrained).exists():
+    if repo_id(pretrained) is None and not looks_like_path(pretrained):
         raise ValueError(
             f"pretrained must be a tag of {name} ({', '.join(tags) or 'none'}), a checkpoint path "
             f"or a Hub repository, got {pretrained!r}"
@@ -191,7 +191,8 @@ def _load(
     normalization they were trained with: the tag's, the checkpoint's open_clip config's, or
     CLIP's."""
     weights = source if isinstance(source, Weights) else None
-    path = resolve(weights.repo if weights else source, HUB_LAYOUTS, revision)
+    argument = "model_name" if name is None else "pretrained"
+    path = resolve(weights.repo if weights else source, HUB_LAYOUTS, revision, argument=argument)
     model = load_pretrained(path, **{**_activation(weights, force_quick_gelu), **overrides})
     if name is not None:
         _check_architecture(model.config, name, source)

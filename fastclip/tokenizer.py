@@ -1,26 +1,36 @@
-"""CLIP's byte-level BPE tokenizer on the Rust ``tokenizers`` library, without downloads.
+"""CLIP's byte-level BPE tokenizer, giving open_clip's ``SimpleTokenizer`` ids, without downloads.
 
-The pipeline is OpenAI CLIP's, as ``transformers.CLIPTokenizer`` builds it: clean the text (html
-unescaped twice, whitespace collapsed, stripped), NFC + lowercase, split by CLIP's regex, map bytes
-to printable characters, then BPE with ``</w>`` ending each word. A row of ``tok(texts)`` is
-``[sot, tokens..., eot, pad, ...]``; text too long keeps sot, the first ``context_length - 2``
-tokens and eot, as OpenAI's ``truncate=True`` and Hugging Face's truncation both do.
+The pipeline is open_clip's (``clean="lower"``, OpenAI CLIP's): fix the text with
+``ftfy.fix_text``, unescape html twice, collapse whitespace runs to one space, strip, lowercase
+with ``str.lower``, split into words by CLIP's regex, map each word's UTF-8 bytes to printable
+characters, then BPE with ``</w>`` ending each word (on the Rust ``tokenizers`` library). A row
+of ``tok(texts)`` is ``[sot, tokens..., eot, pad, ...]``; text too long keeps sot, the first
+``context_length - 2`` tokens and eot, as open_clip does.
 
-Pad ids differ by checkpoint. OpenAI pads with id 0 (the token ``!``): it is the default, used
-when a directory has no ``tokenizer_config.json``/``special_tokens_map.json``. Hugging Face pads
-with its ``pad_token``, usually ``<|endoftext|>``, so a padded row may hold several eot ids. Under
-both conventions the first eot ends the text: ``(ids == tok.eot_id).int().argmax(-1)``.
+Special tokens inside a text follow open_clip too. The vocabulary's own spellings
+(``<|startoftext|>``, ``<|endoftext|>``) are plain text there: ``<|``, ``endoftext``, ``|>``.
+open_clip's names for them, ``<start_of_text>`` and ``<end_of_text>`` (in any case, after
+cleaning), become the sot and eot ids wherever they stand, so ``"a <end_of_text> b"`` holds an
+eot mid-row.
+
+Pad ids: open_clip pads with 0 (the token ``!``), and so does this tokenizer unless told
+otherwise: :meth:`Tokenizer.train` and :meth:`Tokenizer.from_pretrained` take ``pad="openai"``
+(0) or ``pad="eot"``, and ``from_pretrained`` otherwise follows a checkpoint that names a
+``pad_token`` (Hugging Face's usually name ``<|endoftext|>``, so a padded row may hold several
+eot ids). Under both conventions the first eot ends the text:
+``(ids == tok.eot_id).int().argmax(-1)``.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import EllipsisType
 
+import ftfy
+import regex
 import torch
 from tokenizers import (
     AddedToken,
@@ -38,14 +48,22 @@ from fastclip.checks import check_int
 from fastclip.files import atomic_write, read_json, write_json, write_text
 from fastclip.hub import Layout, resolve
 
-SOT, EOT, SUFFIX = "<|startoftext|>", "<|endoftext|>", "</w>"
+SOT, EOT, SUFFIX = "<|startoftext|>", "<|endoftext|>", "</w>"  # the vocabulary's spellings
+TEXT_SOT, TEXT_EOT = "<start_of_text>", "<end_of_text>"  # open_clip's: typed, they are sot, eot
 DEFAULT_CONTEXT_LENGTH = 77  # CLIP's text context, sot and eot included
 MIN_VOCAB_SIZE = 2 * 256 + 2  # the byte bases, with </w>, + sot, eot
-_SPLIT = (  # CLIP's pre-tokenizer: the specials, contractions, letter runs, single digits, symbols
+PADS = ("openai", "eot")  # pad with id 0 (open_clip, OpenAI) or with eot (Hugging Face's usual)
+# open_clip's word split, flags included: IGNORECASE also lets "ſ" (long s) match "s", so "it'ſ"
+# splits as "it", "'ſ" and "<ſtart_of_text>" is one word.
+_WORDS = regex.compile(
+    rf"{TEXT_SOT}|{TEXT_EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
+    regex.IGNORECASE,
+)
+# Hugging Face's CLIP pre-tokenizer, for the tokenizer.json written by save_pretrained.
+_HF_SPLIT = (
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
     r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 )
-_WHITESPACE = re.compile(r"\s+")
 _CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")  # special_tokens_map.json wins
 # What from_pretrained fetches of a Hugging Face Hub repository.
 HUB_LAYOUTS = (
@@ -64,23 +82,49 @@ def _byte_chars() -> list[str]:
 
 
 def clean(text: str) -> str:
-    """OpenAI CLIP's text cleaning, without ftfy: html unescaped twice, whitespace collapsed."""
-    return _WHITESPACE.sub(" ", html.unescape(html.unescape(text))).strip()
+    """open_clip's text cleaning: ``ftfy.fix_text`` (mojibake, curly quotes, fullwidth letters,
+    ligatures, control characters, NFC), html unescaped twice, whitespace runs collapsed to one
+    space, stripped, then ``str.lower`` (Greek final sigma included)."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split()).lower()
 
 
-def _pipeline(model: BPE) -> _Backend:
-    """A backend running CLIP's normalizer, pre-tokenizer and decoder around ``model``."""
+def words(text: str) -> list[str]:
+    """The words of ``text`` after :func:`clean`, as open_clip splits them; each is BPE'd alone."""
+    return _WORDS.findall(clean(text))
+
+
+def _backend(model: BPE) -> _Backend:
+    """A backend running BPE on words joined by single spaces (``words``' output)."""
+    tok = _Backend(model)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(" ", behavior="removed"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _hf_backend(model: BPE, sot: int, eot: int) -> _Backend:
+    """Hugging Face's CLIP pipeline around ``model``, as ``transformers.CLIPTokenizer`` builds it:
+    NFC, whitespace and lowercase normalizers (no ftfy), the specials matched in any text."""
     tok = _Backend(model)
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.Split(Regex(_HF_SPLIT), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
     tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (SOT, EOT)])
+    tok.post_processor = processors.RobertaProcessing(  # [sot, ..., eot]
+        (EOT, eot), (SOT, sot), trim_offsets=False, add_prefix_space=False
+    )
     return tok
 
 
@@ -100,12 +144,18 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
+def _check_pad(pad: str | None) -> None:
+    if pad is not None and pad not in PADS:
+        raise ValueError(f"pad must be one of {PADS}, got {pad!r}")
+
+
 class Tokenizer:
-    """CLIP's tokenizer: ``tok(texts)`` gives (B, context_length) int64 ids.
+    """CLIP's tokenizer: ``tok(texts)`` gives (B, context_length) int64 ids, open_clip's
+    ``SimpleTokenizer`` ids for OpenAI's vocabulary.
 
     ``vocab`` maps tokens to ids and must hold ``<|startoftext|>`` and ``<|endoftext|>``;
-    ``merges`` are BPE merges in rank order; ``pad_id`` fills rows after eot. Build one with
-    :meth:`from_pretrained` or :meth:`train`.
+    ``merges`` are BPE merges in rank order; ``pad_id`` fills rows after eot (0, open_clip's, by
+    default). Build one with :meth:`from_pretrained` or :meth:`train`.
     """
 
     def __init__(
@@ -127,17 +177,15 @@ class Tokenizer:
             raise ValueError(f"pad_id {pad_id} is not an id of vocab")
         self._vocab, self._merges = dict(vocab), [tuple(m) for m in merges]
         try:
-            model = BPE(self._vocab, self._merges, unk_token=EOT, end_of_word_suffix=SUFFIX)
+            self._tok = _backend(self._bpe())
         except Exception as e:  # tokenizers raises a bare Exception for merges outside vocab
             raise ValueError(f"merges do not fit vocab: {e}") from e
-        self._tok = _pipeline(model)
-        specials = [AddedToken(t, special=True, normalized=False) for t in (SOT, EOT)]
-        self._tok.add_special_tokens(specials)
         self._sot, self._eot, self._pad = vocab[SOT], vocab[EOT], pad_id
-        self._tok.post_processor = processors.RobertaProcessing(  # [sot, ..., eot], as HF's
-            (EOT, self._eot), (SOT, self._sot), trim_offsets=False, add_prefix_space=False
-        )
+        self._specials = {TEXT_SOT: self._sot, TEXT_EOT: self._eot}
         self._context_length = check_int("context_length", context_length, 2)  # sot + eot
+
+    def _bpe(self) -> BPE:
+        return BPE(self._vocab, self._merges, unk_token=EOT, end_of_word_suffix=SUFFIX)
 
     @property
     def sot_id(self) -> int:
@@ -179,16 +227,21 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, revision: str | None = None) -> Tokenizer:
+    def from_pretrained(
+        cls, directory: str | Path, *, revision: str | None = None, pad: str | None = None
+    ) -> Tokenizer:
         """Load ``tokenizer.json``, else ``vocab.json`` + ``merges.txt``, from ``directory``: a
         local directory or a Hugging Face Hub repository (``org/name`` or ``hf-hub:org/name``, at
-        ``revision``; ``fastclip.hub``).
+        ``revision``; ``fastclip.hub``). Only the BPE model is read from ``tokenizer.json``: the
+        text is always cleaned and split as open_clip does.
 
-        ``pad_token`` and ``model_max_length`` come from ``tokenizer_config.json`` and
-        ``special_tokens_map.json`` (which wins, as in transformers); without them the pad id is
-        OpenAI's 0 and the context length 77.
+        ``pad`` is ``"openai"`` (pad id 0, open_clip's) or ``"eot"``. Left ``None``, the
+        checkpoint chooses where it says so: the ``pad_token`` of ``tokenizer_config.json`` or
+        ``special_tokens_map.json`` (which wins, as in transformers), else 0.
+        ``model_max_length`` there sets the context length, else 77.
         """
-        root = resolve(directory, HUB_LAYOUTS, revision)
+        _check_pad(pad)
+        root = resolve(directory, HUB_LAYOUTS, revision, argument="directory")
         if not root.is_dir():
             raise FileNotFoundError(f"directory {root} does not exist")
         source = root / "tokenizer.json"
@@ -213,13 +266,16 @@ class Tokenizer:
         for name in _CONFIGS:
             if (root / name).is_file():
                 config.update(read_json(root / name))
-        pad, length = config.get("pad_token"), config.get("model_max_length")
-        pad = pad.get("content") if isinstance(pad, dict) else pad
-        if pad is not None and (not isinstance(pad, str) or pad not in vocab):
-            raise ValueError(f"pad_token {pad!r} of {root} is not in the vocabulary")
+        named, length = config.get("pad_token"), config.get("model_max_length")
+        named = named.get("content") if isinstance(named, dict) else named
+        if named is not None and (not isinstance(named, str) or named not in vocab):
+            raise ValueError(f"pad_token {named!r} of {root} is not in the vocabulary")
         if not isinstance(length, int) or length > 1_000_000:  # transformers writes 1e30: no limit
             length = DEFAULT_CONTEXT_LENGTH
-        pad_id = 0 if pad is None else vocab[pad]
+        if pad is None:
+            pad_id = 0 if named is None else vocab[named]
+        else:
+            pad_id = 0 if pad == "openai" else vocab.get(EOT, 0)  # no EOT: the constructor says so
         try:
             return cls(vocab, merges, pad_id=pad_id, context_length=length)
         except (TypeError, ValueError) as e:
@@ -237,21 +293,20 @@ class Tokenizer:
     ) -> Tokenizer:
         """Learn at most ``vocab_size`` ids of CLIP-style BPE from captions, laid out like OpenAI's
         vocab: the 256 byte characters, the same ending in ``</w>``, merges, sot, eot. Any text
-        encodes. ``pad`` is ``"openai"`` (pad id 0) or ``"eot"`` (Hugging Face's usual)."""
+        encodes. ``pad`` is ``"openai"`` (pad id 0, open_clip's) or ``"eot"``."""
         check_int("vocab_size", vocab_size, MIN_VOCAB_SIZE)
         check_int("min_frequency", min_frequency, 0)
-        if pad not in ("openai", "eot"):
-            raise ValueError(f"pad must be 'openai' or 'eot', got {pad!r}")
+        _check_pad(pad)
         if isinstance(texts, str):
             raise TypeError("texts must be an iterable of str, not one str")
 
-        def cleaned():
+        def split():  # the words encoding BPEs, joined by spaces; no sot or eot spellings
             for i, text in enumerate(texts):
                 if not isinstance(text, str):
                     raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
-                yield clean(text)
+                yield " ".join(w for w in words(text) if w not in (TEXT_SOT, TEXT_EOT))
 
-        backend = _pipeline(BPE(end_of_word_suffix=SUFFIX))
+        backend = _backend(BPE(end_of_word_suffix=SUFFIX))
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size - 2,  # the trainer's alphabet holds at most the 512 bases
             min_frequency=min_frequency,
@@ -259,7 +314,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             end_of_word_suffix=SUFFIX,
         )
-        backend.train_from_iterator(cleaned(), trainer)
+        backend.train_from_iterator(split(), trainer)
         tokens = _byte_chars()
         tokens += [t + SUFFIX for t in tokens]
         known, merges = set(tokens), []
@@ -277,10 +332,11 @@ class Tokenizer:
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``tokenizer.json``, ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json``
         (each atomically), loadable by :meth:`from_pretrained` and
-        ``transformers.CLIPTokenizer.from_pretrained``."""
+        ``transformers.CLIPTokenizer.from_pretrained``. ``tokenizer.json`` holds Hugging Face's
+        CLIP pipeline, which cleans text without ftfy; :meth:`from_pretrained` reads its model."""
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
-        atomic_write(root / "tokenizer.json", self._tok.save)
+        atomic_write(root / "tokenizer.json", _hf_backend(self._bpe(), self._sot, self._eot).save)
         write_text(root / "vocab.json", json.dumps(self._vocab, ensure_ascii=False))
         lines = ["#version: 0.2", *(f"{a} {b}" for a, b in self._merges)]
         write_text(root / "merges.txt", "\n".join(lines) + "\n")
@@ -294,11 +350,33 @@ class Tokenizer:
         }
         write_json(root / "tokenizer_config.json", config)
 
+    def _pieces(self, text: str) -> list[str | int]:
+        """``text``'s words joined by spaces, cut around open_clip's sot and eot spellings, which
+        stand as their ids."""
+        pieces, run = [], []
+        for word in words(text):
+            if word in self._specials:
+                pieces += [" ".join(run), self._specials[word]]
+                run = []
+            else:
+                run.append(word)
+        return [*pieces, " ".join(run)]
+
+    def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """The content ids of each text, sot and eot typed inside it included."""
+        pieces = [self._pieces(text) for text in texts]
+        runs = [p for row in pieces for p in row if isinstance(p, str)]
+        bpe = iter(e.ids for e in self._tok.encode_batch(runs, add_special_tokens=False))
+        return [
+            [i for p in row for i in ([p] if isinstance(p, int) else next(bpe))] for row in pieces
+        ]
+
     def encode(self, text: str) -> list[int]:
-        """Content ids of one text, without sot, eot or padding."""
+        """Content ids of one text, without the sot, eot and padding that rows add (an
+        ``<end_of_text>`` typed in the text is an eot here, as in open_clip)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self._tok.encode(clean(text), add_special_tokens=False).ids
+        return self._encode_batch([text])[0]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of one row of ids: stops at the first eot (padding follows), drops sot and eot,
@@ -314,7 +392,8 @@ class Tokenizer:
     def __call__(
         self, texts: str | Sequence[str], context_length: int | None | EllipsisType = ...
     ) -> torch.Tensor:
-        """Tokenize ``texts`` into (B, context_length) int64 ids ``[sot, tokens, eot, pad...]``.
+        """Tokenize ``texts`` into (B, context_length) int64 ids ``[sot, tokens, eot, pad...]``,
+        open_clip's ``SimpleTokenizer`` rows when the vocabulary is OpenAI's and ``pad_id`` 0.
 
         ``context_length`` (``...`` for ``self.context_length``) is the row length: longer texts
         keep their first ``context_length - 2`` tokens. ``None`` truncates nothing and pads to the
@@ -330,8 +409,8 @@ class Tokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
-        encodings = self._tok.encode_batch([clean(t) for t in texts], add_special_tokens=False)
-        n = context_length or max((len(e.ids) for e in encodings), default=0) + 2
-        rows = [[self._sot, *e.ids[: n - 2], self._eot] for e in encodings]
+        content = self._encode_batch(texts)
+        n = context_length or max(map(len, content), default=0) + 2
+        rows = [[self._sot, *ids[: n - 2], self._eot] for ids in content]
         rows = [row + [self._pad] * (n - len(row)) for row in rows]
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), n)  # (B, n)

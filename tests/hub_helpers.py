@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastclip import CLIP, Tokenizer
-from fastclip.checkpoint import to_openai_state_dict
+from fastclip.checkpoint import export_open_clip
+from fastclip.factory import INCEPTION
 from fastclip.files import write_json, write_weights
 
 
@@ -59,35 +60,9 @@ def tiny(tokenizer: Tokenizer, seed: int = 0, activation: str = "gelu") -> CLIP:
     return CLIP("tiny", **tokenizer.model_fields(), **fields).eval()
 
 
-def write_open_clip(model: CLIP, directory, quick_gelu: bool, tokenizer=None) -> None:
-    """open_clip's Hub layout, beside a timm-style config.json and model.safetensors that are
-    not a CLIP (timm's repositories hold both)."""
-    c = model.config
-    config = {
-        "model_cfg": {
-            "embed_dim": c.embed_dim,
-            "quick_gelu": quick_gelu,
-            "vision_cfg": dict(
-                image_size=c.image_size,
-                layers=c.vision_layers,
-                width=c.vision_width,
-                patch_size=c.patch_size,
-                head_width=c.vision_width // c.vision_heads,
-            ),
-            "text_cfg": dict(
-                context_length=c.context_length,
-                vocab_size=c.vocab_size,
-                width=c.text_width,
-                heads=c.text_heads,
-                layers=c.text_layers,
-            ),
-        },
-        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    write_weights(directory / "open_clip_model.safetensors", to_openai_state_dict(model))
-    write_json(directory / "open_clip_config.json", config)
+def write_open_clip(model: CLIP, directory: Path, tokenizer: Tokenizer | None = None) -> None:
+    """open_clip's Hub layout (images normalized with mean and std 0.5), beside a timm-style
+    config.json and model.safetensors that are not a CLIP (timm's repositories hold both)."""
+    export_open_clip(model, directory, tokenizer, mean=INCEPTION, std=INCEPTION)
     write_json(directory / "config.json", {"architecture": "vit_tiny_patch8_clip"})
     write_weights(directory / "model.safetensors", {"head.weight": torch.zeros(2, 2)})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)

@@ -1,10 +1,14 @@
 """Checkpoints: fastclip's layout, Hugging Face CLIPModel parity and export, OpenAI / open_clip
-state dicts (ViT and ResNet), and clear errors for bad files."""
+state dicts (ViT and ResNet), open_clip's Hub layout written and read back, and clear errors for
+bad files."""
 
+import ast
+import importlib.util
 import json
 import os
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +19,19 @@ require("tokenizers", "transformers")
 import transformers
 
 import fastclip.files
-from fastclip.checkpoint import export_hf, load_pretrained, save_pretrained, to_openai_state_dict
-from fastclip.model import CLIP
+from fastclip.checkpoint import (
+    export_hf,
+    export_open_clip,
+    load_pretrained,
+    save_pretrained,
+    to_openai_state_dict,
+)
+from fastclip.checkpoint.open_clip import OPEN_CLIP_CONFIG, open_clip_config
+from fastclip.model import CLIP, PRESETS
 from fastclip.tokenizer import Tokenizer
 
 VOCAB, SOT, EOT, CONTEXT = 99, 97, 98, 16
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 RESNET = dict(vision_layers=(1, 2, 1, 1), vision_width=16, vision_heads=4, proj_bias=True)
 
 
@@ -250,6 +262,112 @@ def test_resnet_through_the_openai_layout():
     torch.testing.assert_close(ours.encode_image(images), model.encode_image(images))
 
 
+# Models open_clip's layout holds: heads not width / 64, QuickGELU, a ResNet, a logit bias, an MLP
+# ratio and a pad id other than open_clip's defaults.
+OPEN_CLIP_MODELS = {
+    "vit": dict(vision_heads=4, text_heads=4),
+    "quick_gelu": dict(activation="quick_gelu"),
+    "resnet": RESNET,
+    "siglip-like": dict(logit_bias_init=-10.0, mlp_ratio=2.0, pad_token_id=1023),
+}
+
+
+@pytest.mark.parametrize("fields", OPEN_CLIP_MODELS.values(), ids=OPEN_CLIP_MODELS)
+def test_open_clip_layout_round_trip(tmp_path, fields):
+    torch.manual_seed(0)
+    model = CLIP("tiny", **fields).eval()
+    export_open_clip(model, tmp_path, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS]
+    saved = json.loads((tmp_path / OPEN_CLIP_CONFIG).read_text())
+    assert (
+        saved["preprocess_cfg"]["mean"] == [0.5] * 3
+        and saved["preprocess_cfg"]["std"] == [0.25] * 3
+    )
+    again = load_pretrained(tmp_path)
+    assert replace(again.config, patch_size=8) == model.config  # a ResNet has no patch size
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(0, 1022, (2, 32))
+    tokens[:, 9] = model.config.eot_token_id
+    expected = our_features(model, images, tokens)
+    torch.testing.assert_close(our_features(again, images, tokens), expected, rtol=0, atol=0)
+
+
+def test_open_clip_layout_refuses_what_open_clip_lacks(tmp_path):
+    refusals = {
+        "layer_norm_eps 1e-06": dict(layer_norm_eps=1e-6),
+        "a ViT's projection bias": dict(proj_bias=True),
+        "a ResNet without its attention pool's projection bias": {**RESNET, "proj_bias": False},
+        r"sot and eot ids 1, 2 \(open_clip reads the text at its highest id": dict(
+            sot_token_id=1, eot_token_id=2
+        ),
+    }
+    for message, fields in refusals.items():
+        with pytest.raises(ValueError, match=f"open_clip's layout cannot hold {message}"):
+            export_open_clip(CLIP("tiny", **fields), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+OPEN_CLIP = importlib.util.find_spec("open_clip")  # not imported: it needs torchvision
+needs_open_clip = pytest.mark.skipif(
+    OPEN_CLIP is None, reason="needs open_clip_torch's files: pip install --no-deps open_clip_torch"
+)
+
+
+def open_clip_source(module: str) -> ast.Module:
+    """One of open_clip's modules, parsed (not imported)."""
+    return ast.parse((Path(OPEN_CLIP.submodule_search_locations[0]) / module).read_text())
+
+
+def open_clip_class(module: str, name: str) -> ast.ClassDef:
+    return next(n for n in open_clip_source(module).body if getattr(n, "name", None) == name)
+
+
+def open_clip_fields(module: str, dataclass: str) -> set[str]:
+    """The fields of one of open_clip's dataclasses."""
+    body = open_clip_class(module, dataclass).body
+    return {s.target.id for s in body if isinstance(s, ast.AnnAssign)}
+
+
+def open_clip_arguments(module: str, cls: str) -> set[str]:
+    """The parameters of one of open_clip's classes' __init__."""
+    init = next(s for s in open_clip_class(module, cls).body if getattr(s, "name", 0) == "__init__")
+    return {a.arg for a in init.args.args[1:]}
+
+
+@needs_open_clip
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32", "ViT-B-16", "ViT-L-14"])
+@pytest.mark.parametrize("suffix", ["", "-quickgelu"])
+def test_open_clip_config_is_open_clip_s_own(name, suffix):
+    """The model_cfg written for a preset is open_clip's model_configs/<name>.json."""
+    activation = "quick_gelu" if suffix else "gelu"
+    written = open_clip_config(replace(PRESETS[name], activation=activation))["model_cfg"]
+    configs = Path(OPEN_CLIP.submodule_search_locations[0]) / "model_configs"
+    assert written == json.loads((configs / f"{name}{suffix}.json").read_text())
+
+
+@needs_open_clip
+@pytest.mark.parametrize("fields", OPEN_CLIP_MODELS.values(), ids=OPEN_CLIP_MODELS)
+def test_open_clip_reads_every_key_written(fields):
+    """File names as open_clip's constants spell them; every key a field open_clip's factory
+    passes on (CLIP's arguments, CLIPVisionCfg, CLIPTextCfg, PreprocessCfg)."""
+    constants = {
+        node.targets[0].id: node.value.value
+        for node in open_clip_source("constants.py").body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+    }
+    assert (constants["HF_CONFIG_NAME"], constants["HF_SAFE_WEIGHTS_NAME"]) == (
+        OPEN_CLIP_CONFIG,
+        OPEN_CLIP_WEIGHTS,
+    )
+    config = open_clip_config(CLIP("tiny", **fields).config)
+    assert set(config) == {"model_cfg", "preprocess_cfg"}
+    model_cfg = config["model_cfg"]
+    towers = {"vision_cfg": "CLIPVisionCfg", "text_cfg": "CLIPTextCfg"}
+    assert set(model_cfg) <= open_clip_arguments("model.py", "CLIP")
+    for tower, cls in towers.items():
+        assert set(model_cfg[tower]) <= open_clip_fields("model.py", cls), tower
+    assert set(config["preprocess_cfg"]) <= open_clip_fields("transform.py", "PreprocessCfg")
+
+
 @pytest.mark.parametrize("preset", [dict(), RESNET, dict(logit_bias_init=-10.0)])
 def test_save_and_load_round_trip(tmp_path, preset):
     torch.manual_seed(0)
@@ -353,7 +471,7 @@ def test_bad_checkpoints(tmp_path):
         load_pretrained({"foo.weight": torch.zeros(1)})
     with pytest.raises(FileNotFoundError, match="holds none of"):
         load_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+    with pytest.raises(FileNotFoundError, match=r"source '.*absent.bin': no such file: /"):
         load_pretrained(tmp_path / "absent.bin")
     (good / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):

@@ -64,7 +64,7 @@ def test_a_tag_loads_its_repository_with_its_normalization(cache, monkeypatch, t
 
 def test_hf_hub_names_and_paths(cache, tokenizer):
     model = tiny(tokenizer)
-    write_open_clip(model, cache.parent / "export", quick_gelu=False, tokenizer=tokenizer)
+    write_open_clip(model, cache.parent / "export", tokenizer)
     cache_repo(cache, "laion/tiny-clip", cache.parent / "export")
     for source in ("hf-hub:laion/tiny-clip", str(cache.parent / "export")):
         name, pretrained = (source, None) if source.startswith("hf-hub:") else ("tiny", source)

@@ -15,7 +15,7 @@ EXAMPLES = re.findall(r"^```python\n(.*?)^```$", README, flags=re.S | re.M)
 @pytest.mark.parametrize("code", EXAMPLES, ids=[f"example{i}" for i in range(len(EXAMPLES))])
 def test_readme_example_runs(code):
     if "Tokenizer" in code:
-        require("tokenizers")
+        require("tokenizers", "ftfy", "regex")
     exec(compile(code, "README.md", "exec"), {})
 
 

@@ -1,4 +1,5 @@
-"""CLIP's tokenizer against transformers' CLIPTokenizer, on BPEs trained here (no downloads)."""
+"""CLIP's tokenizer against open_clip's own tokenizer module on OpenAI's vocabulary, and against
+transformers' CLIPTokenizer on BPEs trained here (no downloads)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import pytest
 import torch
 from helpers import require
 
-require("tokenizers")
+require("tokenizers", "ftfy", "regex", "hypothesis")
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from open_clip_tokenizer import CORPUS, load_open_clip_tokenizer, openai_tokenizer
+
 from fastclip.tokenizer import Tokenizer
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
@@ -23,6 +28,8 @@ WORDS = (
 ).split()
 MARKS = ["", "", ".", ",", "!", "?", ":", "...", " -", " (2)", " #1", " 100%", " $5"]
 LONG = " ".join(["a photograph of a very small dog running"] * 20)  # ~160 tokens: truncated
+# Texts transformers' CLIPTokenizer cleans as open_clip does. It runs no ftfy (fullwidth letters,
+# curly quotes, mojibake...) and makes <|endoftext|> special: those are checked against open_clip.
 TEXTS = [
     "A Photo of a DOG.",
     "hello, world! what's up?! :-)",
@@ -34,8 +41,7 @@ TEXTS = [
     "  extra   spaces\n\nnew lines\tand\ttabs \u00a0nbsp  ",
     "",
     "!!!",
-    "Ｆｕｌｌ width ｃｈａｒｓ and 日本語 text",
-    "<|endoftext|> inside the text",
+    "half width and 日本語 text",
     LONG,
 ]
 
@@ -88,6 +94,93 @@ def test_matches_transformers(tok, saved, text):
     ours, theirs = tok(text), hf_ids(saved["eot"], [text])
     assert ours.shape == (1, 77) and ours.dtype == torch.long
     assert torch.equal(ours, theirs), f"{text!r}:\n{ours.tolist()}\n{theirs.tolist()}"
+
+
+@pytest.fixture(scope="module")
+def open_clip() -> tuple:
+    """open_clip's SimpleTokenizer (OpenAI's vocabulary) and fastclip's on the same files."""
+    simple = load_open_clip_tokenizer().SimpleTokenizer()
+    return simple, openai_tokenizer(simple)
+
+
+def assert_same_rows(ours: torch.Tensor, theirs: torch.Tensor, texts: list[str]) -> None:
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == torch.long
+    differ = (ours != theirs).any(-1).nonzero().flatten().tolist()
+    shown = "\n".join(
+        f"  [{i}] {texts[i]!r}:\n    ours   {ours[i].tolist()}\n    theirs {theirs[i].tolist()}"
+        for i in differ[:3]
+    )
+    assert not differ, f"{len(differ)} of {len(texts)} texts differ from open_clip's:\n{shown}"
+
+
+@pytest.mark.parametrize("category", CORPUS)
+def test_matches_open_clip(open_clip, category):
+    simple, ours = open_clip
+    texts = CORPUS[category]
+    assert_same_rows(ours(texts), simple(texts), texts)
+
+
+@pytest.mark.parametrize("n", [2, 3, 16, 76, 77])
+def test_truncates_as_open_clip(open_clip, n):
+    """Long rows keep sot, the first n - 2 tokens and eot, typed sot and eot counting as tokens."""
+    simple, ours = open_clip
+    texts = CORPUS["long"] + CORPUS["special"] + CORPUS["emoji"]
+    assert_same_rows(ours(texts, n), simple(texts, context_length=n), texts)
+
+
+@pytest.mark.parametrize("files", [["tokenizer.json"], ["vocab.json", "merges.txt"]])
+def test_hugging_face_files_match_open_clip(open_clip, tmp_path, files):
+    """OpenAI's vocabulary as Hugging Face's repositories hold it, pad_token <|endoftext|>:
+    pad="openai" gives open_clip's rows; the checkpoint's own pad changes only the padding."""
+    simple, ours = open_clip
+    ours.save_pretrained(tmp_path / "saved")
+    for name in files:
+        shutil.copy(tmp_path / "saved" / name, tmp_path / name)
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": EOT}))
+    texts = [t for category in ("special", "fullwidth", "long") for t in CORPUS[category]]
+    theirs = simple(texts)
+    assert_same_rows(Tokenizer.from_pretrained(tmp_path, pad="openai")(texts), theirs, texts)
+    padded = Tokenizer.from_pretrained(tmp_path)(texts)
+    lengths = torch.tensor([[min(len(simple.encode(t)) + 2, 77)] for t in texts])  # (B, 1)
+    after = torch.arange(77) >= lengths  # (B, 77): open_clip's padding
+    assert_same_rows(padded, torch.where(after, ours.eot_id, theirs), texts)
+
+
+@settings(deadline=None, derandomize=True, database=None, max_examples=300)
+@given(text=st.text(max_size=80))
+def test_matches_open_clip_on_any_text(open_clip, text):
+    simple, ours = open_clip
+    assert_same_rows(ours(text), simple(text), [text])
+
+
+@pytest.mark.parametrize(
+    "text, same_as",
+    [
+        ("ΟΔΟΣ ΣΟΦΟΣ", "οδος σοφος"),  # str.lower: a final sigma is ς
+        ("don’t “quoted”", 'don\'t "quoted"'),  # ftfy straightens quotes
+        ("ＡＢＣ １２３", "abc 123"),  # ... narrows fullwidth characters
+        ("ﬁsh ﬂower", "fish flower"),  # ... splits ligatures
+        ("cafÃ© donâ€™t", "café don't"),  # ... repairs mojibake
+        ("a\x00b\x07 \ufeffc\x1b[31m", "ab c"),  # ... drops controls, BOMs, terminal escapes
+        ("&amp;amp;amp;amp; &lt;3", "& <3"),  # ftfy unescapes html once, then twice more
+        ("  a\u3000\n\tb  ", "a b"),  # whitespace runs collapse, ends stripped
+    ],
+)
+def test_cleans_as_open_clip(tok, text, same_as):
+    assert tok.encode(text) == tok.encode(same_as)
+
+
+def test_special_spellings_as_open_clip(tok):
+    """The vocabulary's <|endoftext|> typed in a text is text; open_clip's <end_of_text> (any
+    case) is an eot wherever it stands, <start_of_text> a sot."""
+    pieces = tok.encode("<|") + tok.encode("endoftext") + tok.encode("|>")
+    assert tok.encode("<|endoftext|>") == pieces and tok.eot_id not in pieces
+    a, b = tok.encode("a dog"), tok.encode("a cat")
+    assert tok.encode("a dog <END_OF_TEXT> a cat") == [*a, tok.eot_id, *b]
+    assert tok.encode("<start_of_text>a dog") == [tok.sot_id, *a]
+    row = tok("a dog <end_of_text> a cat")[0].tolist()
+    assert row[: len(a) + len(b) + 3] == [tok.sot_id, *a, tok.eot_id, *b, tok.eot_id]
+    assert tok.decode(tok("a dog <end_of_text> a cat")[0]) == "a dog"
 
 
 def test_html_is_unescaped_twice_unlike_transformers(tok, saved):
@@ -144,6 +237,17 @@ def test_pad_convention_follows_directory(tok, saved, tmp_path, files, written, 
     assert (ids[~content] == loaded.pad_id).all()
     if "tokenizer.json" not in files:  # transformers reads our vocab.json + merges.txt alike
         assert torch.equal(hf_ids(tmp_path, TEXTS)[content], expected[content])
+
+
+@pytest.mark.parametrize("pad", ["openai", "eot"])
+def test_pad_chosen_over_directory(tok, saved, pad):
+    """open_clip's factory pads with 0 whatever a repository's pad_token: pad="openai"."""
+    for directory in saved.values():
+        loaded = Tokenizer.from_pretrained(directory, pad=pad)
+        assert loaded.pad_id == (0 if pad == "openai" else tok.eot_id)
+        assert loaded("a dog")[0, -1] == loaded.pad_id
+    with pytest.raises(ValueError, match="pad must be one of"):
+        Tokenizer.from_pretrained(saved["eot"], pad="zero")
 
 
 @pytest.mark.parametrize("pad", ["openai", "eot"])

@@ -92,7 +92,7 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     """``load_pretrained(path)``, after reading the weight names of its safetensors file: a
     missing tower is named, with what needs it, before anything is built. A Hub repository's
     name reads its snapshot."""
-    path = resolve(path, HUB_LAYOUTS)
+    path = resolve(path, HUB_LAYOUTS, argument="path")
     weights, keys = weight_names(path) or (None, [])  # none: load_pretrained says what is wrong
     for tower, (prefixes, users) in TOWERS.items():
         if weights and not any(k.startswith(prefixes) for k in keys):
