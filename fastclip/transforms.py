@@ -1,15 +1,31 @@
-"""CLIP image preprocessing in plain torch ops: resize, crop, scale to [0, 1], normalize.
+"""CLIP image preprocessing as open_clip does it: resize, crop, convert to RGB, normalize.
 
-Evaluation (``preprocess``): resize the shorter side to ``size`` (bicubic, antialiased), take the
-center ``size`` x ``size`` crop, clamp to [0, 1] and normalize with CLIP's mean and std. Training
-(``ImageTransform(train=True)``): a random crop covering ``scale`` of the area with aspect ratio
-in ``ratio``, resized to ``size`` x ``size``. Sizes and crop offsets round as torchvision's
-``Resize(int)``, ``CenterCrop`` and ``RandomResizedCrop`` do; the resize follows Pillow's (width
-pass, clamp, height pass), so it agrees with ``PIL.Image.resize(..., BICUBIC)`` to ~1/255.
+Evaluation (``preprocess``), open_clip's ``image_transform(size, is_train=False)``: resize the
+shorter side to ``size`` (bicubic), take the center ``size`` x ``size`` crop, convert to RGB, scale
+to [0, 1] and normalize with CLIP's mean and std. Training (``ImageTransform(train=True)``),
+open_clip's ``is_train=True``: torchvision's ``RandomResizedCrop`` (a box covering ``scale`` of the
+area, aspect w/h in ``ratio``, resized to ``size`` x ``size``, bicubic), then the same conversion.
+Sizes, crop offsets and random boxes are computed as torchvision's ``Resize(int)``, ``CenterCrop``
+and ``RandomResizedCrop`` compute them.
 
-Images: a PIL image (any mode), a uint8 numpy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)
-(alpha dropped), a (C, H, W) or (B, C, H, W) tensor with C = 1 or 3, uint8 (0-255) or float in
-[0, 1], or a list of these (sizes may differ). One image gives (3, S, S); a batch (B, 3, S, S).
+PIL images (any mode Pillow converts to RGB) take open_clip's own path: Pillow resizes the image in
+its own mode by its own rules (nearest for ``1`` and ``P``, alpha premultiplied for ``LA`` and
+``RGBA``, 32-bit values for ``I`` and ``F``), crops it, and only then converts it to RGB, so the
+result is open_clip's, pixel for pixel.
+
+Arrays and tensors take a torch path that follows Pillow's bicubic resize in float (two passes,
+each clamped to [0, 1]; ``_resize`` says which runs first): within about 1/255 of what Pillow
+gives for ``Image.fromarray`` of the same RGB or L pixels, without Pillow's rounding to uint8.
+Where open_clip differs: it rejects numpy arrays (torchvision's ``Resize`` takes PIL images and
+tensors); on a float tensor it runs one unclamped antialiased interpolation, so next to sharp
+edges its values overshoot [0, 1] where fastclip's are clamped (up to ~18/255 apart on images with
+hard stripes, identical where nothing overshoots); a uint8 tensor fails in its ``Normalize``, where
+fastclip scales it by 1/255. A 4-channel array's alpha is dropped, not premultiplied as Pillow
+does for an RGBA image.
+
+Images: a PIL image, a uint8 numpy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha
+dropped), a (C, H, W) or (B, C, H, W) tensor with C = 1 or 3, uint8 (0-255) or float in [0, 1],
+or a list of these (sizes may differ). One image gives (3, S, S); a batch (B, 3, S, S).
 """
 
 from __future__ import annotations
@@ -41,8 +57,7 @@ Images: TypeAlias = "ImageLike | Sequence[ImageLike]"
 
 def to_tensor(image: ImageLike, name: str = "image") -> torch.Tensor:
     """One image as float32 RGB in [0, 1]: (3, H, W); a (B, C, H, W) tensor gives (B, 3, H, W)."""
-    pil = sys.modules.get("PIL.Image")  # a PIL image implies Pillow is already imported
-    if pil is not None and isinstance(image, pil.Image):
+    if _is_pil(image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
@@ -87,15 +102,33 @@ def preprocess(images: Images, size: int = 224, *, mean=CLIP_MEAN, std=CLIP_STD)
     """CLIP's evaluation transform: (3, size, size) float32 for one image, (B, 3, size, size)
     for a batch tensor or a list."""
     check_int("size", size)
-    batches, batched = _batches(images)
-    x = torch.cat([_center_crop(_resize_short(b, size), size) for b in batches])
-    return _normalize(x, mean, std, batched)
+    items, batched = _batches(images)
+    crops = []
+    for name, item in items:
+        if isinstance(item, torch.Tensor):  # (b, 3, H, W)
+            crops.append(_center_crop(_resize(item, *_short_side_to(*item.shape[-2:], size)), size))
+        else:
+            h, w = _pil_hw(item, name)
+            nh, nw = _short_side_to(h, w, size)
+            top, left = _center_offsets(nh, nw, size)
+            crop = _pil_resize(item, nh, nw).crop((left, top, left + size, top + size))
+            crops.append(_pil_rgb(crop, item.mode, name))
+    return _normalize(torch.cat(crops), mean, std, batched)
 
 
 class ImageTransform:
     """CLIP preprocessing as a callable: ``preprocess`` when ``train`` is False, else a random
     resized crop (area fraction in ``scale``, aspect w/h in ``ratio``) drawn per image from
-    ``generator`` (the global RNG when None)."""
+    ``generator`` (the global RNG when None).
+
+    The boxes are drawn as torchvision's ``RandomResizedCrop.get_params`` draws them, with the
+    same torch calls in the same order, so for a CPU generator in a given state the boxes equal
+    those open_clip's training transform draws from the global RNG in that state: on PIL images,
+    ``ImageTransform(s, train=True, generator=torch.Generator().manual_seed(k))(images)`` equals
+    open_clip's transform applied to each image in order after ``torch.manual_seed(k)``. Not
+    comparable: a CUDA generator (another stream), and open_clip's crops inside a training run,
+    where DataLoader workers seed the global RNG their own way and other code draws from it too.
+    open_clip always uses the ratio (3/4, 4/3)."""
 
     def __init__(
         self,
@@ -120,55 +153,114 @@ class ImageTransform:
     def __call__(self, images: Images) -> torch.Tensor:
         if not self.train:
             return preprocess(images, self.size, mean=self.mean, std=self.std)
-        batches, batched = _batches(images)
-        crops = []
-        for img in (img for b in batches for img in b):  # (3, H, W) each
-            top, left, h, w = _random_crop_box(
-                *img.shape[-2:], self.scale, self.ratio, self.generator
-            )
-            crops.append(
-                _resize(img[None, :, top : top + h, left : left + w], self.size, self.size)
-            )
+        items, batched = _batches(images)
+        crops = [self._crop(img, name) for name, item in items for img in _split(item)]
         return _normalize(torch.cat(crops), self.mean, self.std, batched)
+
+    def _crop(self, image: torch.Tensor | PILImage, name: str) -> torch.Tensor:
+        """One image's random resized crop: (1, 3, size, size) in [0, 1]."""
+        s = self.size
+        if isinstance(image, torch.Tensor):  # (1, 3, H, W)
+            top, left, h, w = _random_crop_box(
+                *image.shape[-2:], self.scale, self.ratio, self.generator
+            )
+            return _resize(image[..., top : top + h, left : left + w], s, s)
+        top, left, h, w = _random_crop_box(
+            *_pil_hw(image, name), self.scale, self.ratio, self.generator
+        )
+        crop = image.crop((left, top, left + w, top + h))
+        return _pil_rgb(_pil_resize(crop, s, s), image.mode, name)
 
     def __repr__(self) -> str:
         extra = f", scale={self.scale}, ratio={self.ratio}" if self.train else ""
         return f"ImageTransform(size={self.size}, train={self.train}{extra})"
 
 
-def _batches(images: Images) -> tuple[list[torch.Tensor], bool]:
-    """The images as float (b, 3, H, W) tensors in [0, 1], and whether the input was a batch."""
+def _batches(images: Images) -> tuple[list[tuple[str, torch.Tensor | PILImage]], bool]:
+    """(name, image) per item, PIL images as they are and the rest as float (b, 3, H, W)
+    tensors in [0, 1]; and whether the input was a batch."""
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("images is an empty list")
-        xs = [to_tensor(img, f"images[{i}]") for i, img in enumerate(images)]
-        return [x if x.dim() == 4 else x[None] for x in xs], True
-    x = to_tensor(images, "images")
-    return [x if x.dim() == 4 else x[None]], x.dim() == 4
+        named = [(f"images[{i}]", img) for i, img in enumerate(images)]
+    else:
+        named = [("images", images)]
+    items, batched = [], isinstance(images, (list, tuple))
+    for name, img in named:
+        if not _is_pil(img):
+            img = to_tensor(img, name)
+            batched |= img.dim() == 4
+            img = img if img.dim() == 4 else img[None]
+        items.append((name, img))
+    return items, batched
+
+
+def _split(item: torch.Tensor | PILImage) -> list:
+    """The single images of an item: a (b, 3, H, W) tensor as b (1, 3, H, W) views."""
+    return list(item.split(1)) if isinstance(item, torch.Tensor) else [item]
+
+
+def _is_pil(image: object) -> bool:
+    pil = sys.modules.get("PIL.Image")  # a PIL image implies Pillow is already imported
+    return pil is not None and isinstance(image, pil.Image)
+
+
+def _pil_hw(image: PILImage, name: str) -> tuple[int, int]:
+    """(height, width) of a PIL image; ValueError for an empty one."""
+    w, h = image.size
+    if h == 0 or w == 0:
+        raise ValueError(f"{name} is empty: size {w} x {h}")
+    return h, w
+
+
+def _pil_resize(image: PILImage, h: int, w: int) -> PILImage:
+    """Pillow's bicubic resize to (h, w), as torchvision's resize calls it (not at all when the
+    size is already right). Pillow applies its own per-mode rules: nearest for ``1`` and ``P``,
+    premultiplied alpha for ``LA`` and ``RGBA``, unclamped 32-bit values for ``I`` and ``F``."""
+    if image.size == (w, h):
+        return image
+    return image.resize((w, h), sys.modules["PIL.Image"].Resampling.BICUBIC)
+
+
+def _pil_rgb(image: PILImage, mode: str, name: str) -> torch.Tensor:
+    """open_clip's ``convert("RGB")`` and ``ToTensor``: (1, 3, H, W) float32 in [0, 1]."""
+    try:
+        rgb = image.convert("RGB")
+    except ValueError as e:
+        raise ValueError(f"{name}: Pillow cannot convert a mode {mode!r} image to RGB ({e})") from e
+    return to_tensor(np.asarray(rgb), name)[None]
 
 
 def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(b, 3, H, W) -> (b, 3, h, w), bicubic and antialiased (PIL's filter). Like PIL, the width
-    pass runs first and its overshoot is clamped to [0, 1] before the height pass; a side that
-    keeps its length is not resampled."""
-    if x.shape[-1] != w:
-        x = F.interpolate(x, size=(x.shape[-2], w), **_BICUBIC).clamp(0, 1)  # (b, 3, H, w)
-    if x.shape[-2] != h:
-        x = F.interpolate(x, size=(h, w), **_BICUBIC)  # (b, 3, h, w)
+    """(b, 3, H, W) -> (b, 3, h, w), bicubic and antialiased (Pillow's filter), in two passes
+    clamped to [0, 1] as Pillow clamps each pass to uint8; a side that keeps its length is not
+    resampled. The width pass runs first unless the height shrinks by more than twice as many
+    pixels as the width does, the order Pillow 13 picks (earlier Pillows: always width first)."""
+    passes = [(x.shape[-2], w), (h, w)]  # width, then height
+    if h < x.shape[-2] and x.shape[-2] - h > 2 * (x.shape[-1] - w):
+        passes = [(h, x.shape[-1]), (h, w)]  # height, then width
+    for size in passes:
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, **_BICUBIC).clamp(0, 1)  # (b, 3, *size)
     return x
 
 
-def _resize_short(x: torch.Tensor, size: int) -> torch.Tensor:
-    """The shorter side to ``size``, the longer to int(size * long / short), as torchvision."""
-    h, w = x.shape[-2:]
+def _short_side_to(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h, w) with the shorter side ``size`` and the longer int(size * long / short), as
+    torchvision's ``Resize(int)`` computes it."""
     long = int(size * max(h, w) / min(h, w))
-    return _resize(x, *((size, long) if h <= w else (long, size)))
+    return (size, long) if h <= w else (long, size)
+
+
+def _center_offsets(h: int, w: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centered size x size crop, rounded as torchvision's ``CenterCrop``
+    (half to even: 1.5 -> 2, 2.5 -> 2)."""
+    return round((h - size) / 2), round((w - size) / 2)
 
 
 def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(b, 3, H, W) -> (b, 3, size, size) around the center, offsets rounded as torchvision."""
-    h, w = x.shape[-2:]
-    top, left = round((h - size) / 2), round((w - size) / 2)
+    """(b, 3, H, W) -> (b, 3, size, size) around the center."""
+    top, left = _center_offsets(*x.shape[-2:], size)
     return x[..., top : top + size, left : left + size]
 
 
@@ -177,18 +269,21 @@ def _random_crop_box(
 ) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a crop with area fraction uniform in ``scale`` and aspect w/h
     log-uniform in ``ratio``; after MAX_TRIES boxes that do not fit, the center crop with the
-    image's aspect clamped to ``ratio`` (torchvision's RandomResizedCrop)."""
+    image's aspect clamped to ``ratio``. The draws are torchvision's ``RandomResizedCrop``'s:
+    float32 uniforms, one for the area and one for the log aspect, then the offsets."""
     device = generator.device if generator is not None else None
-    area, log_lo, log_hi = height * width, math.log(ratio[0]), math.log(ratio[1])
+    area = height * width
+    log_lo, log_hi = torch.tensor(ratio).log().tolist()  # float32 logs, as torchvision
     for _ in range(MAX_TRIES):
-        u_area, u_ratio = torch.rand(2, generator=generator, device=device).tolist()
-        target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
-        aspect = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        fraction = torch.empty(1, device=device).uniform_(*scale, generator=generator).item()
+        log_aspect = torch.empty(1, device=device).uniform_(log_lo, log_hi, generator=generator)
+        aspect = log_aspect.exp().item()
+        w = round(math.sqrt(area * fraction * aspect))
+        h = round(math.sqrt(area * fraction / aspect))
         if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(height - h + 1, (1,), generator=generator, device=device))
-            left = int(torch.randint(width - w + 1, (1,), generator=generator, device=device))
-            return top, left, h, w
+            top = torch.randint(0, height - h + 1, (1,), generator=generator, device=device)
+            left = torch.randint(0, width - w + 1, (1,), generator=generator, device=device)
+            return int(top), int(left), h, w
     h, w = height, width
     if width / height < ratio[0]:
         h = round(width / ratio[0])

@@ -1,8 +1,10 @@
-"""CLIP preprocessing: exact hand-computed cases, Pillow's bicubic resize as the reference, every
-input type, the training crop, and the argument errors."""
+"""CLIP preprocessing: exact hand-computed cases, open_clip's transforms rebuilt from Pillow's own
+operations as the reference for PIL images of every mode and shape, Pillow's bicubic resize as the
+reference for arrays, every input type, the training crop, and the argument errors."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -27,9 +29,24 @@ from fastclip.transforms import (
 
 MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float64).view(3, 1, 1)
 STD = torch.tensor(CLIP_STD, dtype=torch.float64).view(3, 1, 1)
-# Pillow rounds to uint8 after each pass, so it differs from the float path by about one level.
+# PIL images take Pillow's own path, so they match open_clip's pixels (measured: 0 levels, up to
+# float32 rounding); the contract is at most one level.
+OPEN_CLIP_LEVELS = 1.0  # worst pixel, in 1/255 units
+# Arrays take the float path; Pillow rounds to uint8 after each pass, about one level apart.
 PIL_MAX_LEVELS = 1.25  # worst pixel, in 1/255 units (measured: up to 1.03)
 PIL_MEAN_LEVELS = 0.35  # mean over pixels (measured: ~0.25-0.3, uniform rounding gives 0.25)
+PILLOW_13 = int(Image.__version__.split(".")[0]) >= 13  # picks the pass order per shape
+MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "I", "I;16", "F", "HSV"]
+SHAPES = {  # name: (height, width, size)
+    "tiny": (3, 2, 4),
+    "smaller than the crop": (10, 17, 32),
+    "odd": (97, 61, 40),
+    "square": (64, 64, 48),
+    "tall": (2000, 300, 224),
+    "wide": (300, 2000, 224),
+    "huge": (3000, 4000, 224),
+    "exact": (24, 37, 24),  # already the size: no resize
+}
 
 
 def pixels(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray:
@@ -40,6 +57,87 @@ def pixels(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray:
 def expected(hwc: np.ndarray) -> torch.Tensor:
     """(3, H, W) float64 (v / 255 - mean) / std of a uint8 (H, W, 3) array."""
     return (torch.tensor(hwc, dtype=torch.float64).permute(2, 0, 1) / 255 - MEAN) / STD
+
+
+def image(mode: str, h: int, w: int, seed: int = 0) -> Image.Image:
+    """A PIL image of ``mode``: noise over stripes (edges that make bicubic overshoot), alpha
+    varying per pixel, a 40-color palette, ``I`` and ``F`` values beyond 0-255, ``I;16`` beyond
+    255."""
+    rng = np.random.default_rng(seed)
+    stripes = np.where((np.arange(w) // max(1, w // 5)) % 2 == 0, 255, 0).astype(np.uint16)
+    rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    rgba[:, :, :3] = (3 * stripes[:, None] + 2 * rgba[:, :, :3].astype(np.uint16)) // 5
+    rgb, first = Image.fromarray(rgba[:, :, :3]), rgba[:, :, 0]
+    alpha = Image.fromarray(rgba[:, :, 3])
+    palette = Image.fromarray(first % 40, "L").convert("P")
+    palette.putpalette(rng.integers(0, 256, 40 * 3, dtype=np.uint8).tobytes())
+    made = {
+        "P": lambda: palette,
+        "PA": lambda: palette.convert("PA"),
+        "LA": lambda: rgb.convert("LA"),
+        "RGBA": lambda: rgb.convert("RGBA"),
+        "I": lambda: Image.fromarray(first.astype(np.int32) * 3 - 200),
+        "F": lambda: Image.fromarray(first.astype(np.float32) * 1.4 - 60),
+        "I;16": lambda: Image.fromarray(first.astype(np.uint16) * 200),
+    }
+    img = made[mode]() if mode in made else rgb.convert(mode)
+    if mode in ("RGBA", "LA", "PA"):
+        img.putalpha(alpha)
+    return img
+
+
+def open_clip_eval(img: Image.Image, size: int) -> torch.Tensor:
+    """open_clip's evaluation transform from Pillow's own operations, in its order (float64):
+    torchvision's Resize(size) on a PIL image (``Image.resize``, bicubic; the shorter side to
+    size, the longer to int(size * long / short); no call when the size is already that), its
+    CenterCrop (offsets int(round((d - size) / 2))), convert("RGB"), ToTensor, Normalize."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    nw, nh = (size, int(size * long / short)) if w <= h else (int(size * long / short), size)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return expected(np.array(img.crop((left, top, left + size, top + size)).convert("RGB")))
+
+
+def open_clip_train(img: Image.Image, size: int, scale) -> torch.Tensor:
+    """open_clip's training transform from Pillow's own operations (float64): torchvision's
+    RandomResizedCrop(size, scale, ratio=(3/4, 4/3), bicubic) drawing from the global RNG, then
+    convert("RGB"), ToTensor, Normalize."""
+    w, h = img.size
+    log_ratio = torch.log(torch.tensor((3 / 4, 4 / 3)))
+    box = None
+    for _ in range(10):
+        target = w * h * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = torch.randint(0, h - ch + 1, size=(1,)).item()
+            left = torch.randint(0, w - cw + 1, size=(1,)).item()
+            box = (left, top, left + cw, top + ch)
+            break
+    if box is None:  # no box fits: the center crop, aspect clamped to the ratio
+        cw, ch = w, h
+        if w / h < 3 / 4:
+            ch = int(round(w / (3 / 4)))
+        elif w / h > 4 / 3:
+            cw = int(round(h * 4 / 3))
+        box = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
+    img = img.crop(box)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return expected(np.array(img.convert("RGB")))
+
+
+def assert_levels(out: torch.Tensor, ref: torch.Tensor, limit: float, what: str) -> None:
+    """Normalized outputs at most ``limit`` levels (1/255, before normalization) apart."""
+    levels = ((out.double() - ref) * STD * 255).abs()
+    worst = np.unravel_index(int(levels.argmax()), levels.shape)
+    over = int((levels > limit).sum())
+    assert levels.max() <= limit, (
+        f"{what}: {over} of {levels.numel()} values over {limit}/255, worst "
+        f"{levels.max():.3f}/255 at {worst}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -63,9 +161,22 @@ def test_constant_image_stays_constant(h, w, size):
 
 @pytest.mark.parametrize(
     "h, w, size",
-    [(37, 53, 24), (200, 150, 64), (300, 451, 224), (10, 17, 32), (64, 64, 48), (97, 61, 40)],
+    [
+        (37, 53, 24),
+        (200, 150, 64),
+        (300, 451, 224),
+        (10, 17, 32),
+        (64, 64, 48),
+        (97, 61, 40),
+        (300, 2000, 224),
+        pytest.param(
+            2000, 300, 224, marks=pytest.mark.skipif(not PILLOW_13, reason="Pillow < 13")
+        ),  # Pillow 13 takes the height pass first here
+        pytest.param(400, 60, 45, marks=pytest.mark.skipif(not PILLOW_13, reason="Pillow < 13")),
+    ],
 )
 def test_matches_pillow_bicubic(h, w, size):
+    """Arrays take the float path: within about a level of Pillow's uint8 passes."""
     img = pixels(h, w, seed=h * w)
     long = int(size * max(h, w) / min(h, w))
     nh, nw = (size, long) if h <= w else (long, size)
@@ -82,30 +193,59 @@ def test_input_types_agree():
     img = pixels(30, 41)
     chw = torch.from_numpy(img).permute(2, 0, 1)
     ref = preprocess(img, 16)
-    for same in (Image.fromarray(img), chw, chw / 255.0, chw.double() / 255, img / 255.0):
+    for same in (chw, chw / 255.0, chw.double() / 255, img / 255.0):
         assert_close(preprocess(same, 16), ref)
     assert_close(preprocess(chw[None], 16), ref[None])
-    assert_close(preprocess([img, Image.fromarray(img)], 16), torch.stack([ref, ref]))
+    pil = preprocess(Image.fromarray(img), 16)  # Pillow's uint8 path: about a level apart
+    assert_levels(pil, ref.double(), PIL_MAX_LEVELS, "PIL image against its array")
+    assert_close(preprocess([img, Image.fromarray(img)], 16), torch.stack([ref, pil]))
     assert_close(to_tensor(img), chw / 255.0)
 
 
-def test_grayscale_and_rgba():
+def test_grayscale_and_rgba_arrays():
     gray = pixels(20, 12, channels=1)
     rgb = preprocess(np.repeat(gray, 3, axis=2), 8)
-    for same in (
-        gray,
-        gray[:, :, 0],
-        Image.fromarray(gray[:, :, 0]),
-        torch.from_numpy(gray).permute(2, 0, 1),
-    ):
+    for same in (gray, gray[:, :, 0], torch.from_numpy(gray).permute(2, 0, 1)):
         assert_close(preprocess(same, 8), rgb)
     assert_close(
         to_tensor(gray[:, :, 0]), torch.from_numpy(gray).permute(2, 0, 1).expand(3, -1, -1) / 255.0
     )
     rgba = pixels(20, 12, channels=4)
-    ref = preprocess(rgba[:, :, :3], 8)
-    assert_close(preprocess(rgba, 8), ref)
-    assert_close(preprocess(Image.fromarray(rgba, "RGBA"), 8), ref)
+    assert_close(preprocess(rgba, 8), preprocess(rgba[:, :, :3], 8))  # alpha dropped
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_pil_eval_matches_open_clip(mode, shape):
+    """Pillow resizes in the image's own mode (nearest for 1 and P, premultiplied alpha, 32-bit
+    I and F) before the RGB conversion, and picks its pass order per shape."""
+    h, w, size = SHAPES[shape]
+    img = image(mode, h, w, seed=h * w)
+    assert img.mode == mode and img.size == (w, h)
+    out = preprocess(img, size)
+    assert out.shape == (3, size, size) and out.dtype == torch.float32
+    assert_levels(out, open_clip_eval(img, size), OPEN_CLIP_LEVELS, f"mode {mode}, {shape}")
+
+
+@pytest.mark.parametrize("scale", [(0.9, 1.0), (0.08, 1.0)])
+@pytest.mark.parametrize("mode", ["1", "P", "RGBA", "I", "F", "RGB"])
+def test_pil_train_matches_open_clip(mode, scale):
+    """Same seed, same boxes: a seeded generator draws what open_clip's RandomResizedCrop draws
+    from the global RNG seeded alike, image after image (elongated ones fit no box and fall back
+    to the center crop)."""
+    imgs = [image(mode, h, w, seed=i) for i, (h, w, _) in enumerate(SHAPES.values()) if h < 2000]
+    imgs.append(image(mode, 300, 40, seed=9))  # too elongated for any box: the fallback
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        out = ImageTransform(24, train=True, scale=scale, generator=gen)(imgs)
+        torch.manual_seed(seed)
+        ref = torch.stack([open_clip_train(img, 24, scale) for img in imgs])
+        assert_levels(out, ref, OPEN_CLIP_LEVELS, f"mode {mode}, seed {seed}")
+    torch.manual_seed(5)
+    global_rng = ImageTransform(24, train=True, scale=scale)(imgs[:2])
+    torch.manual_seed(5)
+    ref = torch.stack([open_clip_train(img, 24, scale) for img in imgs[:2]])
+    assert_levels(global_rng, ref, OPEN_CLIP_LEVELS, f"mode {mode}, global RNG")
 
 
 def test_batches_of_mixed_sizes():
@@ -177,6 +317,8 @@ def test_crop_box_falls_back_to_center(h, w, box):
         (lambda: preprocess(torch.zeros(3, 4, 4, dtype=torch.int64)), TypeError, "int64"),
         (lambda: preprocess(torch.full((3, 4, 4), 255.0)), ValueError, r"\[0, 1\]"),
         (lambda: preprocess(torch.zeros(3, 0, 4)), ValueError, "images is empty"),
+        (lambda: preprocess(Image.new("RGB", (0, 4))), ValueError, "images is empty"),
+        (lambda: preprocess([Image.new("La", (4, 4))]), ValueError, r"images\[0\]: Pillow cannot"),
         (lambda: preprocess(pixels(4, 4), 0), ValueError, "size must be >= 1"),
         (lambda: preprocess(pixels(4, 4), 2.5), TypeError, "size must be an int"),
         (lambda: preprocess(pixels(4, 4), mean=(0.5, 0.5)), ValueError, "mean must be"),
