@@ -68,6 +68,10 @@ def check_features(image_features: object, text_features: object) -> None:
             f"image_features is on {image_features.device} but text_features is on "
             f"{text_features.device}"
         )
+
+
+def check_same_dtype(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    """For the ops that, like ``a @ b.T``, take one dtype (the losses promote instead)."""
     if image_features.dtype != text_features.dtype:
         raise TypeError(
             f"image_features is {image_features.dtype} but text_features is "
@@ -75,12 +79,24 @@ def check_features(image_features: object, text_features: object) -> None:
         )
 
 
+def promote_features(
+    image_features: torch.Tensor, text_features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature tensors in torch's promoted dtype (``torch.promote_types``: a bf16 tower
+    and an fp32 one compute in fp32), each cast only where it differs; the gradients come back
+    in each tensor's own dtype."""
+    dtype = torch.promote_types(image_features.dtype, text_features.dtype)
+    return image_features.to(dtype), text_features.to(dtype)
+
+
 def as_scalar(name: str, value: object, device: torch.device) -> torch.Tensor:
     """A one-element tensor on the features' device; python numbers become fp32 constants.
 
     Numbers and CPU tensors must be finite. A tensor on a GPU is not read: reading it would make
     the host wait for the device on every call (and break CUDA graphs and
-    ``torch.compile(fullgraph=True)``); a non-finite one gives NaN, as in eager PyTorch.
+    ``torch.compile(fullgraph=True)``); a non-finite one gives NaN, as in eager PyTorch. Under
+    torch.compile a CPU tensor is checked by an assertion in the graph (a RuntimeError when it
+    fails), not by a Python branch on its value.
     """
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
@@ -94,8 +110,12 @@ def as_scalar(name: str, value: object, device: torch.device) -> torch.Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-    if value.device.type == "cpu" and not torch.isfinite(value.detach()).all():
-        raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
+    if value.device.type == "cpu":
+        finite = torch.isfinite(value.detach()).all()
+        if torch.compiler.is_compiling():  # a branch on the value would break the graph
+            torch._assert_async(finite, f"{name} must be finite")
+        elif not finite:
+            raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
     return value
 
 

@@ -5,7 +5,8 @@ The losses: the kernels' algorithm in blocks, with the same statistics, losses a
 math). Scores are built a block at a time (``fastclip.kernels.blocks``), so memory is one
 bounded block beyond the features and their gradients; fp16/bf16 inputs are computed in fp32,
 float64 in float64. Top-k scores bounded blocks too; similarity and the projection are eager
-PyTorch, differentiated by autograd.
+PyTorch, their backwards written out (``similarity_backward``, ``normalized_linear_backward``)
+as the custom operators of ``fastclip.backends`` need them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ TOPK_CHUNK_ELEMENTS = 2**22
 TOPK_ROWS = 512
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where features of ``dtype`` are computed: fp32, or float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -50,7 +52,7 @@ def _positions(r0: int, r1: int, c0: int, c1: int, offset: int, device: torch.de
 
 def positive_dots(x: torch.Tensor, y: torch.Tensor, offset: int) -> torch.Tensor:
     """<x_i, y_i+offset> for every row of x: (n_x,) in the compute dtype."""
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     return torch.linalg.vecdot(x.to(cdt), y[offset : offset + x.shape[0]].to(cdt))
 
 
@@ -66,7 +68,7 @@ def contrastive_forward(
     """(pdot, row, col): positive dots, and each row's (column's) log-sum-exp of the other
     logits relative to its positive, m_i = log sum_{j != i+off} exp(S_ij - S_i,i+off) (col None
     for one direction). See ``fastclip.kernels.contrastive``."""
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     s = scale.to(cdt).reshape(())
     n_x, n_y = x.shape[0], y.shape[0]
     xs, yc = x.to(cdt) * s, y.to(cdt)  # the scale folded into x: S = xs y^T
@@ -107,7 +109,7 @@ def contrastive_backward(
     """dL/dx and dL/dy (each None unless needed) and dL/ds, from ``contrastive_forward``'s
     stats, the relative loss weights w_x (n_x,), w_y (n_y,) or None, and their common factor
     ``weight`` (see ``fastclip.kernels.contrastive.contrastive_backward``)."""
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     s = scale.to(cdt).reshape(())
     xs = x.to(cdt) * s
     pdot, row, col = stats
@@ -155,7 +157,7 @@ def siglip_forward(
            torch.Tensor | None]:  # fmt: skip
     """SigLIP loss and requested gradients in one blocked sweep (``kernels/siglip.py`` has the
     math): loss, dx, dy, dscale, dbias, each None when not requested. offset None: no pairs."""
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     s = scale.to(cdt).reshape(())
     xs = x.to(cdt) * s
     bias = (bias if bias is not None else scale.new_zeros(())).to(cdt).reshape(1, 1)
@@ -194,6 +196,59 @@ def similarity(
     if normalize:
         a, b = F.normalize(a, dim=-1, eps=eps), F.normalize(b, dim=-1, eps=eps)
     return (scale * (a @ b.T) + bias).to(out_dtype)
+
+
+def _through_norm(
+    d_hat: torch.Tensor, hat: torch.Tensor, norm: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """d/dx of F.normalize(x) = x / max(||x||, eps) applied to d_hat, from hat = that result:
+    (d_hat - hat <hat, d_hat>) / ||x|| where ||x|| >= eps, d_hat / eps where it was clamped."""
+    along = torch.where(norm >= eps, torch.linalg.vecdot(hat, d_hat), 0.0)
+    return (d_hat - hat * along[:, None]) / norm.clamp(min=eps)[:, None]
+
+
+def similarity_backward(
+    grad: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    normalize: bool,
+    eps: float,
+    need_a: bool,
+    need_b: bool,
+    need_scale: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """da, db, dscale, dbias (each None unless needed) of S = scale * a_hat @ b_hat.T + bias
+    from dS: two products of dS (one where only the scale needs it), in fp32 (float64 for
+    float64), whichever implementation computed S."""
+    cdt = compute_dtype(a.dtype)
+    g = grad.to(cdt)
+    a_hat, b_hat = a.to(cdt), b.to(cdt)  # the rows as multiplied
+    if normalize:
+        norm_a, norm_b = (
+            torch.linalg.vector_norm(a_hat, dim=1),
+            torch.linalg.vector_norm(b_hat, dim=1),
+        )
+        a_hat, b_hat = (
+            a_hat / norm_a.clamp(min=eps)[:, None],
+            b_hat / norm_b.clamp(min=eps)[:, None],
+        )
+    s = scale.to(cdt).reshape(())
+    ga = g @ b_hat if need_a or need_scale else None  # (n_a, D): dS/d(a_hat) / scale
+    gb = g.T @ a_hat if need_b else None  # (n_b, D)
+    da = db = dscale = dbias = None
+    if need_a:
+        da = s * ga if not normalize else _through_norm(s * ga, a_hat, norm_a, eps)
+        da = da.to(a.dtype)
+    if need_b:
+        db = s * gb if not normalize else _through_norm(s * gb, b_hat, norm_b, eps)
+        db = db.to(b.dtype)
+    if need_scale:  # sum_ij dS_ij <a_hat_i, b_hat_j>
+        dscale = torch.linalg.vecdot(ga, a_hat).sum().to(scale.dtype).reshape(scale.shape)
+    if need_bias:
+        dbias = g.sum()
+    return da, db, dscale, dbias
 
 
 def topk(
@@ -246,6 +301,32 @@ def topk(
 
 def normalized_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
-) -> torch.Tensor:
-    """F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps), eager."""
-    return F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps), eager, and the rows' norms
+    ||x W^T + b|| (fp32, float64 for float64) that ``normalized_linear_backward`` needs."""
+    z = F.linear(x, weight, bias)  # (n_rows, n_out)
+    norm = torch.linalg.vector_norm(z, dim=-1, dtype=compute_dtype(x.dtype))
+    return F.normalize(z, dim=-1, eps=eps), norm
+
+
+def normalized_linear_backward(
+    grad: torch.Tensor,
+    y: torch.Tensor,
+    norm: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    eps: float,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """dL/dx, dL/dW, dL/db of y = normalize(x W^T + b) from dL/dy, y and the norms, each None
+    unless needed: dz = (g - <y, g> y) / ||z|| (g / eps where the norm was clamped), formed in
+    fp32 and rounded to y's dtype for its products, as the kernels do
+    (``fastclip.kernels.projection`` has the math)."""
+    dz = _through_norm(grad.to(norm.dtype), y.to(norm.dtype), norm, eps)  # (n_rows, n_out)
+    db = dz.sum(dim=0).to(y.dtype) if need_db else None
+    dz = dz.to(y.dtype)
+    dx = dz @ weight if need_dx else None  # (n_rows, n_in)
+    dw = dz.T @ x if need_dw else None  # (n_out, n_in)
+    return dx, dw, db

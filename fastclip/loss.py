@@ -13,7 +13,14 @@ if TYPE_CHECKING:
 
 from fastclip import backends
 from fastclip.backends import check_backend, check_config, choose
-from fastclip.checks import check_features, check_index, check_inputs, check_offset, check_rank
+from fastclip.checks import (
+    check_features,
+    check_index,
+    check_inputs,
+    check_offset,
+    check_rank,
+    promote_features,
+)
 from fastclip.distributed import gather_features
 
 
@@ -75,6 +82,7 @@ def infonce(
     with the images as rows and once with the texts as rows). Other arguments: see ``clip_loss``.
     """
     scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
+    image_features, text_features = promote_features(image_features, text_features)
     check_offset(offset, image_features.shape[0], text_features.shape[0])
     if block_bytes is not None:
         block_bytes = check_index("block_bytes", block_bytes)
@@ -108,7 +116,9 @@ def clip_loss(
     Args:
         image_features: (n_img, D) float32, float16 or bfloat16 (float64 on the torch backend).
             Need not be normalized; any strides.
-        text_features: (n_txt, D), same dtype and device, n_img + offset <= n_txt.
+        text_features: (n_txt, D) on the same device, n_img + offset <= n_txt. Two dtypes
+            follow torch's type promotion: both compute in ``torch.promote_types`` of the two
+            (a bf16 tower and an fp32 one: fp32), each gradient in its tensor's own dtype.
         logit_scale: the already-exponentiated scale, a one-element tensor (may require grad) or
             a number. A number or a CPU tensor must be finite; one on a GPU is
             not read back (a non-finite one gives a NaN loss, as eager PyTorch does).
@@ -127,7 +137,10 @@ def clip_loss(
 
     Returns:
         0-dim loss, float32 (float64 for float64 features), never negative. Gradients flow to
-        both feature tensors (in their dtype) and to logit_scale.
+        both feature tensors (in their dtype) and to logit_scale. 16-bit features give an
+        fp32 loss too, where open_clip's eager ``ClipLoss`` returns their dtype: the loss is
+        computed in fp32 and rounding it to bf16 would keep 3 significant digits of it, for
+        nothing. Under autocast open_clip's cross-entropy returns fp32 as well.
     """
     return infonce(
         image_features,
@@ -142,15 +155,20 @@ def clip_loss(
 
 
 class ClipLoss(nn.Module):
-    """Drop-in for open_clip's ``ClipLoss``: same constructor, call and values, fused.
+    """Drop-in for open_clip's ``ClipLoss``: same constructor, methods, call and values, fused.
 
     Args:
         local_loss: each rank scores only its own rows against all gathered columns (labels
             offset by rank * local batch) instead of the full global matrix.
         gather_with_grad: all-gather with autograd, so gradients reach the other ranks' features.
-        cache_labels: accepted for compatibility; the fused loss builds no label tensor.
+        cache_labels: ``get_ground_truth`` keeps its labels per device; the fused loss itself
+            builds no label tensor.
         rank, world_size: this process's place in the torch.distributed group.
+        use_horovod: must be False: fastclip gathers with torch.distributed only.
         backend, block_bytes, config: see ``clip_loss``.
+
+    ``get_logits`` and ``get_ground_truth`` build the logits and labels that open_clip's loss
+    is the cross-entropy of (for logging, or a subclass's own loss); ``forward`` never does.
     """
 
     def __init__(
@@ -160,6 +178,7 @@ class ClipLoss(nn.Module):
         cache_labels: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        use_horovod: bool = False,
         *,
         backend: str = "auto",
         block_bytes: int | None = None,
@@ -171,14 +190,19 @@ class ClipLoss(nn.Module):
             check_index("block_bytes", block_bytes)
         check_config(config)
         check_rank(rank, world_size)
+        check_no_horovod(use_horovod)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
+        self.use_horovod = use_horovod
         self.backend = backend
         self.block_bytes = block_bytes
         self.config = config
+        # get_ground_truth's cache, as open_clip keeps it
+        self.prev_num_logits = 0
+        self.labels: dict[torch.device, torch.Tensor] = {}
 
     def forward(
         self,
@@ -193,15 +217,7 @@ class ClipLoss(nn.Module):
         if self.world_size == 1:
             loss = infonce(image_features, text_features, logit_scale, logit_bias, **kw)
         else:
-            check_features(image_features, text_features)
-            all_images, all_texts = gather_features(
-                image_features,
-                text_features,
-                self.local_loss,
-                self.gather_with_grad,
-                self.rank,
-                self.world_size,
-            )
+            all_images, all_texts = self._gather(image_features, text_features)
             if self.local_loss:
                 kw.update(offset=self.rank * image_features.shape[0], both_directions=False)
                 loss = 0.5 * (
@@ -212,8 +228,71 @@ class ClipLoss(nn.Module):
                 loss = infonce(all_images, all_texts, logit_scale, logit_bias, **kw)
         return {"contrastive_loss": loss} if output_dict else loss
 
+    def get_ground_truth(self, device: torch.device, num_logits: int) -> torch.Tensor:
+        """The class of each of the ``num_logits`` rows: arange(num_logits), offset by
+        rank * num_logits for the local loss across ranks; cached per device with
+        ``cache_labels`` (recomputed when num_logits changes)."""
+        if self.prev_num_logits == num_logits and device in self.labels:
+            return self.labels[device]
+        labels = torch.arange(num_logits, device=device, dtype=torch.long)
+        if self.world_size > 1 and self.local_loss:
+            labels = labels + num_logits * self.rank
+        if self.cache_labels:
+            self.labels[device] = labels
+            self.prev_num_logits = num_logits
+        return labels
+
+    def get_logits(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits_per_image, logits_per_text), the matrices ``forward`` never builds: this
+        rank's rows against every rank's columns (the local loss across ranks, or one rank),
+        else the global matrix and its transpose, with the bias added once (open_clip 3.3 adds
+        it to that matrix twice, through the transpose: it cancels in the loss either way)."""
+        image_features, text_features = promote_features(image_features, text_features)
+        if self.world_size > 1:
+            all_images, all_texts = self._gather(image_features, text_features)
+        else:
+            all_images, all_texts = image_features, text_features
+        if self.world_size > 1 and not self.local_loss:
+            logits_per_image = logit_scale * all_images @ all_texts.T
+            if logit_bias is not None:
+                logits_per_image += logit_bias
+            return logits_per_image, logits_per_image.T
+        logits_per_image = logit_scale * image_features @ all_texts.T
+        logits_per_text = logit_scale * text_features @ all_images.T
+        if logit_bias is not None:  # in place, as open_clip: the logits keep their dtype
+            logits_per_image += logit_bias
+            logits_per_text += logit_bias
+        return logits_per_image, logits_per_text
+
+    def _gather(self, image_features, text_features) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's features, in rank order (``fastclip.distributed.gather_features``)."""
+        check_features(image_features, text_features)
+        return gather_features(
+            image_features,
+            text_features,
+            self.local_loss,
+            self.gather_with_grad,
+            self.rank,
+            self.world_size,
+        )
+
     def extra_repr(self) -> str:
         return (
             f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
             f"rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}"
+        )
+
+
+def check_no_horovod(use_horovod: object) -> None:
+    """open_clip's ``use_horovod``: accepted as False, refused as True."""
+    if use_horovod:
+        raise ValueError(
+            "use_horovod=True is not supported: fastclip gathers features with torch.distributed "
+            "(launch with torchrun and init_process_group instead of horovodrun)"
         )

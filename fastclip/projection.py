@@ -1,6 +1,8 @@
-"""The normalized projection y = normalize(x W^T + b), as CLIP's towers end: public function,
-drop-in ``nn.Linear`` and autograd wiring. The Triton kernels are in ``kernels/projection.py``;
-the PyTorch path is eager ``F.normalize(F.linear(...))``.
+"""The normalized projection y = normalize(x W^T + b), as CLIP's towers end: public function
+and drop-in ``nn.Linear``. The Triton kernels are in ``kernels/projection.py``; the PyTorch path
+is eager ``F.normalize(F.linear(...))`` with the same backward written out
+(``fastclip.chunked``); both run as the custom operator ``torch.ops.fastclip.normalized_linear``
+(``fastclip.backends``), with its autograd.
 """
 
 from __future__ import annotations

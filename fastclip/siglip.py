@@ -10,7 +10,7 @@ from torch import nn
 
 from fastclip import backends
 from fastclip.backends import check_backend, check_config, choose
-from fastclip.checks import check_index, check_inputs, check_offset, check_rank
+from fastclip.checks import check_index, check_inputs, check_offset, check_rank, promote_features
 from fastclip.distributed import neighbour_exchange, neighbour_exchange_bidir
 
 if TYPE_CHECKING:
@@ -20,30 +20,28 @@ DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
 class _SigLipLoss(torch.autograd.Function):
-    """The gradients come out of the forward's sweeps; the backward only scales them."""
+    """The gradients come out of the forward's sweeps; the backward only scales them.
+    ``needs``: which of (x, y, scale, bias) want a gradient, known before the forward runs."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, offset: int | None, route: dict):
-        need_dx, need_dy, need_ds, need_db = ctx.needs_input_grad[:4]
+    def forward(ctx, x, y, scale, bias, offset: int | None, needs: tuple, route: dict):
+        need_dx, need_dy, need_ds, need_db = needs
         loss, dx, dy, dscale, dbias = backends.siglip_forward(
             x, y, scale, bias, offset, need_dx, need_dy, need_ds or need_db, **route
         )
         ctx.save_for_backward(dx, dy, dscale, dbias)
-        ctx.param_like = (scale, bias)
+        ctx.needs = needs
+        ctx.params_like = [None if t is None else (t.dtype, t.shape) for t in (scale, bias)]
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         dx, dy, dscale, dbias = ctx.saved_tensors
-        need_dx, need_dy, need_ds, need_db = ctx.needs_input_grad[:4]
-        scale, bias = ctx.param_like
-        grads = [
-            dx * grad_loss if need_dx else None,
-            dy * grad_loss if need_dy else None,
-            (dscale * grad_loss).to(scale.dtype).reshape(scale.shape) if need_ds else None,
-            (dbias * grad_loss).to(bias.dtype).reshape(bias.shape) if need_db else None,
-        ]
-        return *grads, None, None
+        need_dx, need_dy, need_ds, need_db = ctx.needs
+        grads = [dx * grad_loss if need_dx else None, dy * grad_loss if need_dy else None]
+        for d, need, like in zip((dscale, dbias), (need_ds, need_db), ctx.params_like, strict=True):
+            grads.append((d * grad_loss).to(like[0]).reshape(like[1]) if need else None)
+        return *grads, None, None, None
 
 
 def siglip_loss(
@@ -67,8 +65,8 @@ def siglip_loss(
     Args:
         image_features: (n_img, D) float32, float16 or bfloat16 (float64 on the torch backend);
             need not be normalized; any strides.
-        text_features: (n_txt, D), same dtype and device; n_img + offset <= n_txt unless
-            ``negatives_only``.
+        text_features: (n_txt, D) on the same device; n_img + offset <= n_txt unless
+            ``negatives_only``. Two dtypes follow torch's type promotion, as in ``clip_loss``.
         logit_scale: the already-exponentiated scale: a one-element tensor (may require grad) or
             a number. A number or a CPU tensor must be finite; one on a GPU is
             not read back (a non-finite one gives a NaN loss, as eager PyTorch does).
@@ -86,10 +84,13 @@ def siglip_loss(
             kernels: ``fastclip.backends``.
 
     Returns:
-        0-dim loss, float32 (float64 for float64 features), never negative. When gradients are
+        0-dim loss, float32 (float64 for float64 features), never negative, 16-bit features
+        included (where open_clip's ``SigLipLoss`` returns their dtype; see ``clip_loss``: the
+        loss is computed in fp32, and rounding it would only lose digits). When gradients are
         wanted (grad mode on and an input requiring grad), they are computed with the loss.
     """
     scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
+    image_features, text_features = promote_features(image_features, text_features)
     if not negatives_only:
         check_offset(offset, image_features.shape[0], text_features.shape[0])
     if block_bytes is not None:
@@ -99,8 +100,10 @@ def siglip_loss(
     route = {"method": method, "block_bytes": block_bytes, "config": config}
     pairs = None if negatives_only else offset
     inputs = (image_features, text_features, scale, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _SigLipLoss.apply(*inputs, pairs, route)
+    grad = torch.is_grad_enabled()
+    needs = tuple(grad and t is not None and t.requires_grad for t in inputs)
+    if any(needs):
+        return _SigLipLoss.apply(*inputs, pairs, needs, route)
     return backends.siglip_forward(*inputs, pairs, False, False, False, **route)[0]
 
 
@@ -113,8 +116,12 @@ class SigLipLoss(nn.Module):
     "shift" (one neighbour at a time), "reduce" (one all-reduce per rank) or "gather" (one
     all-gather). All four give the same loss and gradients.
 
+    ``get_logits`` and ``get_ground_truth`` build the logits and the +-1 labels that open_clip's
+    loss sums the log-sigmoids of (for logging, or a subclass's own loss); ``forward`` never does.
+
     Args:
-        cache_labels: accepted for compatibility; the fused loss builds no label matrix.
+        cache_labels: accepted for compatibility (open_clip caches nothing either); the fused
+            loss builds no label matrix.
         rank, world_size: this process's place in the torch.distributed group.
         dist_impl: see above; None means "bidir".
         backend, block_bytes, config: see ``siglip_loss``.
@@ -147,6 +154,9 @@ class SigLipLoss(nn.Module):
         self.backend = backend
         self.block_bytes = block_bytes
         self.config = config
+        # open_clip's (unused) label cache, kept for code that reads it
+        self.prev_num_logits = 0
+        self.labels: dict[torch.device, torch.Tensor] = {}
 
     def forward(
         self,
@@ -173,6 +183,34 @@ class SigLipLoss(nn.Module):
                 else:  # "reduce", own round: kept in the graph, whose backward joins its collective
                     loss = loss + 0.0 * texts.sum()
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def get_ground_truth(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_logits: int,
+        negative_only: bool = False,
+    ) -> torch.Tensor:
+        """(num_logits, num_logits) labels z_ij: +1 on the diagonal (the pairs), -1 elsewhere;
+        -1 everywhere for ``negative_only`` (a block of another rank's texts)."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = labels + 2 * torch.eye(num_logits, device=device, dtype=dtype)
+        return labels
+
+    def get_logits(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """logit_scale * image_features @ text_features.T (+ logit_bias): (n_img, n_txt)."""
+        image_features, text_features = promote_features(image_features, text_features)
+        logits = logit_scale * image_features @ text_features.T
+        if logit_bias is not None:  # in place, as open_clip: the logits keep their dtype
+            logits += logit_bias
+        return logits
 
     def _exchanged_texts(self, text_features: torch.Tensor):
         """Yield (texts, True) for every other rank's text features, once each, differentiably,

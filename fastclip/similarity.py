@@ -13,7 +13,7 @@ import torch
 
 from fastclip import backends
 from fastclip.backends import check_config, choose
-from fastclip.checks import as_scalar, check_features, check_index
+from fastclip.checks import as_scalar, check_features, check_index, check_same_dtype
 
 if TYPE_CHECKING:
     from fastclip.kernels.launch import TileConfig
@@ -22,9 +22,11 @@ EPS = 1e-12  # F.normalize's default
 
 
 def check_pair(a: object, b: object, names: tuple[str, str]) -> None:
-    """check_features with this op's argument names in the messages."""
+    """check_features with this op's argument names in the messages; one dtype, as for
+    ``a @ b.T``."""
     try:
         check_features(a, b)
+        check_same_dtype(a, b)
     except (TypeError, ValueError) as e:
         message = str(e).replace("image_features", names[0]).replace("text_features", names[1])
         raise type(e)(message) from None

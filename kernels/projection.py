@@ -49,7 +49,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from .jit import (
     similarity_tile,
@@ -62,7 +61,6 @@ from .launch import (
     launch,
     projection_prune,
 )
-from .projection_backward import projection_backward
 
 # The widest output row the forward normalizes in registers (see the module docstring), and the
 # column block of the two-stage epilogue past it (or half of it, whichever pads n_out less).
@@ -246,46 +244,3 @@ def projection_forward(
     launch(_forward_kernel, _forward_tuned, grid, config, args,
            {"BM": "block_m", "BI": "block_k"})  # fmt: skip
     return y, norm
-
-
-# ----------------------------------------------------------------------------------------------
-# Autograd and the op's launcher
-# ----------------------------------------------------------------------------------------------
-
-
-class _NormalizedLinear(torch.autograd.Function):
-    """Saves y and the row norms, and x or W only for the gradient that needs it."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, config: TileConfig | None):
-        y, norm = projection_forward(x, weight, bias, eps, config=config)
-        need_dx, need_dw, _ = ctx.needs_input_grad[:3]
-        ctx.save_for_backward(x if need_dw else None, weight if need_dx else None, y, norm)
-        ctx.eps, ctx.config = eps, config
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, weight, y, norm = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        grads = projection_backward(
-            grad, y, norm, x, weight, ctx.eps, need_dx, need_dw, need_db, config=ctx.config
-        )
-        return *grads, None, None
-
-
-def normalized_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float,
-    *,
-    config: TileConfig | None = None,
-) -> torch.Tensor:
-    """``fastclip.normalized_linear`` on the kernels: x (n_rows, n_in) -> y (n_rows, n_out),
-    differentiable with respect to x, weight and bias where they require grad."""
-    inputs = (x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _NormalizedLinear.apply(x, weight, bias, eps, config)
-    return projection_forward(x, weight, bias, eps, config=config)[0]

@@ -350,63 +350,8 @@ def topk_forward(
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd and the ops' launchers
+# The top-k op's launcher
 # ----------------------------------------------------------------------------------------------
-
-
-class _Similarity(torch.autograd.Function):
-    """Triton forward; the backward is two products of the given dS, on torch's matmul."""
-
-    @staticmethod
-    def forward(ctx, a, b, scale, bias, normalize: bool, out_dtype: torch.dtype, eps: float,
-                config: TileConfig | None):  # fmt: skip
-        inv_a = inverse_norms(a, eps) if normalize else None
-        inv_b = inverse_norms(b, eps) if normalize else None
-        ctx.save_for_backward(a, b, scale, bias, inv_a, inv_b)
-        return similarity_forward(a, b, scale, bias, inv_a, inv_b, out_dtype, config=config)
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b, scale, bias, inv_a, inv_b = ctx.saved_tensors
-        need_a, need_b, need_scale, need_bias = ctx.needs_input_grad[:4]
-        g = grad.float()
-        a_hat, b_hat = a.float(), b.float()  # the rows as multiplied
-        if inv_a is not None:
-            a_hat, b_hat = a_hat * inv_a[:, None], b_hat * inv_b[:, None]
-        s = scale.float().reshape(())
-        ga = g @ b_hat if need_a or need_scale else None  # (n_a, D): dS/d(a_hat) / scale
-        gb = g.T @ a_hat if need_b or (need_scale and ga is None) else None
-
-        def through_norm(d_hat, hat, inv):  # d/dx of x / ||x|| applied to d_hat
-            if inv is None:
-                return d_hat
-            return (d_hat - hat * torch.linalg.vecdot(hat, d_hat)[:, None]) * inv[:, None]
-
-        da = through_norm(s * ga, a_hat, inv_a).to(a.dtype) if need_a else None
-        db = through_norm(s * gb, b_hat, inv_b).to(b.dtype) if need_b else None
-        dscale = None
-        if need_scale:  # sum_ij dS_ij <a_hat_i, b_hat_j>
-            rows, hat = (ga, a_hat) if ga is not None else (gb, b_hat)
-            dscale = torch.linalg.vecdot(rows, hat).sum().to(scale.dtype).reshape(scale.shape)
-        dbias = g.sum().to(bias.dtype).reshape(bias.shape) if need_bias else None
-        return da, db, dscale, dbias, None, None, None, None
-
-
-def similarity(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    normalize: bool,
-    out_dtype: torch.dtype,
-    eps: float,
-    *,
-    config: TileConfig | None = None,
-) -> torch.Tensor:
-    """``fastclip.similarity`` on the kernel: (n_a, n_b) scores in ``out_dtype``, differentiable
-    with respect to a, b, scale and bias (one-element tensors); rows normalized by
-    1 / max(||row||, eps) first if ``normalize``."""
-    return _Similarity.apply(a, b, scale, bias, normalize, out_dtype, eps, config)
 
 
 def topk(

@@ -89,11 +89,6 @@ BAD_INPUTS = {
         ValueError,
         "text_features is on the meta device",
     ),
-    "dtypes-differ": (
-        lambda: (features(), features(dtype=torch.float64), 1.0, None),
-        TypeError,
-        "image_features is torch.float32 but text_features is torch.float64",
-    ),
     "integer-image": (
         lambda: (features().long(), features(), 1.0, None),
         TypeError,
@@ -350,6 +345,35 @@ def test_float64_on_the_torch_backend(module, loss, reference):
     for name, a, b in zip(("d_scale", "d_bias"), ours[2:], ref[2:], strict=True):
         assert a.grad.dtype == torch.float32, name
         assert_close(a.grad, b.grad, torch.float32, name)
+
+
+MIXED = [
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.float64),
+]
+
+
+@each_loss
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", MIXED, ids=lambda d: "-".join(str(t)[6:] for t in d))
+def test_two_dtypes_follow_type_promotion(module, loss, reference, backend, dtypes):
+    """One tower in bf16, the other in fp32 (say): both compute in the promoted dtype, the loss
+    is that of the features cast to it, and each gradient comes back in its tensor's dtype."""
+    promoted = torch.promote_types(*dtypes)
+    if promoted == torch.float64 and backend != "torch":
+        pytest.skip("float64 runs on the torch backend only")
+    (x, y, scale, bias), _ = make_inputs(9, 11, 16, seed=7)
+    mixed = [x.detach().to(dtypes[0]).requires_grad_(), y.detach().to(dtypes[1]).requires_grad_()]
+    cast = [t.detach().to(promoted).requires_grad_() for t in mixed]
+    got = module(backend=backend)(*mixed, scale, bias)
+    expected = loss(*cast, scale, bias, backend=backend)
+    assert torch.equal(got, expected)
+    got.backward()
+    expected.backward()
+    for name, a, b in zip(("d_image", "d_text"), mixed, cast, strict=True):
+        assert a.grad.dtype == a.dtype, name
+        assert torch.equal(a.grad, b.grad.to(a.dtype)), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

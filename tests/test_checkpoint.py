@@ -3,16 +3,15 @@ state dicts (ViT and ResNet), open_clip's Hub layout written and read back, and 
 bad files."""
 
 import ast
-import importlib.util
 import json
 import os
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import require
+from open_clip_code import OPEN_CLIP_INSTALL, open_clip_files
 from safetensors.torch import load_file, save_file
 
 require("tokenizers", "transformers")
@@ -306,15 +305,15 @@ def test_open_clip_layout_refuses_what_open_clip_lacks(tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
-OPEN_CLIP = importlib.util.find_spec("open_clip")  # not imported: it needs torchvision
+OPEN_CLIP = open_clip_files()  # not imported: it needs torchvision
 needs_open_clip = pytest.mark.skipif(
-    OPEN_CLIP is None, reason="needs open_clip_torch's files: pip install --no-deps open_clip_torch"
+    OPEN_CLIP is None, reason=f"needs open_clip_torch's files: {OPEN_CLIP_INSTALL}"
 )
 
 
 def open_clip_source(module: str) -> ast.Module:
     """One of open_clip's modules, parsed (not imported)."""
-    return ast.parse((Path(OPEN_CLIP.submodule_search_locations[0]) / module).read_text())
+    return ast.parse((OPEN_CLIP / module).read_text())
 
 
 def open_clip_class(module: str, name: str) -> ast.ClassDef:
@@ -340,7 +339,7 @@ def test_open_clip_config_is_open_clip_s_own(name, suffix):
     """The model_cfg written for a preset is open_clip's model_configs/<name>.json."""
     activation = "quick_gelu" if suffix else "gelu"
     written = open_clip_config(replace(PRESETS[name], activation=activation))["model_cfg"]
-    configs = Path(OPEN_CLIP.submodule_search_locations[0]) / "model_configs"
+    configs = OPEN_CLIP / "model_configs"
     assert written == json.loads((configs / f"{name}{suffix}.json").read_text())
 
 

@@ -15,7 +15,7 @@ from helpers import require
 require("tokenizers", "ftfy", "regex", "hypothesis")
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from open_clip_tokenizer import CORPUS, load_open_clip_tokenizer, openai_tokenizer
+from open_clip_code import CORPUS, load_open_clip_tokenizer, openai_tokenizer
 
 from fastclip.tokenizer import Tokenizer
 

@@ -1,4 +1,5 @@
-"""open_clip's own tokenizer module, and a corpus of texts by category to compare tokenizers on.
+"""open_clip's own code, found without importing its package, its tokenizer module, and a corpus
+of texts by category to compare tokenizers on.
 
 ``open_clip/tokenizer.py`` needs only ftfy, regex, numpy and torch, so it is loaded from its file
 without running ``open_clip/__init__.py`` (which imports torchvision).
@@ -19,15 +20,22 @@ from fastclip.tokenizer import EOT, SOT, Tokenizer
 OPEN_CLIP_INSTALL = "pip install --no-deps open_clip_torch==3.3.0"
 
 
+def open_clip_files() -> Path | None:
+    """The folder of open_clip's package, found without importing it (it imports torchvision);
+    None where it is not installed. Under CI, which installs it, its absence is an error."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None and os.environ.get("CI"):
+        raise RuntimeError(f"open_clip is not installed; CI installs it with: {OPEN_CLIP_INSTALL}")
+    return Path(spec.submodule_search_locations[0]) if spec else None
+
+
 def load_open_clip_tokenizer() -> ModuleType:
     """``open_clip.tokenizer``, imported alone. Missing, it fails the test under CI (which
     installs it) and skips it elsewhere."""
-    spec = importlib.util.find_spec("open_clip")
-    path = Path(spec.submodule_search_locations[0], "tokenizer.py") if spec else None
-    if path is None or not path.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"open_clip is not installed; CI installs it with: {OPEN_CLIP_INSTALL}")
+    folder = open_clip_files()
+    if folder is None:
         pytest.skip(f"open_clip is not installed: {OPEN_CLIP_INSTALL}")
+    path = folder / "tokenizer.py"
     alone = importlib.util.spec_from_file_location("open_clip_tokenizer_alone", path)
     module = importlib.util.module_from_spec(alone)
     parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
