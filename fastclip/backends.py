@@ -54,6 +54,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from fastclip import chunked, costs, registry
 
@@ -213,7 +214,11 @@ def topk(queries, keys, k, scale, normalize, eps, chunk, *, method, config):
 
 
 def normalized_linear(x, weight, bias, eps, *, method, config):
-    """normalize(x W^T + b) of x (n_rows, n_in), differentiable."""
+    """normalize(x W^T + b) of x (n_rows, n_in), differentiable. The PyTorch path is eager
+    PyTorch, differentiated by autograd (compile traces it as it is); the Triton path is the
+    custom operator."""
+    if method == "torch":
+        return F.normalize(F.linear(x, weight, bias), dim=-1, eps=eps)
     return torch.ops.fastclip.normalized_linear(x, weight, bias, eps, method, _tiles(config))[0]
 
 

@@ -413,3 +413,15 @@ def test_auto_backend_on_cpu_is_the_torch_path(monkeypatch):
     monkeypatch.setattr(kpb, "projection_backward", launched)
     leaves, grad = make((5, 8), 6, seed=13)
     check(leaves, grad, "auto")
+
+
+def test_torch_path_is_eager_pytorch_bit_for_bit():
+    """backend="torch" is F.normalize(F.linear(...)) differentiated by autograd, so that a run
+    keeps its numbers, rounding included, whatever the kernels' path does."""
+    leaves, grad = make((21, 18), 20, seed=5)
+    ours = [t.float().requires_grad_() for t in leaves]
+    eager = [t.float().requires_grad_() for t in leaves]
+    normalized_linear(*ours, backend="torch").backward(grad.float())
+    F.normalize(F.linear(*eager), dim=-1).backward(grad.float())
+    for a, b in zip(ours, eager, strict=True):
+        assert torch.equal(a.grad, b.grad)
