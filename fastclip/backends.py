@@ -70,8 +70,6 @@ except ImportError:  # no Triton on this platform: the PyTorch path serves every
     kc = kfused = kproj = kprojb = ks = ksim = interpreting = TileConfig = None
 
 TUNING = Path(__file__).with_name("tuning.json")
-# Each op's implementations, as ``backend=`` names them: the losses' from the registry.
-OPS = ("contrastive", "siglip", "similarity", "projection")
 
 
 def implementations(op: str, triton: bool | None = None) -> tuple[str, ...]:
