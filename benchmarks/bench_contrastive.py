@@ -57,9 +57,10 @@ def part_batches(bench: Bench) -> None:
 
 
 def part_large(bench: Bench) -> None:
+    """auto's pick, then the designs no GPU has measured at this size, then the others."""
     n = bench.pick(LARGE)
     picked = backends.fastest("contrastive", bench.dtype, bench.D(INFONCE.D), n)
-    for provider in dict.fromkeys((picked, *at_floor("contrastive"))):
+    for provider in dict.fromkeys((picked, *backends.MEASURED_ONLY, *at_floor("contrastive"))):
         large(bench, INFONCE, n, provider, auto=provider == picked)
         settle(bench.device)
 

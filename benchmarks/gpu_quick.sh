@@ -74,9 +74,10 @@ RESERVE_S=5  # kept for the summary (3 s at most), tuning.json (2) and the clean
 MIN_PROCESS_S=$((STARTUP_S + 3))  # 3: the runner's shortest part
 # Extra arguments for every runner process ("--tiny" rehearses on a CPU).
 QUICK_ARGS=${QUICK_ARGS:-}
-# The paths no GPU has run first (the bounded-block backward, TMA, host syncs), then the others.
+# The paths no GPU has run first (the persistent kernels, the bounded-block backward, TMA, host
+# syncs), then the others.
 TESTS=()
-for file in tests/test_losses.py tests/test_contrastive.py tests/test_siglip.py \
+for file in tests/test_persistent.py tests/test_losses.py tests/test_contrastive.py tests/test_siglip.py \
     tests/test_host_sync.py tests/test_precision.py tests/test_similarity.py tests/test_projection.py; do
     [ -f "$file" ] && TESTS+=("$file")
 done

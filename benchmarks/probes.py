@@ -1,10 +1,13 @@
 """Probes of the GPU under the losses: the runner's parts that measure no loss.
 
 bandwidth       HBM and L2 read and copy bandwidth (a Triton streaming kernel; torch's copy)
-cublas          cuBLAS at the block shapes ``plan_blocks`` gives each loss case: S = X_R Y_C^T
-                into fp32 (what blocks-mm runs) and into bf16, G Y and G^T X accumulated in fp32
-block-configs   the bounded-block G kernels with each config of their autotune lists (InfoNCE
-                5, SigLIP 3): one G pass at 16,384, each config given as ``config=``
+cublas          cuBLAS at the block shapes ``plan_blocks`` gives each loss case with the run's
+                buffer (the GPU default at full scale): S = X_R Y_C^T into fp32 (what blocks-mm
+                runs) and into bf16, G Y and G^T X added into fp32 rows as the backward adds
+                them (``addmm`` with out_dtype where torch has it), accumulator traffic included
+block-configs   the G kernels with each config of their autotune lists, the bounded blocks'
+                (InfoNCE 5, SigLIP 3) and the persistent ones' (2 and 3), and the persistent
+                forward's (3): one pass at 16,384, each config given as ``config=``
 tma             InfoNCE's forward and both G kernels at 16,384 with their operands read through
                 tensor descriptors (FASTCLIP_TMA=1, read at each launch; opt-in until this
                 measures it) and without
@@ -25,6 +28,7 @@ from harness import GIB, MIB, Bench, features, settle
 from losses import block_plan, implementations, inputs, stage_functions
 
 import fastclip.kernels.contrastive as kc
+import fastclip.kernels.persistent as kp
 import fastclip.kernels.siglip as ks
 from fastclip.kernels.blocks import accumulate_mm, matmul_f32
 from fastclip.kernels.launch import TileConfig, fixed_config
@@ -34,8 +38,14 @@ LOSSES = (INFONCE, SIGLIP)
 L2_BYTES = {"full": 16 * MIB, "tiny": 64 * 2**10, "interpreted": 64 * 2**10}
 HBM_BYTES = {"full": 2 * GIB, "tiny": MIB, "interpreted": MIB}
 CONFIGS_N = {"full": 16384, "tiny": 64, "interpreted": 32}  # N of block-configs and tma
-# The bounded-block G kernels' autotune lists, which block-configs times config by config.
-BLOCK_CONFIGS = {"contrastive": kc._BLOCK_CONFIGS, "siglip": ks._BLOCK_CONFIGS}
+# The G kernels' autotune lists, by loss and implementation, which block-configs times config by
+# config (and the persistent forward's).
+BLOCK_CONFIGS = {
+    ("contrastive", "blocks"): kc._BLOCK_CONFIGS,
+    ("contrastive", "persistent"): kp._GRADIENT_CONFIGS,
+    ("siglip", "blocks"): ks._BLOCK_CONFIGS,
+    ("siglip", "persistent"): kp._SIGLIP_CONFIGS,
+}
 
 
 @triton.jit
@@ -136,9 +146,9 @@ def cublas_shape(bench: Bench, R: int, C: int, D: int, uses: list[str]) -> None:
             row["tflops"] = 2 * R * C * D / row["ms"] / 1e9
 
 
-def g_pass(bench: Bench, loss, args: list, config: TileConfig | None = None):
-    """The blocks implementation's G kernels over every block, neither product wanted."""
-    return stage_functions(bench, loss.op, "blocks", *args, config=config)["G-only"]
+def g_pass(bench: Bench, loss, args: list, config: TileConfig | None = None, impl="blocks"):
+    """An implementation's G kernels over every block, neither product wanted."""
+    return stage_functions(bench, loss.op, impl, *args, config=config)["G-only"]
 
 
 def detached_inputs(bench: Bench, loss, n: int) -> list[torch.Tensor]:
@@ -146,16 +156,26 @@ def detached_inputs(bench: Bench, loss, n: int) -> list[torch.Tensor]:
 
 
 def part_block_configs(bench: Bench) -> None:
-    """One G pass per config of the G kernel's autotune list, the first (what runs without
-    autotuning) first."""
+    """One pass per config of each G kernel's autotune list (and the persistent forward's), the
+    first (what runs without autotuning) first."""
     n = bench.pick(CONFIGS_N)
     for loss in LOSSES:
         D, args = bench.D(loss.D), detached_inputs(bench, loss, n)
-        for config in map(fixed_config, BLOCK_CONFIGS[loss.op]):
-            row = {"op": loss.op, "N": n, "D": D, "config": config_name(config)}
-            with bench.case(bench.add("block_configs", row)):
-                row.update(bench.timed(g_pass(bench, loss, args, config)))
-                row["tflops"] = 2 * n * n * D / row["ms"] / 1e9
+        timed = {
+            f"G ({impl})": (BLOCK_CONFIGS[loss.op, impl], functools.partial(g_pass, impl=impl))
+            for impl in ("blocks", "persistent")
+        }
+        if loss is INFONCE:
+            forward = lambda bench, loss, args, config: functools.partial(  # noqa: E731
+                kp.contrastive_forward, *args, 0, True, config=config
+            )
+            timed["forward (persistent)"] = (kp._FORWARD_CONFIGS, forward)
+        for stage, (configs, fn) in timed.items():
+            for config in map(fixed_config, configs):
+                row = {"op": loss.op, "N": n, "D": D, "stage": stage, "config": config_name(config)}
+                with bench.case(bench.add("block_configs", row)):
+                    row.update(bench.timed(fn(bench, loss, args, config)))
+                    row["tflops"] = 2 * n * n * D / row["ms"] / 1e9
         settle(bench.device)
 
 

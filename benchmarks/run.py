@@ -30,30 +30,34 @@ runs each process under a hard limit of its parts' limits plus ~4 s to start Pyt
 CUDA). The estimates are not measurements: they take the 2026-11-27 H200 run's rates (InfoNCE at
 N = 65,536: forward 16.4 ms, fused forward+backward 132 ms, eager 114 ms and its forward 50 ms;
 SigLIP: fused 204 ms, eager 83 ms; an H100 has ~30% less HBM bandwidth and the same compute),
-``fastclip.costs``' predictions for what never ran (blocks and blocks-mm ~46 ms at 65,536 and
-11.7 s at 2^20), and guesses (g) for compilation, which gpu_quick.sh mostly does beforehand. A
-case runs ~11 times (error, memory, a probe, up to 9 timed runs filling 0.4 s), a stage ~11 times:
+``fastclip.costs``' predictions for what never ran (blocks, blocks-mm and persistent 38-42 ms
+at 65,536 and 9.8-10.7 s at 2^20), and guesses (g) for compilation, which gpu_quick.sh mostly
+does beforehand. A case runs ~11 times (error, memory, a probe, up to 9 timed runs filling
+0.4 s), a stage ~11 times:
 
   | part          | limit | estimate | how                                                   |
   |---------------|------:|---------:|-------------------------------------------------------|
   | bandwidth     |     6 |        2 | 2 GiB streamed ~22 times at 3-4 TB/s: 0.8 s           |
-  | cublas        |    10 |        3 | 15 shapes x 4 products x 11 runs of 0.05-3 ms         |
+  | cublas        |    10 |        3 | 8 shapes x 4 products x 11 runs of 0.05-3 ms          |
   | contrastive   |    28 |        8 | N = 65,536: fp32 reference 0.5, forwards 0.7, eager   |
-  |               |       |          | 6 x 114 ms, blocks and blocks-mm 11 x 46 ms + stages  |
-  |               |       |          | 0.7 each, fused 6 x 132 ms + stages 0.8: ~6 s; the    |
-  |               |       |          | smaller N ~1 s; 20 s more if nothing was compiled (g) |
+  |               |       |          | 6 x 114 ms, blocks, blocks-mm and persistent 11 x 42  |
+  |               |       |          | ms + stages 0.7 each, fused 6 x 132 ms + stages 0.8:  |
+  |               |       |          | ~7 s; the smaller N ~1 s; 20 s more if nothing was    |
+  |               |       |          | compiled (g)                                          |
   | siglip        |    28 |        9 | N = 65,536: reference 0.7, eager 7 x 83 ms, blocks    |
-  |               |       |          | 1.3, blocks-mm 1.4, fused 11 x 204 ms: ~7 s           |
+  |               |       |          | 1.3, blocks-mm 1.4, persistent 1.3, fused 11 x 204    |
+  |               |       |          | ms: ~8 s                                              |
   | confident     |    10 |        2 | N = 4,096: float64 on the GPU, 4 bf16 runs per loss   |
   | retrieval     |    10 |        4 | top-k at 65,536: eager ~40 ms (g), fastclip ~20 ms;   |
   |               |       |          | 2 kernels to compile if not yet (g)                   |
   | projection    |     6 |        2 | runs under 1 ms                                       |
-  | large         |    25 |       25 | the model's 11.7 s, then the other implementation's   |
-  |               |       |          | 11.8 s, which the limit may stop                      |
-  | block-configs |    15 |        4 | 8 G passes of ~1.5 ms x 11; compiled beforehand       |
+  | large         |    25 |       25 | auto's pick (the model: 9.8 s), then persistent       |
+  |               |       |          | (10.4 s), then the others, which the limit stops      |
+  | block-configs |    15 |        6 | 13 G passes of ~1.5 ms and 3 forwards x 11; compiled  |
+  |               |       |          | beforehand                                            |
   | tma           |    10 |        4 | 6 passes of ~1.5 ms x 11, 4 kernels to compile (g)    |
   | compile       |    22 |       20 | Inductor compiling a forward and a backward (g)       |
-  | sum           |   170 |       83 | plus ~4 s per process to start Python, torch, CUDA    |
+  | sum           |   170 |       87 | plus ~4 s per process to start Python, torch, CUDA    |
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ from results import Results
 
 import fastclip.kernels.contrastive as kc
 import fastclip.kernels.fused as kf
+import fastclip.kernels.persistent as kpersistent
 import fastclip.kernels.projection as kp
 import fastclip.kernels.projection_backward as kpb
 import fastclip.kernels.siglip as ks
@@ -129,6 +134,9 @@ KERNELS = {
     "InfoNCE forward": (kc._forward_tuned, {}),
     "InfoNCE G": (kc._block_tuned, {}),
     "InfoNCE fused backward": (kf._backward_tuned, {}),
+    "InfoNCE persistent forward": (kpersistent._forward_tuned, {}),
+    "InfoNCE persistent G": (kpersistent._gradient_tuned, {}),
+    "SigLIP persistent G": (kpersistent._siglip_tuned, {}),
     "SigLIP sweep": (ks._sweep_tuned, {}),
     "SigLIP G": (ks._block_tuned, {}),
     "similarity": (ksim._similarity_tuned, {}),

@@ -5,31 +5,34 @@
 | clip_loss, infonce, ClipLoss        | contrastive_forward      | contrastive.contrastive_forward |
 |                                     | contrastive_backward     | contrastive.contrastive_backward|
 |                                     |                          | fused.contrastive_backward      |
+|                                     |                          | persistent.contrastive_*        |
 | siglip_loss, SigLipLoss             | siglip_forward           | siglip.siglip_forward           |
 |                                     |                          | fused.siglip_forward            |
+|                                     |                          | persistent.siglip_forward       |
 | similarity                          | similarity               | similarity.similarity_forward   |
 | topk_similarity                     | topk                     | similarity.topk                 |
 | normalized_linear, NormalizedLinear | normalized_linear        | projection.projection_forward   |
 |                                     | (its backward)           | projection_backward.            |
 |                                     |                          | projection_backward             |
 
-Each route function runs the custom operator of its name, ``torch.ops.fastclip.<name>``, which
-calls ``fastclip.chunked``'s function of that name for the "torch" implementation,
-``kernels.fused``'s for "fused", and the Triton launcher beside it otherwise (with ``method=``
-"blocks" or "blocks-mm" for the losses). The custom operators make every public function one
-graph for ``torch.compile(fullgraph=True)``: each has a fake implementation (its outputs' shapes
-and dtypes), so that compile never traces the blocked loops or the Triton launches.
+Each route function runs the custom operator of its name, ``torch.ops.fastclip.<name>``, which calls
+``fastclip.chunked``'s function of that name for the "torch" implementation, ``kernels.fused``'s for
+"fused", ``kernels.persistent``'s for "persistent", and the Triton launcher beside it otherwise
+(with ``method=`` "blocks" or "blocks-mm" for the losses). The custom operators make every public
+function one graph for ``torch.compile(fullgraph=True)``: each has a fake implementation (its
+outputs' shapes and dtypes), so that compile never traces the blocked loops or the Triton launches.
 Differentiable stages carry their own autograd (``similarity``; ``normalized_linear``, whose
 backward is the operator ``normalized_linear_backward``); the losses' stages are differentiated
 by the losses' ``torch.autograd.Function``s (``fastclip.loss``, ``fastclip.siglip``), which
 compile traces as well. ``IMPLEMENTATIONS`` maps each operator to its eager implementation.
 
-The losses' implementations, with the passes each executes, are named once in
-``fastclip.registry``: "blocks" (the Triton forward, then the bounded-block backward: a Triton
-kernel forms G block by block and cuBLAS multiplies, ``fastclip.kernels.blocks``), "blocks-mm"
-(the same with cuBLAS computing each block's dots), "fused" (Triton row sweeps that accumulate the
-gradients in fp32 workspaces) and "torch" (``fastclip.chunked``, on any device and in float64
-too). Similarity and the projection have one Triton implementation, "triton", and "torch".
+The losses' implementations, with the passes each executes, are named once in ``fastclip.registry``:
+"blocks" (the Triton forward, then the bounded-block backward: a Triton kernel forms G block by
+block and cuBLAS multiplies, ``fastclip.kernels.blocks``), "blocks-mm" (the same with cuBLAS
+computing each block's dots), "persistent" (the same passes, the Triton sweeps run as one wave of
+CTAs with a lean epilogue, for Hopper), "fused" (Triton row sweeps that accumulate the gradients in
+fp32 workspaces) and "torch" (``fastclip.chunked``, on any device and in float64 too). Similarity
+and the projection have one Triton implementation, "triton", and "torch".
 
 Every public function takes, and passes down to its launcher as keywords:
 - ``backend``: "auto", "triton", "torch" or an implementation's name; ``choose`` turns it into
@@ -37,7 +40,8 @@ Every public function takes, and passes down to its launcher as keywords:
   on CUDA for 16/32-bit features, the PyTorch path elsewhere; "triton" the fastest Triton
   implementation (on CUDA, or on the CPU under Triton's interpreter). Fastest means: as measured
   on a GPU for the nearest (dtype, D, N bucket) in ``tuning.json`` (written by
-  ``benchmarks/gpu_quick.sh``), else as ``fastclip.costs`` predicts.
+  ``benchmarks/gpu_quick.sh``), else as ``fastclip.costs`` predicts among the designs a GPU
+  has run (``MEASURED_ONLY`` are taken only where measured).
 - ``block_bytes`` (the losses): the bound of the bounded buffer, the same on every path: the G
   blocks ("blocks", "blocks-mm"), the fp32 workspaces ("fused"), the score blocks ("torch").
 - ``config``: fixed Triton tiles (``fastclip.kernels.launch.TileConfig``) for every kernel the
@@ -61,15 +65,18 @@ from fastclip import chunked, costs, registry
 try:
     from fastclip.kernels import contrastive as kc
     from fastclip.kernels import fused as kfused
+    from fastclip.kernels import persistent as kpersistent
     from fastclip.kernels import projection as kproj
     from fastclip.kernels import projection_backward as kprojb
     from fastclip.kernels import siglip as ks
     from fastclip.kernels import similarity as ksim
     from fastclip.kernels.launch import TileConfig, interpreting
 except ImportError:  # no Triton on this platform: the PyTorch path serves everything
-    kc = kfused = kproj = kprojb = ks = ksim = interpreting = TileConfig = None
+    kc = kfused = kpersistent = kproj = kprojb = ks = ksim = interpreting = TileConfig = None
 
 TUNING = Path(__file__).with_name("tuning.json")
+# Designs no GPU has measured yet: "auto" takes them only where tuning.json says they won.
+MEASURED_ONLY = ("persistent",)
 
 
 def implementations(op: str, triton: bool | None = None) -> tuple[str, ...]:
@@ -122,7 +129,8 @@ def fastest(op: str, dtype: torch.dtype, D: int, n: int) -> str:
         if by_n[nearest] in names:
             return by_n[nearest]
     element = 4 if dtype == torch.float32 else 2
-    return costs.fastest(op, names, n, D, element)
+    modeled = tuple(name for name in names if name not in MEASURED_ONLY)
+    return costs.fastest(op, modeled, n, D, element)
 
 
 def choose(op: str, backend: str, features: torch.Tensor, n: int | None = None) -> str:
@@ -301,7 +309,10 @@ def _contrastive_forward(
             x, y, scale, offset, both_directions, block_bytes=block_bytes
         )
     else:
-        stats = kc.contrastive_forward(x, y, scale, offset, both_directions, config=_config(tiles))
+        module = kpersistent if method == "persistent" else kc
+        stats = module.contrastive_forward(
+            x, y, scale, offset, both_directions, config=_config(tiles)
+        )
     return _returned(x, *stats)
 
 
@@ -333,8 +344,9 @@ def _contrastive_backward(
     args = (x, y, scale, (pdot, row, col), w_x, w_y, weight, offset, need_dx, need_dy)
     if method == "torch":
         grads = chunked.contrastive_backward(*args, block_bytes=block_bytes)
-    elif method == "fused":
-        grads = kfused.contrastive_backward(*args, block_bytes=block_bytes, config=_config(tiles))
+    elif method in ("fused", "persistent"):
+        module = kfused if method == "fused" else kpersistent
+        grads = module.contrastive_backward(*args, block_bytes=block_bytes, config=_config(tiles))
     else:
         grads = kc.contrastive_backward(
             *args, method=method, block_bytes=block_bytes, config=_config(tiles)
@@ -367,8 +379,9 @@ def _siglip_forward(
     args = (x, y, scale, bias, offset, need_dx, need_dy, need_dparams)
     if method == "torch":
         results = chunked.siglip_forward(*args, block_bytes=block_bytes)
-    elif method == "fused":
-        results = kfused.siglip_forward(*args, block_bytes=block_bytes, config=_config(tiles))
+    elif method in ("fused", "persistent"):
+        module = kfused if method == "fused" else kpersistent
+        results = module.siglip_forward(*args, block_bytes=block_bytes, config=_config(tiles))
     else:
         results = ks.siglip_forward(
             *args, method=method, block_bytes=block_bytes, config=_config(tiles)

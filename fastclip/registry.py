@@ -10,10 +10,12 @@ benchmarks iterate them.
 |-------------|----------------|--------|--------:|-----------------:|-----------------------------|
 | contrastive | blocks         | yes    |       1 |                4 | S; S again, G y, G^T x      |
 | contrastive | blocks-mm      | yes    |       1 |                4 | S; S by cuBLAS, G y, G^T x  |
+| contrastive | persistent     | yes    |       1 |                4 | as blocks, one-wave sweeps  |
 | contrastive | fused          | yes    |       1 |                5 | S; S and a product, twice   |
 | contrastive | torch          | no     |       1 |                4 | as blocks, in PyTorch       |
 | siglip      | blocks         | yes    |       3 |                3 | S, G y, G^T x (the forward) |
 | siglip      | blocks-mm      | yes    |       3 |                3 | the same, S by cuBLAS       |
+| siglip      | persistent     | yes    |       3 |                3 | as blocks, one-wave sweeps  |
 | siglip      | fused          | yes    |       4 |                4 | S and a product, twice      |
 | siglip      | torch          | no     |       3 |                3 | as blocks, in PyTorch       |
 
@@ -48,12 +50,14 @@ LOSSES = {
     "contrastive": (
         Design("blocks", True, Passes(1, 4)),
         Design("blocks-mm", True, Passes(1, 4)),
+        Design("persistent", True, Passes(1, 4)),
         Design("fused", True, Passes(1, 5)),
         Design("torch", False, Passes(1, 4)),
     ),
     "siglip": (
         Design("blocks", True, Passes(3, 3)),
         Design("blocks-mm", True, Passes(3, 3)),
+        Design("persistent", True, Passes(3, 3)),
         Design("fused", True, Passes(4, 4)),
         Design("torch", False, Passes(3, 3)),
     ),

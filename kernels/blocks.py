@@ -27,18 +27,12 @@ from collections.abc import Callable
 
 import torch
 
-# The G buffer's default size on a GPU: blocks of 8192 x 16384 bf16 entries, a few waves of
-# 128 x 256 GEMM tiles per product, far above launch overheads.
+# The G buffer's default size on a GPU: bf16 blocks of 8192 x 16384 (see ``plan_blocks``).
 BLOCK_BYTES = 256 * 2**20
 # On a CPU: about 16 MB, a block whose products stay cache-friendly.
 CPU_BLOCK_BYTES = 16 * 2**20
-# Rows and columns of a block are multiples of this (GEMM and kernel tiles divide it).
-ALIGN = 128
+# The smallest side of a block, whatever the bound (small bounds are for tests).
 MIN_SIDE = 16
-# Each block's products read and write fp32 accumulator rows: R x D of dL/dx and C x D of dL/dy,
-# 8 bytes a float for 2 R C D FLOPs, so R / 4 and C / 4 FLOPs per byte. Past ~1024 on a side
-# that traffic is small beside the GEMMs' work (HBM feeds ~165 FLOPs per byte on an H200).
-MIN_PANEL = 1024
 
 # (rows, cols) -> (G block, fp32 sums): the loss forms G[r0:r1, c0:c1] and the block's share of
 # the scalar sums it reports (dL/ds first; SigLIP adds its loss and dL/db).
@@ -50,23 +44,43 @@ def default_block_bytes(device: torch.device) -> int:
     return BLOCK_BYTES if device.type == "cuda" else CPU_BLOCK_BYTES
 
 
-def _aligned(side: int) -> int:
-    return side // ALIGN * ALIGN if side >= ALIGN else max(MIN_SIDE, side)
+def _power_of_two(n: int) -> int:
+    """The largest power of two <= n, at least MIN_SIDE."""
+    return max(MIN_SIDE, 1 << (max(n, 1).bit_length() - 1))
 
 
 def plan_blocks(n_x: int, n_y: int, element_bytes: int, block_bytes: int) -> tuple[int, int]:
     """(R, C): block rows and columns with R * C * element_bytes <= block_bytes.
 
-    Whole rows (C = n_y) while a panel holds at least MIN_PANEL of them (or all n_x); beyond,
-    square blocks. Sides are multiples of ALIGN when that large (small bounds, for tests, give
-    small blocks, at least MIN_SIDE on a side).
+    One block when all of n_x x n_y fits. Otherwise R is the largest power of two whose square
+    fits and C = 2R where that fits too, else R; where that covers all of n_y (whole rows) or
+    n_x, the other side grows into the buffer, still a power of two. Small bounds, for tests,
+    give small blocks, at least MIN_SIDE on a side.
+
+    Why powers of two: each block feeds two cuBLAS GEMMs with N = D, G y (M = R, K = C) and
+    G^T x (M = C, K = R), whose output tiles number M / 128 * D / 256 (128 x 256 tiles) or
+    M / 128 * D / 128. A side of 2^k >= 8192 fills 97% of whole waves on 132 SMs: at D = 512,
+    128 or 256 tiles of 128 x 256 (one or two waves); at D = 768, 384 or 768 of 128 x 128.
+    The squarest fit of 256 MiB of bf16, 11,520, gives 180 tiles at D = 512: two waves, 68%
+    full. Powers of two also divide the usual batch sizes: no ragged edge blocks.
+
+    Accumulator traffic: each block's GEMMs read and write the fp32 rows they add to, R x D of
+    dL/dx and C x D of dL/dy: (R + C) D 8 bytes for 4 R C D FLOPs. Bf16 in 256 MiB (2^27
+    entries) gives 8192 x 16,384: one block up to N = 11,585, whole rows up to 16,384, 32
+    blocks at N = 65,536 and 8192 at 2^20, at any D 2731 FLOPs per accumulator byte (96 MiB a
+    block at D = 512, 144 at 768), 5% of the GEMMs' time at 700 TFLOP/s and 4.8 TB/s (H200),
+    7% at 600 and 3.35 (H100). Whole rows at 65,536 (2048 x 65,536) give 993 FLOPs per byte
+    (15%, 18%), rewrite the whole fp32 dL/dy (128 MiB at D = 512, 192 at 768) every block, and
+    G y only 32 tiles at D = 512. The dL/dx panel is R D 4 bytes: 16 MiB at D = 512, 24 at 768.
     """
     elements = max(1, block_bytes // element_bytes)
-    rows = elements // max(n_y, 1)
-    if rows >= min(MIN_PANEL, n_x):
-        return min(n_x, _aligned(rows)), n_y
-    side = _aligned(math.isqrt(elements))
-    return min(n_x, side), min(n_y, side)
+    if n_x * n_y <= elements:
+        return n_x, n_y
+    R = min(n_x, _power_of_two(math.isqrt(elements)))
+    C = min(n_y, _power_of_two(elements // R))
+    if C == n_y:  # whole rows: as many as fit
+        R = min(n_x, _power_of_two(elements // C))
+    return R, C
 
 
 def column_references(pdot: torch.Tensor, n_y: int, offset: int) -> torch.Tensor:

@@ -68,12 +68,16 @@ from .blocks import column_references
 from .jit import (
     LOG2E,
     NEG,
+    RANGE,
     block_tile,
     column_chunk,
+    logaddexp2,
+    one_exp_statistics,
     operand,
     pairs_of,
     store_tile,
     tile_dots,
+    two_exp_statistics,
 )
 from .launch import (
     LN2,
@@ -98,60 +102,10 @@ from .sweeps import (
 METHODS = ("blocks", "blocks-mm")
 # Forward programs along rows; each owns a partial column log-sum-exp of length n_y.
 MAX_ROW_SPLIT = 16
-# The one-exponential forward's guard (base-2 logits): a tile whose rows' and columns' largest
-# logits all lie within RANGE of its largest keeps every term within 2^-62 of its row's or
-# column's largest above fp32's smallest normal number, 2^-126.
-RANGE = tl.constexpr(64.0)
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _logaddexp2(a, b):
-    """log2(2^a + 2^b), -inf when both are."""
-    hi = tl.maximum(a, b)
-    lo = tl.minimum(a, b)
-    return tl.where(hi == float("-inf"), hi, hi + tl.log2(1.0 + tl.exp2(lo - hi)))
-
-
-@triton.jit
-def _merge(row_max, row_sum, tile_max, tile_sum):
-    """The online log-sum-exp: running (max, sum of 2^(x - max)) with a tile's."""
-    new_max = tl.maximum(row_max, tile_max)
-    return new_max, row_sum * tl.exp2(row_max - new_max) + tile_sum * tl.exp2(tile_max - new_max)
-
-
-@triton.jit
-def _two_exp_statistics(dots, pairs, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum,
-                        COL_STATS: tl.constexpr):  # fmt: skip
-    """A tile's rows merged into the running (max, sum) and its columns' log-sum-exp, each
-    relative to its own positive and maximum (base 2): S_ij - S_i,pos as the difference of
-    the dots first, then one rounding; the positive and padding entries masked out."""
-    u = (dots - x_ref[:, None]) * scale2
-    u = tl.where(pairs | ~col_ok[None, :], float("-inf"), u)
-    tile_max = tl.maximum(tl.max(u, axis=1), NEG)
-    row_max, row_sum = _merge(row_max, row_sum, tile_max,
-                              tl.sum(tl.exp2(u - tile_max[:, None]), axis=1))  # fmt: skip
-    c_lse = tl.full(y_ref.shape, float("-inf"), tl.float32)
-    if COL_STATS:
-        v = (dots - y_ref[None, :]) * scale2
-        v = tl.where(pairs | ~row_ok[:, None], float("-inf"), v)
-        c_max = tl.maximum(tl.max(v, axis=0), NEG)
-        c_lse = c_max + tl.log2(tl.sum(tl.exp2(v - c_max[None, :]), axis=0))
-    return row_max, row_sum, c_lse
-
-
-@triton.jit
-def _one_exp_statistics(t, top, x_ref, y_ref, scale2, row_max, row_sum):
-    """``_two_exp_statistics`` from one exponential, e = 2^(t - top), t the tile's masked base-2
-    logits and top their maximum (see RANGE): the tile's log-sum-exps of S_ij - S_i,pos over j
-    and of S_ij - S_pos,j over i are top - S_pos + log2(sum e)."""
-    e = tl.exp2(t - top)
-    r_lse = top - x_ref * scale2 + tl.log2(tl.sum(e, axis=1))
-    row_max, row_sum = _merge(row_max, row_sum, r_lse, 1.0)
-    return row_max, row_sum, top - y_ref * scale2 + tl.log2(tl.sum(e, axis=0))
 
 
 @triton.jit
@@ -230,16 +184,16 @@ def _forward_kernel(
                 low = tl.minimum(tl.min(tl.where(t_row > NEG, t_row, top)),
                                  tl.min(tl.where(t_col > NEG, t_col, top)))  # fmt: skip
                 if top - low <= RANGE:
-                    row_max, row_sum, c_lse = _one_exp_statistics(
+                    row_max, row_sum, c_lse = one_exp_statistics(
                         t, top, x_ref, y_ref, scale2, row_max, row_sum
                     )
                 else:
-                    row_max, row_sum, c_lse = _two_exp_statistics(
+                    row_max, row_sum, c_lse = two_exp_statistics(
                         dots, pairs, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum,
                         COL_STATS,
                     )  # fmt: skip
             else:
-                row_max, row_sum, c_lse = _two_exp_statistics(
+                row_max, row_sum, c_lse = two_exp_statistics(
                     dots, pairs, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum, COL_STATS
                 )
             if COL_STATS:
@@ -248,7 +202,7 @@ def _forward_kernel(
                     old = tl.full((BN,), float("-inf"), tl.float32)
                 else:
                     old = tl.load(c_ptrs, mask=col_ok, other=float("-inf"))
-                tl.store(c_ptrs, _logaddexp2(old, c_lse), mask=col_ok)
+                tl.store(c_ptrs, logaddexp2(old, c_lse), mask=col_ok)
         if COL_STATS:
             tl.debug_barrier()  # the next row block re-reads these partials
 

@@ -19,6 +19,10 @@ LN2_C = tl.constexpr(math.log(2.0))
 # A finite "minus infinity" for running maxima: max(-inf, -inf) - -inf would be NaN, and a row
 # whose every logit is masked (a lone pair) must come out as an empty sum, 2^NEG = 0.
 NEG = tl.constexpr(-1e30)
+# The one-exponential paths' guard (base-2 logits): a tile whose rows' and columns' largest
+# logits all lie within RANGE of its largest keeps every term within 2^-62 of its row's or
+# column's largest above fp32's smallest normal number, 2^-126.
+RANGE = tl.constexpr(64.0)
 
 
 @triton.jit
@@ -230,3 +234,49 @@ def row_dot_kernel(
         y = tl.load(y_ptr + rows[:, None] * stride_y + ds[None, :] * stride_yd, mask=ok, other=0.0)
         dot += tl.sum(x.to(tl.float32) * y.to(tl.float32), axis=1)
     tl.store(out_ptr + rows, dot, mask=row_ok)
+
+
+@triton.jit
+def logaddexp2(a, b):
+    """log2(2^a + 2^b), -inf when both are."""
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return tl.where(hi == float("-inf"), hi, hi + tl.log2(1.0 + tl.exp2(lo - hi)))
+
+
+@triton.jit
+def merge_lse(row_max, row_sum, tile_max, tile_sum):
+    """The online log-sum-exp: running (max, sum of 2^(x - max)) with a tile's."""
+    new_max = tl.maximum(row_max, tile_max)
+    return new_max, row_sum * tl.exp2(row_max - new_max) + tile_sum * tl.exp2(tile_max - new_max)
+
+
+@triton.jit
+def two_exp_statistics(dots, pairs, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum,
+                        COL_STATS: tl.constexpr):  # fmt: skip
+    """A tile's rows merged into the running (max, sum) and its columns' log-sum-exp, each
+    relative to its own positive and maximum (base 2): S_ij - S_i,pos as the difference of
+    the dots first, then one rounding; the positive and padding entries masked out."""
+    u = (dots - x_ref[:, None]) * scale2
+    u = tl.where(pairs | ~col_ok[None, :], float("-inf"), u)
+    tile_max = tl.maximum(tl.max(u, axis=1), NEG)
+    row_max, row_sum = merge_lse(row_max, row_sum, tile_max,
+                              tl.sum(tl.exp2(u - tile_max[:, None]), axis=1))  # fmt: skip
+    c_lse = tl.full(y_ref.shape, float("-inf"), tl.float32)
+    if COL_STATS:
+        v = (dots - y_ref[None, :]) * scale2
+        v = tl.where(pairs | ~row_ok[:, None], float("-inf"), v)
+        c_max = tl.maximum(tl.max(v, axis=0), NEG)
+        c_lse = c_max + tl.log2(tl.sum(tl.exp2(v - c_max[None, :]), axis=0))
+    return row_max, row_sum, c_lse
+
+
+@triton.jit
+def one_exp_statistics(t, top, x_ref, y_ref, scale2, row_max, row_sum):
+    """``two_exp_statistics`` from one exponential, e = 2^(t - top), t the tile's masked base-2
+    logits and top their maximum (see RANGE): the tile's log-sum-exps of S_ij - S_i,pos over j
+    and of S_ij - S_pos,j over i are top - S_pos + log2(sum e)."""
+    e = tl.exp2(t - top)
+    r_lse = top - x_ref * scale2 + tl.log2(tl.sum(e, axis=1))
+    row_max, row_sum = merge_lse(row_max, row_sum, r_lse, 1.0)
+    return row_max, row_sum, top - y_ref * scale2 + tl.log2(tl.sum(e, axis=0))

@@ -54,8 +54,9 @@ class TileConfig:
     of the similarity product, ``block_d`` the feature chunk of a gradient product and its
     accumulator. Every block is >= 16, the smallest shape ``tl.dot`` compiles. ``row_split`` and
     ``col_split`` set how many programs share the rows and the columns; None sizes them to the
-    device. ``maxnreg`` caps registers per thread (ptxas), as a ``SizedConfig`` for several CTAs
-    per SM does.
+    device. ``programs``: the persistent kernels' one wave (``persistent_programs``).
+    ``maxnreg`` caps registers per thread (ptxas), as a ``SizedConfig`` for several CTAs per
+    SM does.
     """
 
     block_m: int = 64
@@ -67,6 +68,7 @@ class TileConfig:
     row_split: int | None = None
     col_split: int | None = None
     maxnreg: int | None = None
+    programs: int | None = None
 
 
 INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_stages=1)
@@ -175,16 +177,29 @@ def target_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def tma(*operands: torch.Tensor) -> bool:
-    """Read these operands through tensor descriptors (Hopper's TMA copy engine)?
+def persistent_programs(device: torch.device, config: TileConfig | None = None) -> int:
+    """The persistent kernels' one wave: 2 CTAs per SM (every persistent config is sized for
+    2), a few programs under the interpreter; ``config.programs`` where given."""
+    if config is not None and config.programs:
+        return config.programs
+    if device.type != "cuda":
+        return 3
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
-    Opt-in (FASTCLIP_TMA=1) until a GPU run has measured it against the pointer loads, where
-    Triton has device-side descriptors and the operands allow them: 16-bit, unit feature
-    stride, rows and base 16-byte aligned. A GPU run needs an allocator for the descriptors'
-    scratch memory: set here, once.
-    """
-    wanted = os.environ.get("FASTCLIP_TMA", "0") == "1" and hasattr(tl, "make_tensor_descriptor")
-    usable = wanted and all(
+
+def tma(*operands: torch.Tensor) -> bool:
+    """Read these operands through tensor descriptors (Hopper's TMA copy engine) in the
+    bounded-block kernels? Opt-in (FASTCLIP_TMA=1) until a GPU run has measured it against the
+    pointer loads, where ``tma_usable``."""
+    return os.environ.get("FASTCLIP_TMA", "0") == "1" and tma_usable(*operands)
+
+
+def tma_usable(*operands: torch.Tensor) -> bool:
+    """Can kernels read (and write) these tensors through tensor descriptors? Where Triton has
+    device-side descriptors and the tensors allow them: 16-bit, unit feature stride, rows and
+    base 16-byte aligned. A GPU run needs an allocator for the descriptors' scratch memory: set
+    here, once. The persistent kernels always use them where they can."""
+    usable = hasattr(tl, "make_tensor_descriptor") and all(
         t.dtype in (torch.float16, torch.bfloat16)
         and t.stride(1) == 1
         and (t.stride(0) * t.element_size()) % 16 == 0

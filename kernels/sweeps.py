@@ -23,6 +23,7 @@ from .launch import (
     bucket,
     dot_precision,
     launch,
+    persistent_programs,
     row_block_d,
     target_programs,
     tma,
@@ -154,6 +155,7 @@ def sweep_blocks(
     need_dy: bool,
     dots_by_gemm: bool = False,
     block_bytes: int | None = None,
+    persistent: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Drive a bounded-block gradient (``blocks.blocked_gradients``) whose G comes from a
     Triton kernel, one BM x BN tile per program: the fast backward of both losses.
@@ -164,6 +166,10 @@ def sweep_blocks(
     ``sums_ptr`` (n_sums, programs; its row stride ``stride_sums`` where n_sums > 1) with
     sizes, strides, DOTS_GIVEN and DOT_PRECISION;
     ``args_of(r0, r1, c0, c1)`` adds the loss's own (statistics, pairing, flags).
+    ``persistent``: the kernel runs as one wave of ``launch.persistent_programs`` programs that
+    share the block's tiles (``persistent.py``), each writing its sums at ``sums_ptr`` +
+    program; it reads and writes through TMA descriptors (G's rows padded to 16 bytes for
+    them) and takes no dots (no ``dots_ptr``, ``stride_dots``, DOTS_GIVEN, TMA).
 
     Returns grad_scale * G y, grad_scale * G^T x (each None unless needed) and the (n_sums,)
     totals of the sums.
@@ -173,21 +179,26 @@ def sweep_blocks(
     element = x.element_size() + (4 if dots_by_gemm else 0)
     R, C = plan_blocks(n_x, n_y, element, block_bytes or default_block_bytes(x.device))
     f32 = {"dtype": torch.float32, "device": x.device}
-    g_buffer = torch.empty(R * C, dtype=x.dtype, device=x.device)
+    pad = 16 // x.element_size() if persistent else 1  # G's rows: a multiple of 16 bytes
+    g_buffer = torch.empty(R * triton.cdiv(C, pad) * pad, dtype=x.dtype, device=x.device)
     dots_buffer = torch.empty(R * C if dots_by_gemm else 0, **f32)
-    sums = torch.empty((n_sums, triton.cdiv(R, BLOCKS_MIN) * triton.cdiv(C, BLOCKS_MIN)), **f32)
+    if persistent:
+        programs = persistent_programs(x.device, config)
+    else:
+        programs = triton.cdiv(R, BLOCKS_MIN) * triton.cdiv(C, BLOCKS_MIN)
+    sums = torch.empty((n_sums, programs), **f32)
 
     def form(r0: int, r1: int, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
         n_a, n_b = r1 - r0, c1 - c0
         a, b = x[r0:r1], y[c0:c1]
-        g = g_buffer[: n_a * n_b].view(n_a, n_b)
+        ld = triton.cdiv(n_b, pad) * pad
+        g = g_buffer[: n_a * ld].view(n_a, ld)[:, :n_b]
         dots = dots_buffer[: n_a * n_b].view(n_a, n_b) if dots_by_gemm else g
         if dots_by_gemm:
             matmul_f32(a, b.T, out=dots)
         common = dict(
             a_ptr=a,
             b_ptr=b,
-            dots_ptr=dots,
             scale_ptr=scale,
             g_ptr=g,
             sums_ptr=sums,
@@ -199,16 +210,18 @@ def sweep_blocks(
             stride_ad=a.stride(1),
             stride_b=b.stride(0),
             stride_bd=b.stride(1),
-            stride_dots=dots.stride(0),
             stride_g=g.stride(0),
-            DOTS_GIVEN=dots_by_gemm,
             DOT_PRECISION=dot_precision(x.dtype),
-            TMA=not dots_by_gemm and tma(a, b),
         )
         if n_sums > 1:
             common["stride_sums"] = sums.stride(0)
-        grid = lambda meta: (triton.cdiv(n_a, meta["BM"]), triton.cdiv(n_b, meta["BN"]))  # noqa: E731
-        sums.zero_()  # the launched config's programs write the first of them
+        if persistent:  # every program writes its sums
+            grid = lambda meta: (programs,)  # noqa: E731
+        else:
+            common.update(dots_ptr=dots, stride_dots=dots.stride(0), DOTS_GIVEN=dots_by_gemm,
+                          TMA=not dots_by_gemm and tma(a, b))  # fmt: skip
+            grid = lambda meta: (triton.cdiv(n_a, meta["BM"]), triton.cdiv(n_b, meta["BN"]))  # noqa: E731
+            sums.zero_()  # the launched config's programs write the first of them
         launch(kernel, tuned, grid, config, {**common, **args_of(r0, r1, c0, c1)})
         return g, sums.sum(dim=1)
 

@@ -6,6 +6,9 @@ The probe meets three kinds of torch here, simulated on the CPU by stand-ins for
 and ``torch.addmm``: one that has ``out_dtype`` for both (torch >= 2.10 on CUDA), one whose
 ``addmm`` refuses an fp32 input with 16-bit operands (torch 2.8 and 2.9), one without the
 argument (torch < 2.8).
+
+The plan of the blocks: large ones on a GPU, whose GEMMs fill their waves; small ones for small
+buffers, as the tests of the losses use them.
 """
 
 from __future__ import annotations
@@ -104,3 +107,63 @@ def test_this_cpu_widens():
     blocks.accumulate_mm(acc, a, b)
     torch.testing.assert_close(acc.double(), exact, rtol=1e-5, atol=1e-5)
     assert blocks.out_dtype_products("meta") is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The block plan
+# ---------------------------------------------------------------------------------------------
+
+
+def waves_filled(m: int, d: int, sms: int = 132) -> float:
+    """The share of whole waves on ``sms`` SMs that an (m, d) GEMM output's 128 x 128 tiles
+    fill."""
+    tiles = -(-m // 128) * -(-d // 128)
+    return tiles / (sms * -(-tiles // sms))
+
+
+@pytest.mark.parametrize("dim", [512, 768])
+@pytest.mark.parametrize("n", [65536, 1 << 20])
+def test_large_batches_get_large_blocks_that_fill_the_waves(n, dim):
+    """bf16 in the GPU's buffer: sides >= 8192 dividing N, both products' outputs (R x D for
+    G y, C x D for G^T x) filling >= 95% of their waves, and >= 2048 FLOPs per byte of the fp32
+    accumulators' traffic."""
+    R, C = blocks.plan_blocks(n, n, 2, blocks.BLOCK_BYTES)
+    assert (R, C) == (8192, 16384) and R * C * 2 <= blocks.BLOCK_BYTES
+    assert n % R == n % C == 0
+    assert min(waves_filled(R, dim), waves_filled(C, dim)) >= 0.95
+    assert 4 * R * C * dim / ((R + C) * dim * 8) >= 2048
+
+
+@pytest.mark.parametrize(
+    "n_x, n_y, plan",
+    [
+        (4096, 4096, (4096, 4096)),  # one block up to 11,585 square
+        (11585, 11585, (11585, 11585)),
+        (100, 2500, (100, 2500)),
+        (11586, 11586, (8192, 11586)),  # whole rows, a power of two of them
+        (100_000, 6000, (16384, 6000)),
+        (4096, 65536, (4096, 32768)),  # all of n_x: wider blocks
+        (100_000, 100_000, (8192, 16384)),  # ragged edges
+    ],
+)
+def test_the_gpu_plan(n_x, n_y, plan):
+    assert blocks.plan_blocks(n_x, n_y, 2, blocks.BLOCK_BYTES) == plan
+
+
+@pytest.mark.parametrize(
+    "n_x, n_y, element, block_bytes, plan",
+    [
+        (96, 96, 2, 8 * 2**10, (64, 64)),  # the benchmarks' tiny scale
+        (70, 70, 4, 24 * 24 * 8, (32, 32)),  # test_losses' tiny buffer: fp32 G
+        (45, 83, 8, 24 * 24 * 8, (16, 32)),  # and dots
+        (70, 70, 16, 24 * 24 * 8, (16, 16)),  # the PyTorch path's four fp32 arrays
+        (40, 40, 16, 16 * 16 * 8, (16, 16)),  # below MIN_SIDE squared: MIN_SIDE
+        (37, 37, 4, 37 * 37 * 4, (37, 37)),  # one block
+        (65536, 65536, 6, blocks.BLOCK_BYTES, (4096, 8192)),  # blocks-mm: bf16 G, fp32 dots
+        (65536, 65536, 16, blocks.BLOCK_BYTES, (4096, 4096)),
+    ],
+)
+def test_small_buffers_give_small_blocks(n_x, n_y, element, block_bytes, plan):
+    R, C = blocks.plan_blocks(n_x, n_y, element, block_bytes)
+    assert (R, C) == plan
+    assert R * C * element <= max(block_bytes, blocks.MIN_SIDE**2 * element)

@@ -20,7 +20,7 @@ N, PASS = 65536, lambda n, d: 2.0 * n * n * d  # noqa: E731
 @pytest.mark.parametrize(
     "op, impl, D, backward, measured, tolerance",
     [
-        ("contrastive", "fused", 512, False, 16.4e-3, 0.1),  # forward, 268 TFLOP/s
+        ("contrastive", "fused", 512, False, 16.4e-3, 0.1),  # forward, then 2 exp2 (today 1)
         ("contrastive", "fused", 512, True, 132e-3, 0.15),  # forward + fused backward
         ("siglip", "fused", 768, True, 204e-3, 0.25),  # both fused sweeps
     ],
@@ -29,6 +29,16 @@ def test_calibrated_on_the_h200_measurements(op, impl, D, backward, measured, to
     """benchmarks/results/2026-11-27-h200-partial, bf16, N = 65,536."""
     seconds = costs.loss_cost(op, impl, N, D, 2, backward).seconds
     assert seconds == pytest.approx(measured, rel=tolerance)
+
+
+def test_the_sweeps_mma_rate_gives_the_measured_forward_its_rate():
+    """The forward that ran at 268 TFLOP/s (two exp2 an element, the column statistics), as a
+    stage of the model: its matmuls at the fitted MMA rate, then its epilogue, in series."""
+    cost, dev = costs.Cost(), costs.H200
+    cost.add("forward", dev, PASS(N, 512), dev.sweep_flops,
+             epilogue=costs.OLD_FORWARD.seconds(dev, N * N), triton=2, torch=6)  # fmt: skip
+    assert PASS(N, 512) / cost.seconds == pytest.approx(268e12, rel=0.01)
+    assert dev.sweep_flops > 268e12  # the epilogue took part of the measured time
 
 
 DESIGNS = [(op, d.name) for op, listed in registry.LOSSES.items() for d in listed]
@@ -100,12 +110,64 @@ def test_the_registry_counts_what_runs(dots, op, impl):
         assert dots["macs"] + gemms.macs == passes.step * n * n * dim
 
 
-@pytest.mark.parametrize("impl", ["blocks", "blocks-mm"])
+@pytest.mark.parametrize("impl", ["blocks", "blocks-mm", "persistent"])
 @pytest.mark.parametrize("n", [4096, 65536, 1 << 20])
 def test_the_block_buffer_stays_bounded(impl, n):
     cost = costs.loss_cost("contrastive", impl, n, 512)
     assert 0 < cost.buffer_bytes <= BLOCK_BYTES
     assert cost.launches >= 1
+    if impl == "persistent":  # the same G buffer as the blocks'
+        assert cost.buffer_bytes == costs.loss_cost("contrastive", "blocks", n, 512).buffer_bytes
+
+
+@pytest.mark.parametrize("op, D, mufu", [("contrastive", 512, 1), ("siglip", 768, 2)])
+def test_the_persistent_g_saves_its_mufu_operations(op, D, mufu):
+    """Same passes as the blocks, a G kernel with fewer MUFU operations an element (InfoNCE
+    1 exp2 for 2; SigLIP 1 exp2 for 1 and 2 reciprocals), its 2-CTA overlap not assumed: the
+    G stage is shorter by exactly those operations, every other stage the same."""
+    blocks, persistent = (costs.loss_cost(op, impl, N, D) for impl in ("blocks", "persistent"))
+    assert persistent.seconds < blocks.seconds
+    saved = blocks.stages.pop("G") - persistent.stages.pop("G")
+    assert saved == pytest.approx(mufu * N * N / costs.H200.mufu)
+    assert persistent.stages == blocks.stages
+
+
+def test_small_batches_are_launch_bound():
+    """At N = 256 every stage waits for the host: as long at any width, the forward its 2
+    Triton launches and 6 PyTorch ops; at N = 65,536 the GPU's work sets the time."""
+    dev = costs.H200
+    for op in registry.LOSSES:
+        for impl in registry.names(op):
+            narrow, wide = (costs.loss_cost(op, impl, 256, D).stages for D in (512, 1024))
+            assert narrow == wide, (op, impl)
+    forward = costs.loss_cost("contrastive", "persistent", 256, 512).stages["forward"]
+    assert forward == pytest.approx(2 * dev.triton_launch + 6 * dev.torch_launch)
+    narrow, wide = (costs.loss_cost("contrastive", "persistent", N, D).seconds for D in (512, 1024))
+    assert wide > 1.9 * narrow
+
+
+def test_calibrate_refits_the_rates_of_a_run():
+    """A run's measured rates move the design's prediction toward them; the model's own
+    prediction refits to the same constants; the persistent run leaves the blocks' alone."""
+    dev = costs.H200
+    modeled = costs.loss_cost("contrastive", "persistent", N, 512)
+    g_tflops = PASS(N, 512) / modeled.stages["G"] / 1e12
+    same = costs.calibrate(dev, {"G_tflops": g_tflops}, implementation="persistent")
+    assert same.persistent_flops == pytest.approx(dev.sweep_flops)
+    faster = costs.calibrate(dev, {"G_tflops": 1.05 * g_tflops}, implementation="persistent")
+    refit = costs.loss_cost("contrastive", "persistent", N, 512, device=faster)
+    assert refit.stages["G"] == pytest.approx(modeled.stages["G"] / 1.05)  # as measured
+    assert costs.loss_cost("contrastive", "blocks", N, 512, device=faster).seconds == (
+        costs.loss_cost("contrastive", "blocks", N, 512).seconds
+    )
+    slow = costs.calibrate(dev, {"gemm_tflops": 600}, implementation="persistent")
+    products = [
+        costs.loss_cost("contrastive", "blocks", N, 512, device=d).stages["products"]
+        for d in (slow, dev)
+    ]
+    assert products[0] > products[1]
+    with pytest.raises(ValueError, match="epilogue"):  # faster than its epilogue alone allows
+        costs.calibrate(dev, {"forward_tflops": 1000}, D=64)
 
 
 def test_time_grows_with_the_batch_and_the_width():
@@ -123,13 +185,16 @@ def test_the_model_prefers_gemm_backwards_at_scale():
 
 def test_the_table_picks_measurements_first(monkeypatch):
     modeled = fb.fastest("contrastive", torch.bfloat16, 512, N)
-    assert modeled in ("blocks", "blocks-mm", "fused")
+    assert modeled in ("blocks", "blocks-mm", "fused")  # never an unmeasured design
     other = next(name for name in ("fused", "blocks") if name != modeled)
     table = {"contrastive": {"bfloat16": {"512": {"65536": other, "4096": modeled}}}}
     monkeypatch.setattr(fb, "_measured", lambda: table)
     assert fb.fastest("contrastive", torch.bfloat16, 500, 60000) == other  # nearest D, N
     assert fb.fastest("contrastive", torch.bfloat16, 512, 5000) == modeled
     assert fb.fastest("siglip", torch.bfloat16, 512, N) in ("blocks", "blocks-mm", "fused")
+    table = {"contrastive": {"bfloat16": {"512": {"65536": "persistent"}}}}
+    monkeypatch.setattr(fb, "_measured", lambda: table)
+    assert fb.fastest("contrastive", torch.bfloat16, 512, N) == "persistent"  # once measured
 
 
 def test_constants_by_gpu_name():

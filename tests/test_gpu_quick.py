@@ -213,6 +213,19 @@ def test_the_script_gives_each_part_its_limit_plus_a_start(bench):
     assert sorted(names) == sorted(limits)
 
 
+def test_the_cublas_probe_times_the_planners_blocks(bench):
+    """At full scale on a GPU (a device object here), the cuBLAS probe times the blocks that
+    ``plan_blocks`` gives InfoNCE at 65,536 and 2^20 (D = 512) and SigLIP at 65,536 (D = 768)."""
+    from fastclip.kernels.blocks import BLOCK_BYTES, plan_blocks
+
+    full = bench("harness").Bench(torch.device("cuda"), torch.bfloat16, None, costs.H200)
+    shapes = bench("probes").block_shapes(full)
+    cases = [("contrastive", 65536, 512), ("contrastive", 1 << 20, 512), ("siglip", 65536, 768)]
+    for op, n, dim in cases:
+        R, C = plan_blocks(n, n, 2, BLOCK_BYTES)
+        assert f"{op} N={n} blocks ({n // R * (n // C)})" in shapes[(R, C, dim)], shapes
+
+
 @pytest.fixture
 def quick(bench, monkeypatch):
     """The benchmarks' runner, whose --tiny sizes on a CPU run every part in seconds."""
@@ -259,7 +272,7 @@ def test_facts_name_the_first_config_of_each_kernel_that_fits(quick, bench, monk
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     configs = quick.launched_configs(torch.empty(0, dtype=torch.bfloat16))
     assert configs.keys() == quick.KERNELS.keys()
-    first = bench("probes").BLOCK_CONFIGS["contrastive"][0]
+    first = bench("probes").BLOCK_CONFIGS["contrastive", "blocks"][0]
     expected = {"blocks": first.kwargs, "warps": first.num_warps, "stages": first.num_stages}
     assert configs["InfoNCE G"] == {**expected, "maxnreg": first.maxnreg}
 
@@ -339,15 +352,18 @@ def test_rehearsal_measures_every_part(rehearsal, bench):
         assert results[part] and all("ms" in row for row in results[part]), part
     for row in evaluation + full + results["retrieval"] + results["projection"]:
         assert row["p20"] <= row["ms"] <= row["p80"] and "tflops" in row, row
-    configs = {op: len(listed) for op, listed in bench("probes").BLOCK_CONFIGS.items()}
-    for op, count in configs.items():  # every config of the G kernel's autotune list
-        assert sum(row["op"] == op for row in results["block_configs"]) == count, op
+    probes = bench("probes")
+    for (op, impl), listed in probes.BLOCK_CONFIGS.items():  # every config of each G kernel
+        rows = [r for r in results["block_configs"] if (r["op"], r["stage"]) == (op, f"G ({impl})")]
+        assert len(rows) == len(listed), (op, impl)
+    forward = [r for r in results["block_configs"] if r["stage"] == "forward (persistent)"]
+    assert len(forward) == len(probes.kp._FORWARD_CONFIGS)
 
     summary = (rehearsal / "summary.md").read_text()
     assert "## InfoNCE (CLIP)" in summary and "## auto's table" in summary
     assert "| 64 | 32 | float16 | full | blocks |" in summary
     picks = {c["pick"] for c in bench("tuning").choices(results)}
-    assert picks <= {"blocks", "blocks-mm", "fused"} and None not in picks
+    assert picks <= set(implementations) and None not in picks
 
 
 def test_a_process_past_its_limit_is_stopped_and_the_next_one_runs(tmp_path):

@@ -10,7 +10,9 @@ must compile with
 - wgmma of shape m64nNk16 for its 16-bit products, N >= 128 where a product's output tile is
   at least 64 x 128 (Triton spreads warp groups over N once M is covered, 64 rows each: a
   64-row tile at 8 warps issues n64 and fails here);
-- TMA instructions (cp.async.bulk.tensor) where the kernel uses tensor descriptors.
+- TMA instructions (cp.async.bulk.tensor) where the kernel uses tensor descriptors;
+- for the persistent sweeps, their facts (``test_persistent_kernels_facts``): 2 CTAs per SM
+  or 8 warps, TMA, exponentials per element counted in the Triton IR, reciprocals in PTX.
 
 The configs are every one a GPU can launch: the autotune lists, and without autotuning
 (FASTCLIP_AUTOTUNE=0, as the tests and the GPU script run) the first of each list that fits.
@@ -42,6 +44,7 @@ import fastclip.kernels.contrastive as kc
 import fastclip.kernels.fused as kfused
 import fastclip.kernels.jit as kjit
 import fastclip.kernels.launch as klaunch
+import fastclip.kernels.persistent as kpersistent
 import fastclip.kernels.projection as kproj
 import fastclip.kernels.projection_backward as kprojb
 import fastclip.kernels.siglip as ks
@@ -66,6 +69,8 @@ UNUSED_WITHOUT = {
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
 DESCRIPTORS = re.compile(r"tt\.(experimental_)?descriptor_|tt\.make_tensor_descriptor")
+# Reciprocals in PTX (a division is one): special-function operations beside the exponentials.
+RECIPROCALS = re.compile(r"\b(rcp|div)\.[a-z0-9.]*f32")
 
 try:
     from triton.backends.compiler import GPUTarget
@@ -133,7 +138,37 @@ def compile_for_hopper(case: Case) -> dict:
         "wgmma": sorted({"m{}n{}k{}".format(*m) for m in WGMMA.findall(ptx)}),
         "descriptors": bool(DESCRIPTORS.search(kernel.asm["ttir"])),
         "tma": "cp.async.bulk.tensor" in ptx,
+        "exp2": exp2_paths(kernel.asm["ttir"]),
+        "reciprocals": len(RECIPROCALS.findall(ptx)),
     }
+
+
+TILE_EXP2 = re.compile(r"math\.exp2 .*: tensor<\d+x\d+xf32>")
+
+
+def exp2_paths(ttir: str) -> list[int]:
+    """Exponentials per element on each path through a tile's epilogue: the 2-D math.exp2 ops of
+    the Triton IR (before the pipeliner copies any), those outside every branch counted on
+    every path, those of the first if/else that holds some on its own branch. [1, 2]: one on
+    the fast path, two on the fallback; [n]: n everywhere."""
+    base, branches, depth, branch = 0, [0, 0], 0, None
+    for line in ttir.splitlines():
+        text = line.strip()
+        if branch is None and re.search(r"= scf\.if|^scf\.if", text):
+            branch, depth = 0, 0
+        if branch is not None:
+            if text.startswith("} else {") and depth == 1:
+                branch = 1
+            depth += text.count("{") - text.count("}")
+            if TILE_EXP2.search(text):
+                branches[branch] += 1
+            if depth == 0 and text.startswith("}"):
+                if sum(branches):
+                    return sorted({base + branches[0], base + branches[1]})
+                branch = None
+        elif TILE_EXP2.search(text):
+            base += 1
+    return [base]
 
 
 FEATURES = {"x_ptr": "bf16", "y_ptr": "bf16", "a_ptr": "bf16", "b_ptr": "bf16", "q_ptr": "bf16",
@@ -268,6 +303,22 @@ def cases() -> dict[str, Case]:
         const = {"DW": True, "DB": True, "DOT_PRECISION": precision, "eps": 1e-12}
         c = klaunch.projection_fitting("dw", kprojb._DW_CONFIGS, {}, 4, klaunch.SM_SHARED_MEMORY)[0]
         add(f"projection-dw-fp32-{precision}", kprojb._dw_kernel, proj32, const, c)
+    # The persistent sweeps: every config (16-bit features through TMA alone: the others run
+    # the bounded blocks' kernels).
+    for c in kpersistent._FORWARD_CONFIGS:
+        for col in (True, False):
+            const = {"COL_STATS": col, "ONE_EXP": col, "DOT_PRECISION": "ieee"}
+            add(f"persistent-forward-{label(c)}-col{col}", kpersistent._forward_kernel, bf16,
+                const, c, tile(c))  # fmt: skip
+    for c in kpersistent._GRADIENT_CONFIGS:
+        for b_term in (True, False):
+            const = {"B_TERM": b_term, "DOT_PRECISION": "ieee"}
+            add(f"persistent-gradient-{label(c)}-bterm{b_term}", kpersistent._gradient_kernel,
+                bf16, const, c, tile(c))  # fmt: skip
+    for c in kpersistent._SIGLIP_CONFIGS:
+        const = {"HAS_BIAS": True, "HAS_PAIRS": True, "DOT_PRECISION": "ieee", "G_SCALE": 1.0}
+        add(f"persistent-siglip-{label(c)}", kpersistent._siglip_gradient_kernel, bf16, const,
+            c, tile(c))  # fmt: skip
     rows = triton.Config({"BM": klaunch.ROWS, "BD": 128}, num_warps=4, num_stages=1)
     add("finalize", kjit.finalize_kernel, bf16, {}, rows)
     add("row-dot", kjit.row_dot_kernel, bf16, {}, rows)
@@ -337,6 +388,24 @@ def test_compiles_within_occupancy(compiled, name):
     assert not problems, f"{name}: {problems}"
     if result["descriptors"]:
         assert result["tma"], f"{name}: tensor descriptors without TMA instructions"
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("persistent-")])
+def test_persistent_kernels_facts(compiled, name):
+    """The persistent sweeps (kernels/persistent.py): sized for 2 CTAs per SM (or 1 CTA of 8
+    warps), operands through TMA, one exp2 per element on the fast path (two on InfoNCE's
+    range fallback), and no reciprocal per element: none at all in SigLIP's G, one scalar
+    division (d0) in InfoNCE's, which the pipeliner may copy."""
+    case, result = CASES[name], compiled[name]
+    if "skip" in result or "error" in result:
+        pytest.skip("reported by test_compiles_within_occupancy")
+    config = case.config
+    assert config.ctas == 2 or config.num_warps == 8, f"{name}: sized for {config.ctas} CTAs"
+    assert result["descriptors"] and result["tma"], f"{name}: no TMA"
+    assert result["exp2"][0] == 1, f"{name}: {result['exp2']} exp2 per element"
+    assert max(result["exp2"]) <= 2, f"{name}: {result['exp2']} exp2 per element"
+    limit = 0 if "siglip" in name else 2
+    assert result["reciprocals"] <= limit, f"{name}: {result['reciprocals']} reciprocals"
 
 
 def main(parts: list[str]) -> None:

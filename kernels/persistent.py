@@ -1,0 +1,607 @@
+"""Persistent sweeps of both losses for Hopper-class GPUs: one wave of CTAs, one flattened loop.
+
+The "persistent" implementation of InfoNCE and SigLIP. Same math and the same passes as the
+bounded blocks (``contrastive.py``, ``siglip.py``: InfoNCE 1 pass forward, S again and the two
+products backward; SigLIP S and the two products), with the Triton sweeps rebuilt for Hopper:
+
+- one wave: ``launch.persistent_programs`` CTAs, 2 per SM (configs sized for 2 CTAs per SM,
+  so that one CTA's exponential epilogue overlaps the other's wgmma; ``tl.range``'s
+  warp_specialize compiles to the same code for sm_90 under Triton 3.6 and 3.9, so warp
+  specialization is not the means here), each walking a schedule of (row panel, column
+  tile) pairs in ``tl.range(..., flatten=True)`` loops: the software pipeline streams the next
+  tile's operands while the current tile's epilogue runs. The G kernels' loop is one for all
+  their tiles; the forward's drains once per row panel, where a barrier orders the column
+  partials' read-modify-writes;
+- operands read through TMA descriptors and G stored through one. The design is TMA's:
+  features TMA cannot read (fp32, or rows not 16-byte aligned) run the bounded blocks' kernels
+  ("blocks"), and so do the pointer loads' variants, which Triton 3.6 cannot compile for the G
+  kernels' flattened loops ("PassManager::run failed") and which spill under 3.9;
+- a lean epilogue. InfoNCE's G takes one exp2 per element: with r_i, c_j the rows' and
+  columns' base-2 log-normalizers and T = min(max_i r_i, max_j c_j) the tile's reference,
+
+      G_ij = 2^(t_ij - T) (w_i 2^(T - r_i) + w'_j 2^(T - c_j)),    t_ij = s log2(e) <x_i, y_j>,
+
+  exact wherever every r_i and every c_j of the tile lies within ``jit.RANGE`` of its largest
+  (t_ij <= min(r_i, c_j) <= T, so no term overflows, and every term of at least 2^-62 of its
+  softmax stays a normal fp32 number); a tile outside the range takes the two exponentials.
+  SigLIP's G and loss term take one exp2 and no other special-function operation: their
+  reciprocals come from Newton steps on the FMA units (``reciprocal_unit``). Positive pairs are
+  masked only on tiles that hold one, padding only on edge tiles.
+
+Row panels are re-read from L2 for every column tile (a BM x D panel held in shared memory
+would need D to be a power of two and leave no room for the column tiles' pipeline stages);
+the schedule walks panels in order, so a panel is read from HBM once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import contrastive
+from .blocks import column_references
+from .contrastive import MAX_ROW_SPLIT, Stats, softmax_sides
+from .jit import (
+    LN2_C,
+    LOG2E,
+    NEG,
+    RANGE,
+    logaddexp2,
+    one_exp_statistics,
+    operand,
+    pairs_of,
+    tile_dots,
+    two_exp_statistics,
+)
+from .launch import (
+    LN2,
+    TileConfig,
+    bucket,
+    configs,
+    dot_precision,
+    g_storage_scale,
+    launch,
+    persistent_programs,
+    prune_configs,
+    tma_usable,
+)
+from .siglip import atanh_series
+from .siglip import siglip_forward as blocks_siglip_forward
+from .sweeps import positive_dots, sweep_blocks
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def reciprocal_unit(d):
+    """1 / d for d in [1, 2] on the FMA units, no special-function operation: the linear
+    minimax start 24/17 - 8/17 d (relative error <= 1/17), then three Newton steps
+    r <- r + r (1 - d r), each squaring the error (1/17 -> 3.5e-3 -> 1.2e-5 -> 1.5e-10)."""
+    r = 24.0 / 17.0 - (8.0 / 17.0) * d
+    r = r + r * (1.0 - d * r)
+    r = r + r * (1.0 - d * r)
+    return r + r * (1.0 - d * r)
+
+
+@triton.jit
+def holds_pairs(row0, col0, offset, BM: tl.constexpr, BN: tl.constexpr):
+    """Does the tile of rows [row0, row0 + BM) and columns [col0, col0 + BN) hold a positive
+    pair (row i's partner is column i + offset)?"""
+    return (row0 + offset < col0 + BN) & (col0 < row0 + BM + offset)
+
+
+@triton.jit
+def dead_of(rows, cols, offset, row_ok, col_ok):
+    """(BM, BN) mask of a tile's entries outside the softmaxes: positive pairs and padding."""
+    return pairs_of(rows, cols, offset) | ~(row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def store_g(g_ptr, g, row0, col0, n_a, n_b, stride_g, BM: tl.constexpr, BN: tl.constexpr):
+    """Store a tile of G in g's dtype through a TMA descriptor, which clips the edges."""
+    desc = tl.make_tensor_descriptor(g_ptr, shape=[n_a, n_b], strides=[stride_g, 1],
+                                     block_shape=[BM, BN])  # fmt: skip
+    desc.store([row0, col0], g.to(g_ptr.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------------------------
+# InfoNCE: the forward's statistics
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_kernel(
+    # pointers
+    x_ptr,
+    y_ptr,
+    scale_ptr,
+    x_ref_ptr,  # (n_x,) fp32: row i's positive dot
+    y_ref_ptr,  # (n_y,) fp32: column j's positive dot (0 for a column without one)
+    row_part_ptr,  # (col_split, n_x) partial base-2 m per column chunk, written
+    col_part_ptr,  # (row_split, n_y) partial base-2 m' per row chunk, written
+    # sizes
+    n_x,
+    n_y,
+    D,
+    offset,
+    n_bucket,  # autotune key only
+    # strides
+    stride_x,
+    stride_xd,
+    stride_y,
+    stride_yd,
+    # meta-parameters
+    COL_STATS: tl.constexpr,
+    ONE_EXP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """``contrastive._forward_kernel``'s statistics, 1 matmul pass of n_x n_y D, in one wave.
+
+    Program (a, b) of a (row_split, col_split) grid of one wave walks row panels a,
+    a + row_split, ... against column chunk b; within a panel the column and feature loops are
+    one flattened, pipelined loop, which drains only at the panel's end, where the barrier
+    that orders the column partials' read-modify-writes stands. Each column tile's log-sum-exp
+    is merged into partial (a, j) (started afresh on the program's first panel). Every partial is
+    written, by the programs without work too, so that autotuning trials leave none stale.
+    Per BM x BN tile: (BM + BN) D operand elements read (the row panel from L2 after its first
+    tile), BN column partials read and written.
+    """
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    row_split = tl.num_programs(0)
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    tiles_m = tl.cdiv(n_x, BM)
+    tiles_n = tl.cdiv(n_y, BN)
+    per_chunk = tl.cdiv(tiles_n, tl.num_programs(1))
+    cb_start = pid_c * per_chunk
+    chunk = tl.maximum(tl.minimum(per_chunk, tiles_n - cb_start), 0)
+    panels = tl.cdiv(tl.maximum(tiles_m - pid_r, 0), row_split)
+    x = operand(x_ptr, n_x, D, stride_x, BM, BK, TMA=True)
+    y = operand(y_ptr, n_y, D, stride_y, BN, BK, TMA=True)
+    r_base = row_part_ptr + pid_c.to(tl.int64) * n_x
+    c_base = col_part_ptr
+    if COL_STATS:
+        c_base += pid_r.to(tl.int64) * n_y
+
+    for p in range(0, panels):
+        rb = pid_r + p * row_split
+        rows = rb * BM + tl.arange(0, BM)
+        row_ok = rows < n_x
+        x_ref = tl.load(x_ref_ptr + rows, mask=row_ok, other=0.0)
+        row_max = tl.full((BM,), NEG, tl.float32)
+        row_sum = tl.zeros((BM,), tl.float32)
+        for cb in tl.range(cb_start, cb_start + chunk, flatten=True):
+            cols = cb * BN + tl.arange(0, BN)
+            col_ok = cols < n_y
+            dots = tile_dots(x, y, rb * BM, cb * BN, D, stride_a=stride_x, stride_ad=stride_xd,
+                             stride_b=stride_y, stride_bd=stride_yd, row_ok=row_ok,
+                             col_ok=col_ok, BK=BK, DOT_PRECISION=DOT_PRECISION,
+                             TMA=True)  # fmt: skip
+            y_ref = tl.load(y_ref_ptr + cols, mask=col_ok, other=0.0)
+            # Pairs and padding are masked only on the tiles that hold them.
+            special = holds_pairs(rb * BM, cb * BN, offset, BM, BN) | (rb * BM + BM > n_x)
+            special = special | (cb * BN + BN > n_y)
+            if ONE_EXP:
+                t = dots * scale2
+                if special:
+                    t = tl.where(dead_of(rows, cols, offset, row_ok, col_ok), float("-inf"), t)
+                t_row = tl.max(t, axis=1)
+                t_col = tl.max(t, axis=0)
+                top = tl.max(t_row)
+                low = tl.minimum(tl.min(tl.where(t_row > NEG, t_row, top)),
+                                 tl.min(tl.where(t_col > NEG, t_col, top)))  # fmt: skip
+                if top - low <= RANGE:
+                    row_max, row_sum, c_lse = one_exp_statistics(t, top, x_ref, y_ref, scale2,
+                                                                 row_max, row_sum)  # fmt: skip
+                else:
+                    dead = dead_of(rows, cols, offset, row_ok, col_ok)
+                    row_max, row_sum, c_lse = two_exp_statistics(
+                        dots, dead, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum,
+                        COL_STATS,
+                    )  # fmt: skip
+            else:
+                dead = dead_of(rows, cols, offset, row_ok, col_ok)
+                row_max, row_sum, c_lse = two_exp_statistics(
+                    dots, dead, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum, COL_STATS
+                )
+            if COL_STATS:
+                if p == 0:
+                    old = tl.full((BN,), float("-inf"), tl.float32)
+                else:
+                    old = tl.load(c_base + cols, mask=col_ok, other=float("-inf"))
+                tl.store(c_base + cols, logaddexp2(old, c_lse), mask=col_ok)
+        tl.store(r_base + rows, row_max + tl.log2(row_sum), mask=row_ok)
+        if COL_STATS:
+            tl.debug_barrier()  # the next panel re-reads the column partials
+    # Partials of programs without work: the empty sums.
+    if chunk == 0:
+        for rb in range(pid_r, tiles_m, row_split):
+            rows = rb * BM + tl.arange(0, BM)
+            tl.store(r_base + rows, tl.full((BM,), float("-inf"), tl.float32), mask=rows < n_x)
+    if COL_STATS and panels == 0:
+        for cb in range(cb_start, cb_start + chunk):
+            cols = cb * BN + tl.arange(0, BN)
+            tl.store(c_base + cols, tl.full((BN,), float("-inf"), tl.float32), mask=cols < n_y)
+
+
+# ----------------------------------------------------------------------------------------------
+# The G kernels: one wave over a bounded block's tiles
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gradient_kernel(
+    # pointers
+    a_ptr,  # (n_a, D) the block's rows of x
+    b_ptr,  # (n_b, D) the block's rows of y
+    scale_ptr,
+    a_stats_ptr,  # (4, n_a) the rows' softmax statistics (``contrastive.softmax_gradient``)
+    b_stats_ptr,  # (4, n_b) the columns' (B_TERM)
+    g_ptr,  # (n_a, n_b) G, written in g's dtype
+    sums_ptr,  # (programs,) fp32 partial sums of G_ij <a_i, b_j>, written
+    # sizes
+    n_a,
+    n_b,
+    D,
+    offset,  # a's row i pairs with b's row i + offset
+    n_bucket,  # autotune key only
+    # strides
+    stride_a,
+    stride_ad,
+    stride_b,
+    stride_bd,
+    stride_g,
+    # meta-parameters
+    B_TERM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """InfoNCE's G for one block (``contrastive``'s module docstring), one exp2 per element
+    (module docstring; two on a tile outside the range): 1 matmul pass of n_a n_b D.
+
+    Program p takes tiles p, p + programs, ... in row-major order, so that the wave sweeps
+    the row panels together, and writes its partial of dL/ds. r_i = s log2(e) <x_i, y_i+off>
+    + softplus(m_i) / ln 2 is row i's base-2 log-normalizer (c_j column j's), so that
+    p_ij = 2^(t_ij - r_i); the exponents are formed as differences of dots, (<x_i, y_j> - d0) s
+    log2(e) with d0 = T / (s log2(e)), so that each is rounded once, as in the bounded blocks.
+    Per BM x BN tile: (BM + BN) D operand elements read, 4 (BM + BN) statistics, BM BN elements
+    of G written.
+    """
+    pid = tl.program_id(0)
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    tiles_n = tl.cdiv(n_b, BN)
+    a = operand(a_ptr, n_a, D, stride_a, BM, BK, TMA=True)
+    b = operand(b_ptr, n_b, D, stride_b, BN, BK, TMA=True)
+    g_dots = tl.zeros((BM,), tl.float32)
+    for t in tl.range(pid, tl.cdiv(n_a, BM) * tiles_n, tl.num_programs(0), flatten=True):
+        rb = t // tiles_n
+        cb = t - rb * tiles_n
+        rows = rb * BM + tl.arange(0, BM)
+        cols = cb * BN + tl.arange(0, BN)
+        row_ok = rows < n_a
+        col_ok = cols < n_b
+        dots = tile_dots(a, b, rb * BM, cb * BN, D, stride_a=stride_a, stride_ad=stride_ad,
+                         stride_b=stride_b, stride_bd=stride_bd, row_ok=row_ok, col_ok=col_ok,
+                         BK=BK, DOT_PRECISION=DOT_PRECISION, TMA=True)  # fmt: skip
+        ref = tl.load(a_stats_ptr + rows, mask=row_ok, other=0.0)
+        shift = tl.load(a_stats_ptr + n_a + rows, mask=row_ok, other=0.0)
+        w = tl.load(a_stats_ptr + 2 * n_a + rows, mask=row_ok, other=0.0)
+        r = ref * scale2 + shift  # the rows' base-2 log-normalizers
+        top = tl.max(tl.where(row_ok, r, NEG))
+        spread = top - tl.min(tl.where(row_ok, r, -NEG))
+        ref_b = tl.zeros((BN,), tl.float32)
+        shift_b = tl.zeros((BN,), tl.float32)
+        w_b = tl.zeros((BN,), tl.float32)
+        if B_TERM:
+            ref_b = tl.load(b_stats_ptr + cols, mask=col_ok, other=0.0)
+            shift_b = tl.load(b_stats_ptr + n_b + cols, mask=col_ok, other=0.0)
+            w_b = tl.load(b_stats_ptr + 2 * n_b + cols, mask=col_ok, other=0.0)
+            c = ref_b * scale2 + shift_b
+            c_top = tl.max(tl.where(col_ok, c, NEG))
+            spread = tl.maximum(spread, c_top - tl.min(tl.where(col_ok, c, -NEG)))
+            top = tl.minimum(top, c_top)
+        if spread <= RANGE:  # one exponential per element
+            # T = top as a dot, d0: exponents as differences of dots, each rounded once.
+            d0 = tl.where(scale2 != 0.0, top / scale2, 0.0)
+            coef_a = tl.where(row_ok, w * tl.exp2(-((ref - d0) * scale2 + shift)), 0.0)
+            coef_b = tl.where(col_ok, w_b * tl.exp2(-((ref_b - d0) * scale2 + shift_b)), 0.0)
+            g = tl.exp2((dots - d0) * scale2) * (coef_a[:, None] + coef_b[None, :])
+        else:
+            g = w[:, None] * tl.exp2((dots - ref[:, None]) * scale2 - shift[:, None])
+            if B_TERM:
+                g += w_b[None, :] * tl.exp2((dots - ref_b[None, :]) * scale2 - shift_b[None, :])
+        edge = (rb * BM + BM > n_a) | (cb * BN + BN > n_b)
+        if holds_pairs(rb * BM, cb * BN, offset, BM, BN) | edge:
+            at_pair = tl.load(a_stats_ptr + 3 * n_a + rows, mask=row_ok, other=0.0)
+            if B_TERM:
+                partner = rows + offset
+                pair_ok = (partner >= 0) & (partner < n_b)
+                at_pair += tl.load(b_stats_ptr + 3 * n_b + partner, mask=pair_ok, other=0.0)
+            g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+            g = tl.where(pairs_of(rows, cols, offset), -at_pair[:, None], g)
+        g_dots += tl.sum(g * dots, axis=1)
+        store_g(g_ptr, g, rb * BM, cb * BN, n_a, n_b, stride_g, BM, BN)
+    tl.store(sums_ptr + pid, tl.sum(g_dots))
+
+
+@triton.jit
+def _siglip_gradient_kernel(
+    # pointers
+    a_ptr,  # (n_a, D) the block's rows of x
+    b_ptr,  # (n_b, D) the block's rows of y
+    scale_ptr,
+    bias_ptr,
+    g_ptr,  # (n_a, n_b) G, written in g's dtype
+    sums_ptr,  # (3, programs) fp32 partial sums of n_x G_ij <a_i, b_j>, the loss terms, n_x G
+    # sizes
+    n_a,
+    n_b,
+    D,
+    offset,  # a's row i pairs with b's row i + offset (HAS_PAIRS)
+    n_bucket,  # autotune key only
+    # strides
+    stride_a,
+    stride_ad,
+    stride_b,
+    stride_bd,
+    stride_g,
+    stride_sums,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    HAS_PAIRS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    G_SCALE: tl.constexpr,  # G is written times this (``launch.FP16_G_SCALE``)
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """SigLIP's G, loss and sums for one block (``siglip``'s module docstring): 1 matmul pass
+    of n_a n_b D, one exp2 per element and no other special-function operation (the
+    reciprocals of the sigmoid and of log1p's series by ``reciprocal_unit``). Schedule as
+    ``_gradient_kernel``'s. Per BM x BN tile: (BM + BN) D operand elements read, BM BN
+    elements of G written.
+    """
+    pid = tl.program_id(0)
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    bias2 = 0.0
+    if HAS_BIAS:
+        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
+    tiles_n = tl.cdiv(n_b, BN)
+    a = operand(a_ptr, n_a, D, stride_a, BM, BK, TMA=True)
+    b = operand(b_ptr, n_b, D, stride_b, BN, BK, TMA=True)
+    g_dots = tl.zeros((BM,), tl.float32)
+    losses = tl.zeros((BM,), tl.float32)
+    g_sum = tl.zeros((BM,), tl.float32)
+    for t in tl.range(pid, tl.cdiv(n_a, BM) * tiles_n, tl.num_programs(0), flatten=True):
+        rb = t // tiles_n
+        cb = t - rb * tiles_n
+        rows = rb * BM + tl.arange(0, BM)
+        cols = cb * BN + tl.arange(0, BN)
+        row_ok = rows < n_a
+        col_ok = cols < n_b
+        dots = tile_dots(a, b, rb * BM, cb * BN, D, stride_a=stride_a, stride_ad=stride_ad,
+                         stride_b=stride_b, stride_bd=stride_bd, row_ok=row_ok, col_ok=col_ok,
+                         BK=BK, DOT_PRECISION=DOT_PRECISION, TMA=True)  # fmt: skip
+        t2 = dots * scale2 + bias2  # -z S in base 2 (S for a negative, -S for a pair)
+        paired = False
+        if HAS_PAIRS:
+            paired = holds_pairs(rb * BM, cb * BN, offset, BM, BN)
+            if paired:
+                t2 = tl.where(pairs_of(rows, cols, offset), -t2, t2)
+        e = tl.exp2(-tl.abs(t2))  # the one special-function operation
+        g = tl.where(t2 >= 0, 1.0, e) * reciprocal_unit(1.0 + e)  # sigmoid(-z S)
+        if paired:
+            g = tl.where(pairs_of(rows, cols, offset), -g, g)
+        edge = (rb * BM + BM > n_a) | (cb * BN + BN > n_b)
+        if edge:
+            g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+        g_dots += tl.sum(g * dots, axis=1)  # the dots die here: few registers live at once
+        g_sum += tl.sum(g, axis=1)
+        half = 0.5 * e
+        loss = tl.maximum(t2, 0.0) * LN2_C + atanh_series(half * reciprocal_unit(1.0 + half))
+        if edge:
+            loss = tl.where(row_ok[:, None] & col_ok[None, :], loss, 0.0)
+        losses += tl.sum(loss, axis=1)
+        store_g(g_ptr, g * G_SCALE, rb * BM, cb * BN, n_a, n_b, stride_g, BM, BN)
+    tl.store(sums_ptr + pid, tl.sum(g_dots))
+    tl.store(sums_ptr + stride_sums + pid, tl.sum(losses))
+    tl.store(sums_ptr + 2 * stride_sums + pid, tl.sum(g_sum))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+# Sized for 2 CTAs per SM (4 warps at up to 255 registers), or 1 CTA of 8 warps (SigLIP): which
+# overlaps the epilogue better is the GPU's to measure. 8 warps within 128 registers (2 CTAs)
+# spill hundreds of bytes in every one of these kernels, and InfoNCE's G at 128 x 128 on 8 warps
+# spills 64 bytes under Triton 3.6: the compile gate holds each config to 0.
+_FORWARD_CONFIGS = configs(
+    ("BM", "BN", "BK"),
+    [  # (BM, BN, BK, warps, stages, CTAs per SM)
+        (64, 128, 64, 4, 4, 2),
+        (128, 64, 64, 4, 3, 2),
+        (64, 128, 32, 4, 4, 2),
+    ],
+)
+_GRADIENT_CONFIGS = configs(
+    ("BM", "BN", "BK"),
+    [  # (BM, BN, BK, warps, stages, CTAs per SM)
+        (128, 64, 64, 4, 3, 2),
+        (128, 64, 32, 4, 4, 2),
+    ],
+)
+_SIGLIP_CONFIGS = configs(
+    ("BM", "BN", "BK"),
+    [  # (BM, BN, BK, warps, stages, CTAs per SM)
+        (64, 64, 64, 4, 3, 2),
+        (128, 64, 64, 8, 3, 1),
+        (64, 64, 32, 4, 4, 2),
+    ],
+)
+_KEY = ["D", "n_bucket", "DOT_PRECISION"]
+_forward_tuned = triton.autotune(
+    _FORWARD_CONFIGS,
+    key=_KEY + ["COL_STATS", "ONE_EXP"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)(_forward_kernel)
+_gradient_tuned = triton.autotune(
+    _GRADIENT_CONFIGS,
+    key=_KEY + ["B_TERM"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)(_gradient_kernel)
+_siglip_tuned = triton.autotune(
+    _SIGLIP_CONFIGS,
+    key=_KEY + ["HAS_BIAS", "HAS_PAIRS"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)(_siglip_gradient_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def contrastive_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    offset: int,
+    both_directions: bool,
+    *,
+    config: TileConfig | None = None,
+) -> Stats:
+    """``contrastive.contrastive_forward``'s statistics (same arguments and returns) from the
+    one-wave forward (``contrastive``'s where TMA cannot read the features): programs =
+    ``launch.persistent_programs``, row_split of them along the rows (at most MAX_ROW_SPLIT
+    where the columns' partials are kept) and the rest along the columns."""
+    if not tma_usable(x, y):
+        return contrastive.contrastive_forward(x, y, scale, offset, both_directions, config=config)
+    n_x, D = x.shape
+    n_y = y.shape[0]
+    pdot = positive_dots(x, y, offset)
+    programs = persistent_programs(x.device, config)
+    row_split = min(programs, MAX_ROW_SPLIT if both_directions else programs)
+    if config is not None and config.row_split:
+        row_split = config.row_split
+    col_split = max(1, programs // row_split)
+    if config is not None and config.col_split:
+        col_split = config.col_split
+    kw = {"device": x.device, "dtype": torch.float32}
+    row_part = torch.empty((col_split, n_x), **kw)  # the kernel writes every partial
+    col_part = torch.empty((row_split, n_y), **kw) if both_directions else None
+    args = dict(
+        x_ptr=x,
+        y_ptr=y,
+        scale_ptr=scale,
+        x_ref_ptr=pdot,
+        y_ref_ptr=column_references(pdot, n_y, offset),
+        row_part_ptr=row_part,
+        col_part_ptr=col_part,
+        n_x=n_x,
+        n_y=n_y,
+        D=D,
+        offset=offset,
+        n_bucket=bucket(max(n_x, n_y)),
+        stride_x=x.stride(0),
+        stride_xd=x.stride(1),
+        stride_y=y.stride(0),
+        stride_yd=y.stride(1),
+        COL_STATS=both_directions,
+        ONE_EXP=both_directions and x.dtype != torch.float32,
+        DOT_PRECISION=dot_precision(x.dtype),
+    )
+    launch(_forward_kernel, _forward_tuned, lambda meta: (row_split, col_split), config, args)
+    row = torch.logsumexp(row_part * LN2, dim=0)
+    col = torch.logsumexp(col_part * LN2, dim=0) if col_part is not None else None
+    return pdot, row, col
+
+
+def contrastive_backward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    stats: Stats,
+    w_x: torch.Tensor,
+    w_y: torch.Tensor | None,
+    weight: torch.Tensor,
+    offset: int,
+    need_dx: bool,
+    need_dy: bool,
+    *,
+    block_bytes: int | None = None,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """``contrastive.contrastive_backward`` (same arguments and returns) with G from
+    ``_gradient_kernel``, the products from cuBLAS (the bounded blocks' kernel where TMA cannot
+    read the features)."""
+    if not tma_usable(x, y):
+        return contrastive.contrastive_backward(
+            x, y, scale, stats, w_x, w_y, weight, offset, need_dx, need_dy,
+            block_bytes=block_bytes, config=config,
+        )  # fmt: skip
+    g_scale = g_storage_scale(x.dtype)
+    x_side, y_side = softmax_sides(stats, w_x, w_y, y.shape[0], offset, g_scale)
+    weight = weight / g_scale
+
+    def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
+        return dict(
+            a_stats_ptr=x_side[:, r0:r1].contiguous(),
+            b_stats_ptr=None if y_side is None else y_side[:, c0:c1].contiguous(),
+            offset=offset + r0 - c0,
+            B_TERM=y_side is not None,
+        )
+
+    dx, dy, sums = sweep_blocks(_gradient_kernel, _gradient_tuned, x, y, scale, scale * weight,
+                                config, args_of, n_sums=1, need_dx=need_dx, need_dy=need_dy,
+                                block_bytes=block_bytes, persistent=True)  # fmt: skip
+    return dx, dy, sums[0] * weight
+
+
+def siglip_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    offset: int | None,
+    need_dx: bool,
+    need_dy: bool,
+    need_dparams: bool,
+    *,
+    block_bytes: int | None = None,
+    config: TileConfig | None = None,
+):
+    """``siglip.siglip_forward`` (same arguments and returns) with G from
+    ``_siglip_gradient_kernel``; the loss alone is ``siglip``'s 1-pass sweep, and features
+    that TMA cannot read take the bounded blocks."""
+    n_x = x.shape[0]
+    if not (need_dx or need_dy or need_dparams) or not tma_usable(x, y):
+        return blocks_siglip_forward(x, y, scale, bias, offset, need_dx, need_dy, need_dparams,
+                                     block_bytes=block_bytes, config=config)  # fmt: skip
+
+    def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
+        return dict(
+            bias_ptr=bias,
+            offset=0 if offset is None else offset + r0 - c0,
+            HAS_BIAS=bias is not None,
+            HAS_PAIRS=offset is not None,
+            G_SCALE=g_scale,
+        )
+
+    g_scale = g_storage_scale(x.dtype)
+    dx, dy, sums = sweep_blocks(_siglip_gradient_kernel, _siglip_tuned, x, y, scale,
+                                scale / (n_x * g_scale), config, args_of, n_sums=3,
+                                need_dx=need_dx, need_dy=need_dy, block_bytes=block_bytes,
+                                persistent=True)  # fmt: skip
+    dscale, loss, dbias = (sums / n_x).unbind()
+    if not need_dparams:
+        dscale = dbias = None
+    return loss, dx, dy, dscale, dbias
