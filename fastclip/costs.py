@@ -244,8 +244,9 @@ def loss_cost(
     own = (device.persistent_flops or device.sweep_flops) * ratio if persistent else sweep
     if not siglip or not backward:  # SigLIP's loss alone is the blocks' sweep in every design
         ep = epilogue(op, implementation, "forward", element).seconds(device, n * n)
+        # The positive dots, the sweep and a combine per direction; the loss's own six ops.
         cost.add("forward", device, mm_pass, sweep if siglip else own,
-                 l2=_sweep_l2(n, n, D, element), epilogue=ep, triton=2, torch=6)  # fmt: skip
+                 l2=_sweep_l2(n, n, D, element), epilogue=ep, triton=4, torch=6)  # fmt: skip
     if not backward:
         return cost
     if implementation == "fused":
@@ -271,10 +272,12 @@ def loss_cost(
         cost.add("S", device, mm_pass, gemm, hbm=4 * n * n, torch=blocks)
         cost.add("G", device, hbm=4 * n * n + g_bytes, epilogue=g_epilogue, triton=blocks,
                  torch=3 * blocks)  # fmt: skip
-    else:  # per block a G kernel; its sums zeroed (but the persistent kernel's), summed, added
+    else:  # per block a G kernel; its sums zeroed (but the persistent kernel's), summed, added;
+        # once, InfoNCE's two softmaxes' statistics (a launch each) and its weights
         ops = 2 if persistent else 3
         cost.add("G", device, mm_pass, own, hbm=g_bytes, l2=_sweep_l2(n, n, D, element),
-                 epilogue=g_epilogue, triton=blocks, torch=ops * blocks)  # fmt: skip
+                 epilogue=g_epilogue, triton=blocks + (0 if siglip else 2),
+                 torch=ops * blocks + (0 if siglip else 4))  # fmt: skip
     # Each block's products read and write the fp32 accumulator rows they add to.
     accumulators = blocks * (R + C) * D * 4 * 2
     cost.add("products", device, 2 * mm_pass, gemm, hbm=2 * g_bytes + accumulators,

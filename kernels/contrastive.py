@@ -60,17 +60,16 @@ offsets are 64-bit.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .blocks import column_references
 from .jit import (
     LOG2E,
     NEG,
     RANGE,
     block_tile,
     column_chunk,
+    column_reference,
     logaddexp2,
     one_exp_statistics,
     operand,
@@ -80,7 +79,6 @@ from .jit import (
     two_exp_statistics,
 )
 from .launch import (
-    LN2,
     MIN_BLOCK,
     TileConfig,
     bucket,
@@ -93,7 +91,9 @@ from .launch import (
     tma,
 )
 from .sweeps import (
+    combine,
     positive_dots,
+    side_stats,
     sweep_blocks,
 )
 
@@ -115,7 +115,6 @@ def _forward_kernel(
     y_ptr,
     scale_ptr,
     x_ref_ptr,  # (n_x,) fp32: row i's positive dot, the reference of its logits
-    y_ref_ptr,  # (n_y,) fp32: column j's positive dot (0 for a column without one)
     row_part_ptr,  # (col_split, n_x) partial base-2 m per column chunk, written
     col_part_ptr,  # (row_split, n_y) partial base-2 m' per row chunk, read-modify-written
     # sizes
@@ -174,7 +173,7 @@ def _forward_kernel(
                              stride_b=stride_y, stride_bd=stride_yd, row_ok=row_ok, col_ok=col_ok,
                              BK=BK, DOT_PRECISION=DOT_PRECISION, TMA=TMA)  # fmt: skip
             pairs = pairs_of(rows, cols, offset)
-            y_ref = tl.load(y_ref_ptr + cols, mask=col_ok, other=0.0)
+            y_ref = column_reference(x_ref_ptr, cols, col_ok, n_x, offset)
             if ONE_EXP:
                 t = tl.where(pairs | ~(row_ok[:, None] & col_ok[None, :]), float("-inf"),
                              dots * scale2)  # fmt: skip
@@ -381,7 +380,6 @@ def contrastive_forward(
         y_ptr=y,
         scale_ptr=scale,
         x_ref_ptr=pdot,
-        y_ref_ptr=column_references(pdot, n_y, offset),
         row_part_ptr=row_part,
         col_part_ptr=col_part,
         n_x=n_x,
@@ -400,27 +398,17 @@ def contrastive_forward(
     )
     grid = lambda meta: (row_split, col_split)  # noqa: E731
     launch(_forward_kernel, _forward_tuned, grid, config, args)
-    row = torch.logsumexp(row_part * LN2, dim=0)
-    col = torch.logsumexp(col_part * LN2, dim=0) if col_part is not None else None
-    return pdot, row, col
-
-
-def _side_stats(ref: torch.Tensor, m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(4, n) fp32 statistics of one softmax for the gradient kernels: the reference dot,
-    softplus(m) in base 2, the weight, and the weight times 1 - p_pair = sigmoid(m)."""
-    return torch.stack([ref, F.softplus(m) / LN2, w, w * torch.sigmoid(m)]).contiguous()
+    return pdot, combine(row_part), None if col_part is None else combine(col_part)
 
 
 def softmax_sides(stats: Stats, w_x, w_y, n_y: int, offset: int, g_scale: float):
-    """Both softmaxes' statistics, their weights times ``g_scale``: G is formed in those units
-    (``launch.FP16_G_SCALE``)."""
+    """Both softmaxes' (4, n) statistics for the gradient kernels (``softmax_gradient``), one
+    launch each (``sweeps.side_stats``): the reference dot, softplus(m) in base 2, the weight
+    times ``g_scale`` (G is formed in those units, ``launch.FP16_G_SCALE``), and that times
+    1 - p_pair = sigmoid(m)."""
     pdot, row, col = stats
-    w_x = w_x * g_scale
-    w_y = None if w_y is None else w_y * g_scale
-    x_side = _side_stats(pdot, row, w_x)
-    y_side = None
-    if col is not None:
-        y_side = _side_stats(column_references(pdot, n_y, offset), col, w_y)
+    x_side = side_stats(pdot, row, w_x, g_scale)
+    y_side = None if col is None else side_stats(pdot, col, w_y, g_scale, offset=offset)
     return x_side, y_side
 
 

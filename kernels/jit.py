@@ -280,3 +280,80 @@ def one_exp_statistics(t, top, x_ref, y_ref, scale2, row_max, row_sum):
     r_lse = top - x_ref * scale2 + tl.log2(tl.sum(e, axis=1))
     row_max, row_sum = merge_lse(row_max, row_sum, r_lse, 1.0)
     return row_max, row_sum, top - y_ref * scale2 + tl.log2(tl.sum(e, axis=0))
+
+
+@triton.jit
+def atanh_series(t):
+    """2 atanh(t) = log((1 + t) / (1 - t)) for t in [0, 1/3] (log(1 + e) at t = e / (2 + e)):
+    a series in t^2 <= 1/9 whose 8 terms reach fp32 precision."""
+    w = t * t
+    p = 1.0 / 15.0
+    p = p * w + 1.0 / 13.0
+    p = p * w + 1.0 / 11.0
+    p = p * w + 1.0 / 9.0
+    p = p * w + 1.0 / 7.0
+    p = p * w + 1.0 / 5.0
+    p = p * w + 1.0 / 3.0
+    p = p * w + 1.0
+    return 2.0 * t * p
+
+
+@triton.jit
+def log1p_unit(e):
+    """log(1 + e) for e in [0, 1] to a few ulps, without log1p (the interpreter lacks libdevice,
+    and a fast log2(1 + e) loses e's low bits when e is small): ``atanh_series`` of
+    e / (2 + e)."""
+    return atanh_series(e / (2.0 + e))
+
+
+@triton.jit
+def column_reference(pdot_ptr, cols, col_ok, n_x, offset):
+    """Column j's positive dot, <x_{j - offset}, y_j> from the rows' ``pdot``; 0 for a column
+    without a positive (its weight is 0 too)."""
+    src = cols - offset
+    return tl.load(pdot_ptr + src, mask=col_ok & (src >= 0) & (src < n_x), other=0.0)
+
+
+@triton.jit
+def combine_kernel(part_ptr, out_ptr, splits, n, BLOCK: tl.constexpr):
+    """out_j = ln(sum_k 2^(p_kj)) of a sweep's (splits, n) base-2 partial statistics p, in one
+    launch (-inf where every partial is). O(splits n) work, no N^2 D pass."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n
+    top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    ptrs = part_ptr + cols
+    for _ in range(0, splits):
+        top = tl.maximum(top, tl.load(ptrs, mask=ok, other=float("-inf")))
+        ptrs += n
+    ref = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros((BLOCK,), tl.float32)
+    ptrs = part_ptr + cols
+    for _ in range(0, splits):
+        total += tl.exp2(tl.load(ptrs, mask=ok, other=float("-inf")) - ref)
+        ptrs += n
+    tl.store(out_ptr + cols, (ref + tl.log2(total)) * LN2_C, mask=ok)
+
+
+@triton.jit
+def side_stats_kernel(pdot_ptr, m_ptr, w_ptr, out_ptr, n, n_x, offset, W_SCALE: tl.constexpr,
+                      COLUMNS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """(4, n) statistics of one softmax for the gradient kernels, in one launch: the reference
+    dot (row i's positive, ``pdot``; for COLUMNS, ``column_reference``), softplus(m) / ln 2,
+    the weight w times W_SCALE, and that times sigmoid(m) = 1 - p_pair. softplus and
+    sigmoid share e = exp(-|m|): max(m, 0) + log1p(e) and (1 or e) / (1 + e), exact in both
+    tails (m = -inf, a row without other logits: 0 and 0)."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = j < n
+    if COLUMNS:
+        ref = column_reference(pdot_ptr, j, ok, n_x, offset)
+    else:
+        ref = tl.load(pdot_ptr + j, mask=ok, other=0.0)
+    m = tl.load(m_ptr + j, mask=ok, other=0.0)
+    w = tl.load(w_ptr + j, mask=ok, other=0.0) * W_SCALE
+    e = tl.exp2(-tl.abs(m) * LOG2E)
+    softplus = tl.maximum(m, 0.0) + log1p_unit(e)
+    sigmoid = tl.where(m >= 0, 1.0, e) / (1.0 + e)
+    tl.store(out_ptr + j, ref, mask=ok)
+    tl.store(out_ptr + n + j, softplus / LN2_C, mask=ok)
+    tl.store(out_ptr + 2 * n + j, w, mask=ok)
+    tl.store(out_ptr + 3 * n + j, w * sigmoid, mask=ok)

@@ -39,6 +39,8 @@ MIN_BLOCK = 64
 BLOCKS_MIN = 16
 # Row-wise kernels (positive dots, finalize): rows per program.
 ROWS = 32
+# Statistics kernels (one value per row or column): entries per program.
+STATS = 1024
 # Per-SM resources of a Hopper GPU (H100, H200) that the autotune configs are sized against.
 SM_REGISTERS = 65536  # 32-bit registers
 SM_SHARED_MEMORY = 232448  # bytes a CTA can use: 227 KiB

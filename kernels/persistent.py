@@ -40,13 +40,14 @@ import triton
 import triton.language as tl
 
 from . import contrastive
-from .blocks import column_references
 from .contrastive import MAX_ROW_SPLIT, Stats, softmax_sides
 from .jit import (
     LN2_C,
     LOG2E,
     NEG,
     RANGE,
+    atanh_series,
+    column_reference,
     logaddexp2,
     one_exp_statistics,
     operand,
@@ -55,7 +56,6 @@ from .jit import (
     two_exp_statistics,
 )
 from .launch import (
-    LN2,
     TileConfig,
     bucket,
     configs,
@@ -66,9 +66,8 @@ from .launch import (
     prune_configs,
     tma_usable,
 )
-from .siglip import atanh_series
 from .siglip import siglip_forward as blocks_siglip_forward
-from .sweeps import positive_dots, sweep_blocks
+from .sweeps import combine, positive_dots, sweep_blocks
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
@@ -119,7 +118,6 @@ def _forward_kernel(
     y_ptr,
     scale_ptr,
     x_ref_ptr,  # (n_x,) fp32: row i's positive dot
-    y_ref_ptr,  # (n_y,) fp32: column j's positive dot (0 for a column without one)
     row_part_ptr,  # (col_split, n_x) partial base-2 m per column chunk, written
     col_part_ptr,  # (row_split, n_y) partial base-2 m' per row chunk, written
     # sizes
@@ -183,7 +181,7 @@ def _forward_kernel(
                              stride_b=stride_y, stride_bd=stride_yd, row_ok=row_ok,
                              col_ok=col_ok, BK=BK, DOT_PRECISION=DOT_PRECISION,
                              TMA=True)  # fmt: skip
-            y_ref = tl.load(y_ref_ptr + cols, mask=col_ok, other=0.0)
+            y_ref = column_reference(x_ref_ptr, cols, col_ok, n_x, offset)
             # Pairs and padding are masked only on the tiles that hold them.
             special = holds_pairs(rb * BM, cb * BN, offset, BM, BN) | (rb * BM + BM > n_x)
             special = special | (cb * BN + BN > n_y)
@@ -503,7 +501,6 @@ def contrastive_forward(
         y_ptr=y,
         scale_ptr=scale,
         x_ref_ptr=pdot,
-        y_ref_ptr=column_references(pdot, n_y, offset),
         row_part_ptr=row_part,
         col_part_ptr=col_part,
         n_x=n_x,
@@ -520,9 +517,7 @@ def contrastive_forward(
         DOT_PRECISION=dot_precision(x.dtype),
     )
     launch(_forward_kernel, _forward_tuned, lambda meta: (row_split, col_split), config, args)
-    row = torch.logsumexp(row_part * LN2, dim=0)
-    col = torch.logsumexp(col_part * LN2, dim=0) if col_part is not None else None
-    return pdot, row, col
+    return pdot, combine(row_part), None if col_part is None else combine(col_part)
 
 
 def contrastive_backward(

@@ -50,6 +50,7 @@ from .jit import (
     block_tile,
     clear_rows,
     column_chunk,
+    log1p_unit,
     pairs_of,
     similarity_tile,
     store_parts,
@@ -69,30 +70,6 @@ from .sweeps import (
 # The bounded blocks' two forms, as ``siglip_forward``'s ``method`` takes them (the fused sweeps
 # are ``fused.siglip_forward``).
 METHODS = ("blocks", "blocks-mm")
-
-
-@triton.jit
-def log1p_unit(e):
-    """log(1 + e) for e in [0, 1] to a few ulps, without log1p (the interpreter lacks libdevice,
-    and a fast log2(1 + e) loses e's low bits when e is small): ``atanh_series`` of
-    e / (2 + e)."""
-    return atanh_series(e / (2.0 + e))
-
-
-@triton.jit
-def atanh_series(t):
-    """2 atanh(t) = log((1 + t) / (1 - t)) for t in [0, 1/3] (log(1 + e) at t = e / (2 + e)):
-    a series in t^2 <= 1/9 whose 8 terms reach fp32 precision."""
-    w = t * t
-    p = 1.0 / 15.0
-    p = p * w + 1.0 / 13.0
-    p = p * w + 1.0 / 11.0
-    p = p * w + 1.0 / 9.0
-    p = p * w + 1.0 / 7.0
-    p = p * w + 1.0 / 5.0
-    p = p * w + 1.0 / 3.0
-    p = p * w + 1.0
-    return 2.0 * t * p
 
 
 @triton.jit

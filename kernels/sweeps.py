@@ -14,11 +14,12 @@ import torch
 import triton
 
 from .blocks import blocked_gradients, default_block_bytes, matmul_f32, plan_blocks
-from .jit import finalize_kernel, row_dot_kernel
+from .jit import combine_kernel, finalize_kernel, row_dot_kernel, side_stats_kernel
 from .launch import (
     BLOCKS_MIN,
     MIN_BLOCK,
     ROWS,
+    STATS,
     TileConfig,
     bucket,
     dot_precision,
@@ -49,6 +50,28 @@ def positive_dots(x: torch.Tensor, y: torch.Tensor, offset: int) -> torch.Tensor
         BD=row_block_d(D),
     )
     return dots
+
+
+def combine(part: torch.Tensor) -> torch.Tensor:
+    """The natural log-sum-exp over dim 0 of (splits, n) fp32 base-2 partials: (n,), one launch
+    (where ``torch.logsumexp(part * ln 2, 0)`` takes several)."""
+    splits, n = part.shape
+    out = torch.empty(n, dtype=torch.float32, device=part.device)
+    combine_kernel[(triton.cdiv(n, STATS),)](part, out, splits, n, BLOCK=STATS)
+    return out
+
+
+def side_stats(pdot: torch.Tensor, m: torch.Tensor, w: torch.Tensor, w_scale: float,
+               offset: int | None = None) -> torch.Tensor:  # fmt: skip
+    """(4, n) fp32 statistics of one softmax (``jit.side_stats_kernel``), one launch: the rows'
+    (offset None; n = n_x) or the columns' (n = len(m), the column j's positive row j - offset)."""
+    n = m.shape[0]
+    out = torch.empty((4, n), dtype=torch.float32, device=m.device)
+    side_stats_kernel[(triton.cdiv(n, STATS),)](
+        pdot, m, w, out, n, pdot.shape[0], offset or 0, W_SCALE=w_scale,
+        COLUMNS=offset is not None, BLOCK=STATS,
+    )  # fmt: skip
+    return out
 
 
 def split_columns(n_a: int, n_b: int, device: torch.device, config: TileConfig | None) -> int:

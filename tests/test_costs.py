@@ -133,7 +133,7 @@ def test_the_persistent_g_saves_its_mufu_operations(op, D, mufu):
 
 
 def test_small_batches_are_launch_bound():
-    """At N = 256 every stage waits for the host: as long at any width, the forward its 2
+    """At N = 256 every stage waits for the host: as long at any width, the forward its 4
     Triton launches and 6 PyTorch ops; at N = 65,536 the GPU's work sets the time."""
     dev = costs.H200
     for op in registry.LOSSES:
@@ -141,7 +141,7 @@ def test_small_batches_are_launch_bound():
             narrow, wide = (costs.loss_cost(op, impl, 256, D).stages for D in (512, 1024))
             assert narrow == wide, (op, impl)
     forward = costs.loss_cost("contrastive", "persistent", 256, 512).stages["forward"]
-    assert forward == pytest.approx(2 * dev.triton_launch + 6 * dev.torch_launch)
+    assert forward == pytest.approx(4 * dev.triton_launch + 6 * dev.torch_launch)
     narrow, wide = (costs.loss_cost("contrastive", "persistent", N, D).seconds for D in (512, 1024))
     assert wide > 1.9 * narrow
 

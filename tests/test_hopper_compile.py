@@ -173,9 +173,9 @@ def exp2_paths(ttir: str) -> list[int]:
 
 FEATURES = {"x_ptr": "bf16", "y_ptr": "bf16", "a_ptr": "bf16", "b_ptr": "bf16", "q_ptr": "bf16",
             "k_ptr": "bf16", "g_ptr": "bf16"}  # fmt: skip
-FP32 = ("scale_ptr", "bias_ptr", "x_ref_ptr", "y_ref_ptr", "row_part_ptr", "col_part_ptr",
-        "acc_ptr", "parts_ptr", "a_stats_ptr", "b_stats_ptr", "dots_ptr", "sums_ptr", "out_ptr",
-        "inv_a_ptr", "inv_b_ptr", "inv_q_ptr", "inv_k_ptr")  # fmt: skip
+FP32 = ("scale_ptr", "bias_ptr", "x_ref_ptr", "row_part_ptr", "col_part_ptr", "acc_ptr",
+        "parts_ptr", "a_stats_ptr", "b_stats_ptr", "dots_ptr", "sums_ptr", "out_ptr", "inv_a_ptr",
+        "inv_b_ptr", "inv_q_ptr", "inv_k_ptr", "part_ptr", "pdot_ptr", "m_ptr")  # fmt: skip
 
 
 def label(config: triton.Config) -> str:
@@ -322,6 +322,12 @@ def cases() -> dict[str, Case]:
     rows = triton.Config({"BM": klaunch.ROWS, "BD": 128}, num_warps=4, num_stages=1)
     add("finalize", kjit.finalize_kernel, bf16, {}, rows)
     add("row-dot", kjit.row_dot_kernel, bf16, {}, rows)
+    stats = triton.Config({"BLOCK": klaunch.STATS}, num_warps=4, num_stages=1)
+    add("combine", kjit.combine_kernel, bf16, {}, stats)
+    for columns in (False, True):
+        const = {"COLUMNS": columns, "W_SCALE": klaunch.FP16_G_SCALE}
+        add(f"side-stats-columns{columns}", kjit.side_stats_kernel, {**bf16, "w_ptr": "fp32"},
+            const, stats)  # fmt: skip
     return out
 
 
