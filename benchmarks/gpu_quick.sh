@@ -48,6 +48,7 @@
 #   | process: contrastive        | 28 + 4                  |       12 | start each process       |
 #   | process: siglip             | 28 + 4                  |       13 |                          |
 #   | process: confident          | 10 + 4                  |        6 |                          |
+#   | process: graphs             | 6 + 4                   |        6 |                          |
 #   | process: large              | 25 + 4                  |       29 |                          |
 #   | process: block-configs      | 15 + 4                  |        8 |                          |
 #   | process: tma                | 10 + 4                  |        8 |                          |
@@ -55,7 +56,7 @@
 #   | retrieval, projection,      |                         |          |                          |
 #   | compile                     |                         |          |                          |
 #   | summary, tuning, cleanup    | RESERVE_S 5             |        1 |                          |
-#   | total                       | 282 (setup at its       |      191 |                          |
+#   | total                       | 292 (setup at its       |      197 |                          |
 #   |                             | estimate)               |          |                          |
 #
 # A CPU rehearses the whole script (tests/test_gpu_quick.py does, in CI): TRITON_INTERPRET=1
@@ -90,6 +91,7 @@ PROCESSES=(
     contrastive:32
     siglip:32
     confident:14
+    graphs:10
     large:29
     block-configs:19
     tma:14

@@ -214,6 +214,23 @@ def mode_step(
     return backward
 
 
+def capture(step: Callable[[], Any]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph, as a training loop with static inputs may capture it:
+    warm-up runs on a side stream first (lazy initialization, the allocator's pools, any
+    autotuning), then one capture. Returns the graph's replay, which launches everything at
+    once: no host work per kernel."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def record(benchmark, measure: Callable[[], dict]) -> None:
     """One case under pytest-benchmark: ``measure`` (what the runner calls too) times the case's
     runs itself, in one pytest-benchmark round, and returns the row that becomes the case's

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from harness import MIB, Bench, Case, features, mode_step, settle
+from harness import MIB, Bench, Case, capture, features, mode_step, settle
 from results import BASELINES, find
 from tuning import within_tolerance
 
@@ -238,6 +238,27 @@ def batch(bench: Bench, loss: Loss, n: int) -> None:
     for provider in ("eager", *implementations(loss.op)):  # eager first: the yardstick
         measure(bench, loss, provider, "full", args, check, stages=provider != "eager")
     reference.cache_clear()
+    settle(bench.device)
+
+
+def graphed(bench: Bench, loss: Loss, n: int) -> None:
+    """A small batch, where the host's launches outlast the GPU's work: a full step captured in
+    a CUDA graph and replayed (``harness.capture``), by eager and each implementation, a row of
+    "graphs" each. CUDA only: a CPU records nothing."""
+    if bench.device.type != "cuda":
+        return
+    args = inputs(loss, n, bench.D(loss.D), bench.dtype, bench.device)
+    D = args[0].shape[1]
+    for provider in ("eager", *implementations(loss.op)):
+        row = {"op": loss.op, "dtype": str(bench.dtype).removeprefix("torch."), "D": D, "N": n,
+               "provider": provider, "mode": "full (CUDA graph)"}  # fmt: skip
+        row["passes"], row["floor_passes"] = passes(loss.op, provider, "full")
+        row = bench.add("graphs", row)
+        fn = loss_function(loss, provider, bench.block_bytes)
+        with bench.case(row):
+            replay = capture(lambda fn=fn: torch.autograd.grad(fn(*args), args))
+            bench.measure(row, replay, row["passes"] * 2 * n * n * D)
+        bench.results.save()
     settle(bench.device)
 
 

@@ -316,6 +316,9 @@ def markdown(results: dict, tests: str | None = None, notes: list[str] = ()) -> 
         lines += section(results, TITLES[op], [r for r in losses if r["op"] == op], CASES, 6)
     note = "Texts = images + 5% noise" + (f"; the median row's 1 − p_ii is {gap}." if gap else ".")
     lines += section(results, "Confident batch", confident, CONFIDENT, 5, note)
+    note = "A full step captured in a CUDA graph and replayed: the host launches nothing."
+    lines += section(results, "Small batches in a CUDA graph", rows.get("graphs", []), CASES, 6,
+                     note)  # fmt: skip
     title = f"InfoNCE at N = {large[0]['N']:,}, one run each" if large else ""
     lines += section(results, title, large, LARGE, 3)
     lines += section(results, "Similarity and top-k", rows.get("retrieval", []), CASES, 6)

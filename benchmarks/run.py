@@ -21,7 +21,8 @@ bf16 products are wrong): its times mean nothing.
 
 Parts, in this order (``--parts`` picks some, in the order given), each beside its cases:
 bandwidth, cublas (``probes.py``); contrastive (``bench_contrastive.py``); siglip
-(``bench_siglip.py``); confident (both losses' confident batch); retrieval
+(``bench_siglip.py``); confident (both losses' confident batch); graphs (both losses at
+N = 4,096, a full step in a CUDA graph: ``losses.graphed``); retrieval
 (``bench_retrieval.py``); projection (``bench_projection.py``); large (``bench_contrastive.py``);
 block-configs, tma (``probes.py``); compile (``bench_projection.py``).
 
@@ -48,6 +49,8 @@ does beforehand. A case runs ~11 times (error, memory, a probe, up to 9 timed ru
   |               |       |          | 1.3, blocks-mm 1.4, persistent 1.3, fused 11 x 204    |
   |               |       |          | ms: ~8 s                                              |
   | confident     |    10 |        2 | N = 4,096: float64 on the GPU, 4 bf16 runs per loss   |
+  | graphs        |     6 |        2 | N = 4,096: 5 providers x 2 losses, a capture and ~11  |
+  |               |       |          | replays of < 1 ms each                                |
   | retrieval     |    10 |        4 | top-k at 65,536: eager ~40 ms (g), fastclip ~20 ms;   |
   |               |       |          | 2 kernels to compile if not yet (g)                   |
   | projection    |     6 |        2 | runs under 1 ms                                       |
@@ -57,7 +60,7 @@ does beforehand. A case runs ~11 times (error, memory, a probe, up to 9 timed ru
   |               |       |          | beforehand                                            |
   | tma           |    10 |        4 | 6 passes of ~1.5 ms x 11, 4 kernels to compile (g)    |
   | compile       |    22 |       20 | Inductor compiling a forward and a backward (g)       |
-  | sum           |   170 |       87 | plus ~4 s per process to start Python, torch, CUDA    |
+  | sum           |   176 |       89 | plus ~4 s per process to start Python, torch, CUDA    |
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ import bench_siglip
 import probes
 import torch
 from harness import Bench, facts, settle
+from losses import graphed
 from results import Results
 
 import fastclip.kernels.contrastive as kc
@@ -106,12 +110,19 @@ def confident(bench: Bench) -> None:
     bench_siglip.part_confident(bench)
 
 
+def graphs(bench: Bench) -> None:
+    """Both losses at the smallest batch, a full step captured in a CUDA graph."""
+    for loss in (bench_contrastive.INFONCE, bench_siglip.SIGLIP):
+        graphed(bench, loss, bench.pick(bench_contrastive.BATCHES)[0])
+
+
 PARTS = (  # most wanted first: a run short of time skips the last ones
     Part("bandwidth", probes.part_bandwidth, 6),
     Part("cublas", probes.part_cublas, 10),
     Part("contrastive", bench_contrastive.part_batches, 28),
     Part("siglip", bench_siglip.part_batches, 28),
     Part("confident", confident, 10),
+    Part("graphs", graphs, 6),
     Part("retrieval", bench_retrieval.part_retrieval, 10),
     Part("projection", bench_projection.part_projection, 6),
     Part("large", bench_contrastive.part_large, 25),
