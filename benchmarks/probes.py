@@ -29,6 +29,7 @@ from losses import block_plan, implementations, inputs, stage_functions
 
 import fastclip.kernels.contrastive as kc
 import fastclip.kernels.persistent as kp
+import fastclip.kernels.persistent_siglip as kpsiglip
 import fastclip.kernels.siglip as ks
 from fastclip.kernels.blocks import accumulate_mm, matmul_f32
 from fastclip.kernels.launch import TileConfig, fixed_config
@@ -44,7 +45,7 @@ BLOCK_CONFIGS = {
     ("contrastive", "blocks"): kc._BLOCK_CONFIGS,
     ("contrastive", "persistent"): kp._GRADIENT_CONFIGS,
     ("siglip", "blocks"): ks._BLOCK_CONFIGS,
-    ("siglip", "persistent"): kp._SIGLIP_CONFIGS,
+    ("siglip", "persistent"): kpsiglip._CONFIGS,
 }
 
 

@@ -89,6 +89,7 @@ from results import Results
 import fastclip.kernels.contrastive as kc
 import fastclip.kernels.fused as kf
 import fastclip.kernels.persistent as kpersistent
+import fastclip.kernels.persistent_siglip as kpsiglip
 import fastclip.kernels.projection as kp
 import fastclip.kernels.projection_backward as kpb
 import fastclip.kernels.siglip as ks
@@ -147,7 +148,7 @@ KERNELS = {
     "InfoNCE fused backward": (kf._backward_tuned, {}),
     "InfoNCE persistent forward": (kpersistent._forward_tuned, {}),
     "InfoNCE persistent G": (kpersistent._gradient_tuned, {}),
-    "SigLIP persistent G": (kpersistent._siglip_tuned, {}),
+    "SigLIP persistent G": (kpsiglip._tuned, {}),
     "SigLIP sweep": (ks._sweep_tuned, {}),
     "SigLIP G": (ks._block_tuned, {}),
     "similarity": (ksim._similarity_tuned, {}),

@@ -8,7 +8,8 @@
 |                                     |                          | persistent.contrastive_*        |
 | siglip_loss, SigLipLoss             | siglip_forward           | siglip.siglip_forward           |
 |                                     |                          | fused.siglip_forward            |
-|                                     |                          | persistent.siglip_forward       |
+|                                     |                          | persistent_siglip.              |
+|                                     |                          | siglip_forward                  |
 | similarity                          | similarity               | similarity.similarity_forward   |
 | topk_similarity                     | topk                     | similarity.topk                 |
 | normalized_linear, NormalizedLinear | normalized_linear        | projection.projection_forward   |
@@ -66,13 +67,15 @@ try:
     from fastclip.kernels import contrastive as kc
     from fastclip.kernels import fused as kfused
     from fastclip.kernels import persistent as kpersistent
+    from fastclip.kernels import persistent_siglip as kpsiglip
     from fastclip.kernels import projection as kproj
     from fastclip.kernels import projection_backward as kprojb
     from fastclip.kernels import siglip as ks
     from fastclip.kernels import similarity as ksim
     from fastclip.kernels.launch import TileConfig, interpreting
 except ImportError:  # no Triton on this platform: the PyTorch path serves everything
-    kc = kfused = kpersistent = kproj = kprojb = ks = ksim = interpreting = TileConfig = None
+    kc = kfused = kpersistent = kpsiglip = kproj = kprojb = ks = ksim = None
+    interpreting = TileConfig = None
 
 TUNING = Path(__file__).with_name("tuning.json")
 # Designs no GPU has measured yet: "auto" takes them only where tuning.json says they won.
@@ -380,7 +383,7 @@ def _siglip_forward(
     if method == "torch":
         results = chunked.siglip_forward(*args, block_bytes=block_bytes)
     elif method in ("fused", "persistent"):
-        module = kfused if method == "fused" else kpersistent
+        module = kfused if method == "fused" else kpsiglip
         results = module.siglip_forward(*args, block_bytes=block_bytes, config=_config(tiles))
     else:
         results = ks.siglip_forward(

@@ -1,8 +1,9 @@
 """Persistent sweeps of both losses for Hopper-class GPUs: one wave of CTAs, one flattened loop.
 
-The "persistent" implementation of InfoNCE and SigLIP. Same math and the same passes as the
-bounded blocks (``contrastive.py``, ``siglip.py``: InfoNCE 1 pass forward, S again and the two
-products backward; SigLIP S and the two products), with the Triton sweeps rebuilt for Hopper:
+The "persistent" implementation of InfoNCE and SigLIP (SigLIP's G kernel: persistent_siglip.py).
+Same math and the same passes as the bounded blocks (``contrastive.py``, ``siglip.py``: InfoNCE
+1 pass forward, S again and the two products backward; SigLIP S and the two products), with the
+Triton sweeps rebuilt for Hopper:
 
 - one wave: ``launch.persistent_programs`` CTAs, 2 per SM (configs sized for 2 CTAs per SM,
   so that one CTA's exponential epilogue overlaps the other's wgmma; ``tl.range``'s
@@ -14,8 +15,8 @@ products backward; SigLIP S and the two products), with the Triton sweeps rebuil
   partials' read-modify-writes;
 - operands read through TMA descriptors and G stored through one. The design is TMA's:
   features TMA cannot read (fp32, or rows not 16-byte aligned) run the bounded blocks' kernels
-  ("blocks"), and so do the pointer loads' variants, which Triton 3.6 cannot compile for the G
-  kernels' flattened loops ("PassManager::run failed") and which spill under 3.9;
+  ("blocks"). There are no pointer-load variants: Triton 3.6 cannot compile the G kernels'
+  flattened loops with them ("PassManager::run failed"), and under 3.9 they spill;
 - a lean epilogue. InfoNCE's G takes one exp2 per element: with r_i, c_j the rows' and
   columns' base-2 log-normalizers and T = min(max_i r_i, max_j c_j) the tile's reference,
 
@@ -28,9 +29,10 @@ products backward; SigLIP S and the two products), with the Triton sweeps rebuil
   reciprocals come from Newton steps on the FMA units (``reciprocal_unit``). Positive pairs are
   masked only on tiles that hold one, padding only on edge tiles.
 
-Row panels are re-read from L2 for every column tile (a BM x D panel held in shared memory
-would need D to be a power of two and leave no room for the column tiles' pipeline stages);
-the schedule walks panels in order, so a panel is read from HBM once.
+Row panels are re-read (through TMA, from L2) for every column tile: Triton cannot hold a tile
+in shared memory across loop iterations (a tensor carried through a loop lives in registers: a
+64 x 512 bf16 panel would take 256 a thread at 4 warps), which Gluon's explicit shared memory
+could. The schedule walks the panels in order, so each is read from HBM once.
 """
 
 from __future__ import annotations
@@ -42,11 +44,9 @@ import triton.language as tl
 from . import contrastive
 from .contrastive import MAX_ROW_SPLIT, Stats, softmax_sides
 from .jit import (
-    LN2_C,
     LOG2E,
     NEG,
     RANGE,
-    atanh_series,
     column_reference,
     logaddexp2,
     one_exp_statistics,
@@ -66,7 +66,6 @@ from .launch import (
     prune_configs,
     tma_usable,
 )
-from .siglip import siglip_forward as blocks_siglip_forward
 from .sweeps import combine, positive_dots, sweep_blocks
 
 # ----------------------------------------------------------------------------------------------
@@ -93,6 +92,13 @@ def holds_pairs(row0, col0, offset, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def halves(tile, BM: tl.constexpr, BN: tl.constexpr):
+    """A (BM, BN) tile's two (BM, BN / 2) column halves: an epilogue run half by half keeps half
+    its temporaries live (a 128 x 128 tile on 8 warps then needs no spill)."""
+    return tl.split(tl.permute(tl.reshape(tile, (BM, 2, BN // 2)), (0, 2, 1)))
+
+
+@triton.jit
 def dead_of(rows, cols, offset, row_ok, col_ok):
     """(BM, BN) mask of a tile's entries outside the softmaxes: positive pairs and padding."""
     return pairs_of(rows, cols, offset) | ~(row_ok[:, None] & col_ok[None, :])
@@ -109,6 +115,49 @@ def store_g(g_ptr, g, row0, col0, n_a, n_b, stride_g, BM: tl.constexpr, BN: tl.c
 # ----------------------------------------------------------------------------------------------
 # InfoNCE: the forward's statistics
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_half(dots, rows, col0, row_ok, row0, x_ref, x_ref_ptr, c_base, fresh, scale2, n_x,
+                  n_y, offset, row_max, row_sum, COL_STATS: tl.constexpr, ONE_EXP: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """``_forward_kernel``'s epilogue for the (BM, BN) dots of columns col0 + arange(BN): the
+    rows' running (max, sum) merged and returned; with COL_STATS the columns' log-sum-exps
+    merged into their partials at ``c_base`` (started afresh where ``fresh``)."""
+    cols = col0 + tl.arange(0, BN)
+    col_ok = cols < n_y
+    y_ref = column_reference(x_ref_ptr, cols, col_ok, n_x, offset)
+    # Pairs and padding are masked only on the tiles that hold them.
+    special = holds_pairs(row0, col0, offset, BM, BN) | (row0 + BM > n_x) | (col0 + BN > n_y)
+    if ONE_EXP:
+        t = dots * scale2
+        if special:
+            t = tl.where(dead_of(rows, cols, offset, row_ok, col_ok), float("-inf"), t)
+        t_row = tl.max(t, axis=1)
+        t_col = tl.max(t, axis=0)
+        top = tl.max(t_row)
+        low = tl.minimum(tl.min(tl.where(t_row > NEG, t_row, top)),
+                         tl.min(tl.where(t_col > NEG, t_col, top)))  # fmt: skip
+        if top - low <= RANGE:
+            row_max, row_sum, c_lse = one_exp_statistics(t, top, x_ref, y_ref, scale2, row_max,
+                                                         row_sum)  # fmt: skip
+        else:
+            dead = dead_of(rows, cols, offset, row_ok, col_ok)
+            row_max, row_sum, c_lse = two_exp_statistics(
+                dots, dead, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum, COL_STATS
+            )
+    else:
+        dead = dead_of(rows, cols, offset, row_ok, col_ok)
+        row_max, row_sum, c_lse = two_exp_statistics(
+            dots, dead, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum, COL_STATS
+        )
+    if COL_STATS:
+        if fresh:
+            old = tl.full((BN,), float("-inf"), tl.float32)
+        else:
+            old = tl.load(c_base + cols, mask=col_ok, other=float("-inf"))
+        tl.store(c_base + cols, logaddexp2(old, c_lse), mask=col_ok)
+    return row_max, row_sum
 
 
 @triton.jit
@@ -175,45 +224,21 @@ def _forward_kernel(
         row_max = tl.full((BM,), NEG, tl.float32)
         row_sum = tl.zeros((BM,), tl.float32)
         for cb in tl.range(cb_start, cb_start + chunk, flatten=True):
-            cols = cb * BN + tl.arange(0, BN)
-            col_ok = cols < n_y
+            col_ok = cb * BN + tl.arange(0, BN) < n_y
             dots = tile_dots(x, y, rb * BM, cb * BN, D, stride_a=stride_x, stride_ad=stride_xd,
                              stride_b=stride_y, stride_bd=stride_yd, row_ok=row_ok,
                              col_ok=col_ok, BK=BK, DOT_PRECISION=DOT_PRECISION,
                              TMA=True)  # fmt: skip
-            y_ref = column_reference(x_ref_ptr, cols, col_ok, n_x, offset)
-            # Pairs and padding are masked only on the tiles that hold them.
-            special = holds_pairs(rb * BM, cb * BN, offset, BM, BN) | (rb * BM + BM > n_x)
-            special = special | (cb * BN + BN > n_y)
-            if ONE_EXP:
-                t = dots * scale2
-                if special:
-                    t = tl.where(dead_of(rows, cols, offset, row_ok, col_ok), float("-inf"), t)
-                t_row = tl.max(t, axis=1)
-                t_col = tl.max(t, axis=0)
-                top = tl.max(t_row)
-                low = tl.minimum(tl.min(tl.where(t_row > NEG, t_row, top)),
-                                 tl.min(tl.where(t_col > NEG, t_col, top)))  # fmt: skip
-                if top - low <= RANGE:
-                    row_max, row_sum, c_lse = one_exp_statistics(t, top, x_ref, y_ref, scale2,
-                                                                 row_max, row_sum)  # fmt: skip
-                else:
-                    dead = dead_of(rows, cols, offset, row_ok, col_ok)
-                    row_max, row_sum, c_lse = two_exp_statistics(
-                        dots, dead, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum,
-                        COL_STATS,
-                    )  # fmt: skip
-            else:
-                dead = dead_of(rows, cols, offset, row_ok, col_ok)
-                row_max, row_sum, c_lse = two_exp_statistics(
-                    dots, dead, row_ok, col_ok, x_ref, y_ref, scale2, row_max, row_sum, COL_STATS
-                )
-            if COL_STATS:
-                if p == 0:
-                    old = tl.full((BN,), float("-inf"), tl.float32)
-                else:
-                    old = tl.load(c_base + cols, mask=col_ok, other=float("-inf"))
-                tl.store(c_base + cols, logaddexp2(old, c_lse), mask=col_ok)
+            # The epilogue in two column halves: half the registers live at once.
+            d0, d1 = halves(dots, BM, BN)
+            row_max, row_sum = _forward_half(
+                d0, rows, cb * BN, row_ok, rb * BM, x_ref, x_ref_ptr, c_base, p == 0, scale2,
+                n_x, n_y, offset, row_max, row_sum, COL_STATS, ONE_EXP, BM, BN // 2,
+            )  # fmt: skip
+            row_max, row_sum = _forward_half(
+                d1, rows, cb * BN + BN // 2, row_ok, rb * BM, x_ref, x_ref_ptr, c_base, p == 0,
+                scale2, n_x, n_y, offset, row_max, row_sum, COL_STATS, ONE_EXP, BM, BN // 2,
+            )  # fmt: skip
         tl.store(r_base + rows, row_max + tl.log2(row_sum), mask=row_ok)
         if COL_STATS:
             tl.debug_barrier()  # the next panel re-reads the column partials
@@ -231,6 +256,54 @@ def _forward_kernel(
 # ----------------------------------------------------------------------------------------------
 # The G kernels: one wave over a bounded block's tiles
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _g_half(dots, rows, col0, row_ok, row0, scale2, a_stats_ptr, b_stats_ptr, g_ptr, n_a, n_b,
+            offset, stride_g, g_dots, B_TERM: tl.constexpr, BM: tl.constexpr,
+            BN: tl.constexpr):  # fmt: skip
+    """``_gradient_kernel``'s epilogue for the (BM, BN) dots of columns col0 + arange(BN): G
+    stored, its sum of G_ij <a_i, b_j> added to ``g_dots`` (returned)."""
+    cols = col0 + tl.arange(0, BN)
+    col_ok = cols < n_b
+    ref = tl.load(a_stats_ptr + rows, mask=row_ok, other=0.0)
+    shift = tl.load(a_stats_ptr + n_a + rows, mask=row_ok, other=0.0)
+    w = tl.load(a_stats_ptr + 2 * n_a + rows, mask=row_ok, other=0.0)
+    r = ref * scale2 + shift  # the rows' base-2 log-normalizers
+    top = tl.max(tl.where(row_ok, r, NEG))
+    spread = top - tl.min(tl.where(row_ok, r, -NEG))
+    ref_b = tl.zeros((BN,), tl.float32)
+    shift_b = tl.zeros((BN,), tl.float32)
+    w_b = tl.zeros((BN,), tl.float32)
+    if B_TERM:
+        ref_b = tl.load(b_stats_ptr + cols, mask=col_ok, other=0.0)
+        shift_b = tl.load(b_stats_ptr + n_b + cols, mask=col_ok, other=0.0)
+        w_b = tl.load(b_stats_ptr + 2 * n_b + cols, mask=col_ok, other=0.0)
+        c = ref_b * scale2 + shift_b
+        c_top = tl.max(tl.where(col_ok, c, NEG))
+        spread = tl.maximum(spread, c_top - tl.min(tl.where(col_ok, c, -NEG)))
+        top = tl.minimum(top, c_top)
+    if spread <= RANGE:  # one exponential per element
+        # T = top as a dot, d0: exponents as differences of dots, each rounded once.
+        d0 = tl.where(scale2 != 0.0, top / scale2, 0.0)
+        coef_a = tl.where(row_ok, w * tl.exp2(-((ref - d0) * scale2 + shift)), 0.0)
+        coef_b = tl.where(col_ok, w_b * tl.exp2(-((ref_b - d0) * scale2 + shift_b)), 0.0)
+        g = tl.exp2((dots - d0) * scale2) * (coef_a[:, None] + coef_b[None, :])
+    else:
+        g = w[:, None] * tl.exp2((dots - ref[:, None]) * scale2 - shift[:, None])
+        if B_TERM:
+            g += w_b[None, :] * tl.exp2((dots - ref_b[None, :]) * scale2 - shift_b[None, :])
+    edge = (row0 + BM > n_a) | (col0 + BN > n_b)
+    if holds_pairs(row0, col0, offset, BM, BN) | edge:
+        at_pair = tl.load(a_stats_ptr + 3 * n_a + rows, mask=row_ok, other=0.0)
+        if B_TERM:
+            partner = rows + offset
+            pair_ok = (partner >= 0) & (partner < n_b)
+            at_pair += tl.load(b_stats_ptr + 3 * n_b + partner, mask=pair_ok, other=0.0)
+        g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+        g = tl.where(pairs_of(rows, cols, offset), -at_pair[:, None], g)
+    store_g(g_ptr, g, row0, col0, n_a, n_b, stride_g, BM, BN)
+    return g_dots + tl.sum(g * dots, axis=1)
 
 
 @triton.jit
@@ -283,166 +356,44 @@ def _gradient_kernel(
         rb = t // tiles_n
         cb = t - rb * tiles_n
         rows = rb * BM + tl.arange(0, BM)
-        cols = cb * BN + tl.arange(0, BN)
         row_ok = rows < n_a
-        col_ok = cols < n_b
+        col_ok = cb * BN + tl.arange(0, BN) < n_b
         dots = tile_dots(a, b, rb * BM, cb * BN, D, stride_a=stride_a, stride_ad=stride_ad,
                          stride_b=stride_b, stride_bd=stride_bd, row_ok=row_ok, col_ok=col_ok,
                          BK=BK, DOT_PRECISION=DOT_PRECISION, TMA=True)  # fmt: skip
-        ref = tl.load(a_stats_ptr + rows, mask=row_ok, other=0.0)
-        shift = tl.load(a_stats_ptr + n_a + rows, mask=row_ok, other=0.0)
-        w = tl.load(a_stats_ptr + 2 * n_a + rows, mask=row_ok, other=0.0)
-        r = ref * scale2 + shift  # the rows' base-2 log-normalizers
-        top = tl.max(tl.where(row_ok, r, NEG))
-        spread = top - tl.min(tl.where(row_ok, r, -NEG))
-        ref_b = tl.zeros((BN,), tl.float32)
-        shift_b = tl.zeros((BN,), tl.float32)
-        w_b = tl.zeros((BN,), tl.float32)
-        if B_TERM:
-            ref_b = tl.load(b_stats_ptr + cols, mask=col_ok, other=0.0)
-            shift_b = tl.load(b_stats_ptr + n_b + cols, mask=col_ok, other=0.0)
-            w_b = tl.load(b_stats_ptr + 2 * n_b + cols, mask=col_ok, other=0.0)
-            c = ref_b * scale2 + shift_b
-            c_top = tl.max(tl.where(col_ok, c, NEG))
-            spread = tl.maximum(spread, c_top - tl.min(tl.where(col_ok, c, -NEG)))
-            top = tl.minimum(top, c_top)
-        if spread <= RANGE:  # one exponential per element
-            # T = top as a dot, d0: exponents as differences of dots, each rounded once.
-            d0 = tl.where(scale2 != 0.0, top / scale2, 0.0)
-            coef_a = tl.where(row_ok, w * tl.exp2(-((ref - d0) * scale2 + shift)), 0.0)
-            coef_b = tl.where(col_ok, w_b * tl.exp2(-((ref_b - d0) * scale2 + shift_b)), 0.0)
-            g = tl.exp2((dots - d0) * scale2) * (coef_a[:, None] + coef_b[None, :])
-        else:
-            g = w[:, None] * tl.exp2((dots - ref[:, None]) * scale2 - shift[:, None])
-            if B_TERM:
-                g += w_b[None, :] * tl.exp2((dots - ref_b[None, :]) * scale2 - shift_b[None, :])
-        edge = (rb * BM + BM > n_a) | (cb * BN + BN > n_b)
-        if holds_pairs(rb * BM, cb * BN, offset, BM, BN) | edge:
-            at_pair = tl.load(a_stats_ptr + 3 * n_a + rows, mask=row_ok, other=0.0)
-            if B_TERM:
-                partner = rows + offset
-                pair_ok = (partner >= 0) & (partner < n_b)
-                at_pair += tl.load(b_stats_ptr + 3 * n_b + partner, mask=pair_ok, other=0.0)
-            g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
-            g = tl.where(pairs_of(rows, cols, offset), -at_pair[:, None], g)
-        g_dots += tl.sum(g * dots, axis=1)
-        store_g(g_ptr, g, rb * BM, cb * BN, n_a, n_b, stride_g, BM, BN)
+        # The epilogue in two column halves: half the registers live at once.
+        d0, d1 = halves(dots, BM, BN)
+        g_dots = _g_half(d0, rows, cb * BN, row_ok, rb * BM, scale2, a_stats_ptr, b_stats_ptr,
+                         g_ptr, n_a, n_b, offset, stride_g, g_dots, B_TERM, BM,
+                         BN // 2)  # fmt: skip
+        g_dots = _g_half(d1, rows, cb * BN + BN // 2, row_ok, rb * BM, scale2, a_stats_ptr,
+                         b_stats_ptr, g_ptr, n_a, n_b, offset, stride_g, g_dots, B_TERM, BM,
+                         BN // 2)  # fmt: skip
     tl.store(sums_ptr + pid, tl.sum(g_dots))
-
-
-@triton.jit
-def _siglip_gradient_kernel(
-    # pointers
-    a_ptr,  # (n_a, D) the block's rows of x
-    b_ptr,  # (n_b, D) the block's rows of y
-    scale_ptr,
-    bias_ptr,
-    g_ptr,  # (n_a, n_b) G, written in g's dtype
-    sums_ptr,  # (3, programs) fp32 partial sums of n_x G_ij <a_i, b_j>, the loss terms, n_x G
-    # sizes
-    n_a,
-    n_b,
-    D,
-    offset,  # a's row i pairs with b's row i + offset (HAS_PAIRS)
-    n_bucket,  # autotune key only
-    # strides
-    stride_a,
-    stride_ad,
-    stride_b,
-    stride_bd,
-    stride_g,
-    stride_sums,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr,
-    HAS_PAIRS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    G_SCALE: tl.constexpr,  # G is written times this (``launch.FP16_G_SCALE``)
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
-    """SigLIP's G, loss and sums for one block (``siglip``'s module docstring): 1 matmul pass
-    of n_a n_b D, one exp2 per element and no other special-function operation (the
-    reciprocals of the sigmoid and of log1p's series by ``reciprocal_unit``). Schedule as
-    ``_gradient_kernel``'s. Per BM x BN tile: (BM + BN) D operand elements read, BM BN
-    elements of G written.
-    """
-    pid = tl.program_id(0)
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    bias2 = 0.0
-    if HAS_BIAS:
-        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
-    tiles_n = tl.cdiv(n_b, BN)
-    a = operand(a_ptr, n_a, D, stride_a, BM, BK, TMA=True)
-    b = operand(b_ptr, n_b, D, stride_b, BN, BK, TMA=True)
-    g_dots = tl.zeros((BM,), tl.float32)
-    losses = tl.zeros((BM,), tl.float32)
-    g_sum = tl.zeros((BM,), tl.float32)
-    for t in tl.range(pid, tl.cdiv(n_a, BM) * tiles_n, tl.num_programs(0), flatten=True):
-        rb = t // tiles_n
-        cb = t - rb * tiles_n
-        rows = rb * BM + tl.arange(0, BM)
-        cols = cb * BN + tl.arange(0, BN)
-        row_ok = rows < n_a
-        col_ok = cols < n_b
-        dots = tile_dots(a, b, rb * BM, cb * BN, D, stride_a=stride_a, stride_ad=stride_ad,
-                         stride_b=stride_b, stride_bd=stride_bd, row_ok=row_ok, col_ok=col_ok,
-                         BK=BK, DOT_PRECISION=DOT_PRECISION, TMA=True)  # fmt: skip
-        t2 = dots * scale2 + bias2  # -z S in base 2 (S for a negative, -S for a pair)
-        paired = False
-        if HAS_PAIRS:
-            paired = holds_pairs(rb * BM, cb * BN, offset, BM, BN)
-            if paired:
-                t2 = tl.where(pairs_of(rows, cols, offset), -t2, t2)
-        e = tl.exp2(-tl.abs(t2))  # the one special-function operation
-        g = tl.where(t2 >= 0, 1.0, e) * reciprocal_unit(1.0 + e)  # sigmoid(-z S)
-        if paired:
-            g = tl.where(pairs_of(rows, cols, offset), -g, g)
-        edge = (rb * BM + BM > n_a) | (cb * BN + BN > n_b)
-        if edge:
-            g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
-        g_dots += tl.sum(g * dots, axis=1)  # the dots die here: few registers live at once
-        g_sum += tl.sum(g, axis=1)
-        half = 0.5 * e
-        loss = tl.maximum(t2, 0.0) * LN2_C + atanh_series(half * reciprocal_unit(1.0 + half))
-        if edge:
-            loss = tl.where(row_ok[:, None] & col_ok[None, :], loss, 0.0)
-        losses += tl.sum(loss, axis=1)
-        store_g(g_ptr, g * G_SCALE, rb * BM, cb * BN, n_a, n_b, stride_g, BM, BN)
-    tl.store(sums_ptr + pid, tl.sum(g_dots))
-    tl.store(sums_ptr + stride_sums + pid, tl.sum(losses))
-    tl.store(sums_ptr + 2 * stride_sums + pid, tl.sum(g_sum))
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
 
-# Sized for 2 CTAs per SM (4 warps at up to 255 registers), or 1 CTA of 8 warps (SigLIP): which
-# overlaps the epilogue better is the GPU's to measure. 8 warps within 128 registers (2 CTAs)
-# spill hundreds of bytes in every one of these kernels, and InfoNCE's G at 128 x 128 on 8 warps
-# spills 64 bytes under Triton 3.6: the compile gate holds each config to 0.
+# 1 CTA of 8 warps on 128 x 128 tiles (the fewest operand bytes a FLOP), or 2 CTAs per SM of 4
+# warps within 255 registers: which hides the epilogue better is the GPU's to measure. 8 warps
+# within 128 registers (2 CTAs) spill hundreds of bytes in every one of these kernels under
+# Triton 3.6 and 3.9; the epilogues, run in column halves, need none at 128 x 128.
 _FORWARD_CONFIGS = configs(
     ("BM", "BN", "BK"),
     [  # (BM, BN, BK, warps, stages, CTAs per SM)
+        (128, 128, 64, 8, 3, 1),
         (64, 128, 64, 4, 4, 2),
         (128, 64, 64, 4, 3, 2),
-        (64, 128, 32, 4, 4, 2),
     ],
 )
 _GRADIENT_CONFIGS = configs(
     ("BM", "BN", "BK"),
     [  # (BM, BN, BK, warps, stages, CTAs per SM)
+        (128, 128, 64, 8, 3, 1),
+        (64, 128, 64, 4, 3, 2),
         (128, 64, 64, 4, 3, 2),
-        (128, 64, 32, 4, 4, 2),
-    ],
-)
-_SIGLIP_CONFIGS = configs(
-    ("BM", "BN", "BK"),
-    [  # (BM, BN, BK, warps, stages, CTAs per SM)
-        (64, 64, 64, 4, 3, 2),
-        (128, 64, 64, 8, 3, 1),
-        (64, 64, 32, 4, 4, 2),
     ],
 )
 _KEY = ["D", "n_bucket", "DOT_PRECISION"]
@@ -456,13 +407,6 @@ _gradient_tuned = triton.autotune(
     key=_KEY + ["B_TERM"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_gradient_kernel)
-_siglip_tuned = triton.autotune(
-    _SIGLIP_CONFIGS,
-    key=_KEY + ["HAS_BIAS", "HAS_PAIRS"],
-    prune_configs_by={"early_config_prune": prune_configs},
-)(_siglip_gradient_kernel)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -559,44 +503,3 @@ def contrastive_backward(
                                 config, args_of, n_sums=1, need_dx=need_dx, need_dy=need_dy,
                                 block_bytes=block_bytes, persistent=True)  # fmt: skip
     return dx, dy, sums[0] * weight
-
-
-def siglip_forward(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    offset: int | None,
-    need_dx: bool,
-    need_dy: bool,
-    need_dparams: bool,
-    *,
-    block_bytes: int | None = None,
-    config: TileConfig | None = None,
-):
-    """``siglip.siglip_forward`` (same arguments and returns) with G from
-    ``_siglip_gradient_kernel``; the loss alone is ``siglip``'s 1-pass sweep, and features
-    that TMA cannot read take the bounded blocks."""
-    n_x = x.shape[0]
-    if not (need_dx or need_dy or need_dparams) or not tma_usable(x, y):
-        return blocks_siglip_forward(x, y, scale, bias, offset, need_dx, need_dy, need_dparams,
-                                     block_bytes=block_bytes, config=config)  # fmt: skip
-
-    def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
-        return dict(
-            bias_ptr=bias,
-            offset=0 if offset is None else offset + r0 - c0,
-            HAS_BIAS=bias is not None,
-            HAS_PAIRS=offset is not None,
-            G_SCALE=g_scale,
-        )
-
-    g_scale = g_storage_scale(x.dtype)
-    dx, dy, sums = sweep_blocks(_siglip_gradient_kernel, _siglip_tuned, x, y, scale,
-                                scale / (n_x * g_scale), config, args_of, n_sums=3,
-                                need_dx=need_dx, need_dy=need_dy, block_bytes=block_bytes,
-                                persistent=True)  # fmt: skip
-    dscale, loss, dbias = (sums / n_x).unbind()
-    if not need_dparams:
-        dscale = dbias = None
-    return loss, dx, dy, dscale, dbias

@@ -1,9 +1,9 @@
-"""The persistent sweeps (kernels/persistent.py) against the float64 references, in fp16: what
-their TMA descriptors read (16-bit rows of 16-byte multiples). Padding, offsets, bias, one and
-both directions, confident batches, the one-exponential path and its range fallback, one
-program and more programs than tiles, many blocks; which kernels ran, and that features TMA
-cannot read take the bounded blocks' kernels. test_losses.py runs "persistent" beside the
-other implementations on every shared case.
+"""The persistent sweeps (kernels/persistent.py, persistent_siglip.py) against the float64
+references, in fp16: what their TMA descriptors read (16-bit rows of 16-byte multiples).
+Padding, offsets, bias, one and both directions, confident batches, the one-exponential path and
+its range fallback, one program and more programs than tiles, many blocks; which kernels ran,
+and that features TMA cannot read take the bounded blocks' kernels. test_losses.py runs
+"persistent" beside the other implementations on every shared case.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import check, check_siglip, make_inputs, needs_cuda
 
-from fastclip.kernels import persistent, sweeps
+from fastclip.kernels import persistent, persistent_siglip, sweeps
 from fastclip.kernels.launch import TileConfig, persistent_programs
 
 FP16 = torch.float16
@@ -27,7 +27,7 @@ def tiles(programs: int) -> TileConfig:
 def launched(monkeypatch):
     """(kernel, grid) of every launch through the persistent module and the block sweeps."""
     seen = []
-    for module in (persistent, sweeps):
+    for module in (persistent, sweeps):  # SigLIP's G launches through sweeps
         original = module.launch
 
         def record(kernel, tuned, grid, config, args, *rest, original=original):
@@ -67,13 +67,13 @@ def test_siglip(launched, n_img, n_txt, dim, offset, programs, block_bytes, bias
     ours, ref = make_inputs(n_img, n_txt, dim, dtype=FP16, bias=bias, seed=n_img)
     check_siglip(ours, ref, "persistent", FP16, offset=offset, block_bytes=block_bytes,
                  config=tiles(programs))  # fmt: skip
-    assert {kernel for kernel, _ in launched} == {persistent._siglip_gradient_kernel}
+    assert {kernel for kernel, _ in launched} == {persistent_siglip._gradient_kernel}
 
 
 def test_siglip_negatives_only(launched):
     ours, ref = make_inputs(30, 40, 16, dtype=FP16, bias=-2.0, seed=3)
     check_siglip(ours, ref, "persistent", FP16, negatives_only=True, config=tiles(3))
-    assert {kernel for kernel, _ in launched} == {persistent._siglip_gradient_kernel}
+    assert {kernel for kernel, _ in launched} == {persistent_siglip._gradient_kernel}
 
 
 @pytest.mark.parametrize("scale", [100.0, 1000.0])
@@ -125,6 +125,6 @@ def test_gpu_configs_match_the_reference(launched, loss, dtype, n, dim, offset):
     ours, ref = make_inputs(n - offset, n, dim, dtype=dtype, scale=30.0, bias=-5.0, seed=n)
     checker = check if loss == "clip" else check_siglip
     checker(ours, ref, "persistent", dtype, offset=offset)
-    g_kernels = {persistent._gradient_kernel, persistent._siglip_gradient_kernel}
+    g_kernels = {persistent._gradient_kernel, persistent_siglip._gradient_kernel}
     grids = [grid for kernel, grid in launched if kernel in g_kernels]
     assert grids and set(grids) == {(persistent_programs(ours[0].device),)}, launched

@@ -12,6 +12,7 @@ import fastclip.kernels.contrastive as kc
 import fastclip.kernels.fused as kfused
 import fastclip.kernels.launch as kt
 import fastclip.kernels.persistent as kpersistent
+import fastclip.kernels.persistent_siglip as kpsiglip
 import fastclip.kernels.projection as kproj
 import fastclip.kernels.projection_backward as kprojb
 import fastclip.kernels.siglip as ks
@@ -84,7 +85,7 @@ def no_default_tiles(monkeypatch):
     monkeypatch.setattr(kt, "first_fitting", poisoned)
     monkeypatch.setattr(kt, "autotuning", lambda: True)  # and would autotune: poisoned below
     monkeypatch.setattr(ksim, "topk_config", poisoned)
-    for module in (kc, kfused, kpersistent, ks, ksim, kproj, kprojb):
+    for module in (kc, kfused, kpersistent, kpsiglip, ks, ksim, kproj, kprojb):
         for name in dir(module):
             if name.endswith("_tuned"):
                 monkeypatch.setattr(getattr(module, name), "run", poisoned)
