@@ -1,5 +1,6 @@
 """Triton building blocks of fastclip's pairwise kernels: similarity tiles, the bounded-block
-tile, the fused sweeps' accumulators, and the row-wise kernels (positive dots, finalize).
+tile, the fused sweeps' accumulators, the persistent sweeps' epilogue pieces, and the row-wise
+kernels (positive dots, finalize, the statistics' combine).
 
 The pairwise losses (InfoNCE in ``contrastive.py``, SigLIP in ``siglip.py``) score every row of
 ``a`` (n_a, D) against every row of ``b`` (n_b, D) tile by tile. Their gradients have the shape
@@ -357,3 +358,42 @@ def side_stats_kernel(pdot_ptr, m_ptr, w_ptr, out_ptr, n, n_x, offset, W_SCALE: 
     tl.store(out_ptr + n + j, softplus / LN2_C, mask=ok)
     tl.store(out_ptr + 2 * n + j, w, mask=ok)
     tl.store(out_ptr + 3 * n + j, w * sigmoid, mask=ok)
+
+
+@triton.jit
+def reciprocal_unit(d):
+    """1 / d for d in [1, 2] on the FMA units, no special-function operation: the linear
+    minimax start 24/17 - 8/17 d (relative error <= 1/17), then three Newton steps
+    r <- r + r (1 - d r), each squaring the error (1/17 -> 3.5e-3 -> 1.2e-5 -> 1.5e-10)."""
+    r = 24.0 / 17.0 - (8.0 / 17.0) * d
+    r = r + r * (1.0 - d * r)
+    r = r + r * (1.0 - d * r)
+    return r + r * (1.0 - d * r)
+
+
+@triton.jit
+def holds_pairs(row0, col0, offset, BM: tl.constexpr, BN: tl.constexpr):
+    """Does the tile of rows [row0, row0 + BM) and columns [col0, col0 + BN) hold a positive
+    pair (row i's partner is column i + offset)?"""
+    return (row0 + offset < col0 + BN) & (col0 < row0 + BM + offset)
+
+
+@triton.jit
+def halves(tile, BM: tl.constexpr, BN: tl.constexpr):
+    """A (BM, BN) tile's two (BM, BN / 2) column halves: an epilogue run half by half keeps half
+    its temporaries live (a 128 x 128 tile on 8 warps then needs no spill)."""
+    return tl.split(tl.permute(tl.reshape(tile, (BM, 2, BN // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def dead_of(rows, cols, offset, row_ok, col_ok):
+    """(BM, BN) mask of a tile's entries outside the softmaxes: positive pairs and padding."""
+    return pairs_of(rows, cols, offset) | ~(row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def store_g(g_ptr, g, row0, col0, n_a, n_b, stride_g, BM: tl.constexpr, BN: tl.constexpr):
+    """Store a tile of G in g's dtype through a TMA descriptor, which clips the edges."""
+    desc = tl.make_tensor_descriptor(g_ptr, shape=[n_a, n_b], strides=[stride_g, 1],
+                                     block_shape=[BM, BN])  # fmt: skip
+    desc.store([row0, col0], g.to(g_ptr.dtype.element_ty))

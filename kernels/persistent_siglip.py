@@ -11,9 +11,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .jit import LN2_C, LOG2E, atanh_series, operand, pairs_of, tile_dots
+from .jit import (
+    LN2_C,
+    LOG2E,
+    atanh_series,
+    halves,
+    holds_pairs,
+    operand,
+    pairs_of,
+    reciprocal_unit,
+    store_g,
+    tile_dots,
+)
 from .launch import TileConfig, configs, g_storage_scale, prune_configs, tma_usable
-from .persistent import halves, holds_pairs, reciprocal_unit, store_g
 from .siglip import siglip_forward as blocks_siglip_forward
 from .sweeps import sweep_blocks
 
