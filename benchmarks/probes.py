@@ -168,7 +168,7 @@ def part_block_configs(bench: Bench) -> None:
         }
         if loss is INFONCE:
             forward = lambda bench, loss, args, config: functools.partial(  # noqa: E731
-                kp.contrastive_forward, *args, 0, True, config=config
+                kc.contrastive_forward, *args, 0, True, method="persistent", config=config
             )
             timed["forward (persistent)"] = (kp._FORWARD_CONFIGS, forward)
         for stage, (configs, fn) in timed.items():

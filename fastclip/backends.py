@@ -5,11 +5,8 @@
 | clip_loss, infonce, ClipLoss        | contrastive_forward      | contrastive.contrastive_forward |
 |                                     | contrastive_backward     | contrastive.contrastive_backward|
 |                                     |                          | fused.contrastive_backward      |
-|                                     |                          | persistent.contrastive_*        |
 | siglip_loss, SigLipLoss             | siglip_forward           | siglip.siglip_forward           |
 |                                     |                          | fused.siglip_forward            |
-|                                     |                          | persistent_siglip.              |
-|                                     |                          | siglip_forward                  |
 | similarity                          | similarity               | similarity.similarity_forward   |
 | topk_similarity                     | topk                     | similarity.topk                 |
 | normalized_linear, NormalizedLinear | normalized_linear        | projection.projection_forward   |
@@ -18,8 +15,9 @@
 
 Each route function runs the custom operator of its name, ``torch.ops.fastclip.<name>``, which calls
 ``fastclip.chunked``'s function of that name for the "torch" implementation, ``kernels.fused``'s for
-"fused", ``kernels.persistent``'s for "persistent", and the Triton launcher beside it otherwise
-(with ``method=`` "blocks" or "blocks-mm" for the losses). The custom operators make every public
+"fused", and the Triton launcher beside it otherwise (with ``method=`` "blocks", "blocks-mm" or
+"persistent" for the losses, whose kernels are in ``kernels.persistent`` and
+``kernels.persistent_siglip``). The custom operators make every public
 function one graph for ``torch.compile(fullgraph=True)``: each has a fake implementation (its
 outputs' shapes and dtypes), so that compile never traces the blocked loops or the Triton launches.
 Differentiable stages carry their own autograd (``similarity``; ``normalized_linear``, whose
@@ -44,7 +42,8 @@ Every public function takes, and passes down to its launcher as keywords:
   ``benchmarks/gpu_quick.sh``), else as ``fastclip.costs`` predicts among the designs a GPU
   has run (``MEASURED_ONLY`` are taken only where measured).
 - ``block_bytes`` (the losses): the bound of the bounded buffer, the same on every path: the G
-  blocks ("blocks", "blocks-mm"), the fp32 workspaces ("fused"), the score blocks ("torch").
+  blocks ("blocks", "blocks-mm", "persistent"), the fp32 workspaces ("fused"), the score blocks
+  ("torch").
 - ``config``: fixed Triton tiles (``fastclip.kernels.launch.TileConfig``) for every kernel the
   op launches; None autotunes. The PyTorch path has no tiles and ignores it.
 """
@@ -66,16 +65,13 @@ from fastclip import chunked, costs, registry
 try:
     from fastclip.kernels import contrastive as kc
     from fastclip.kernels import fused as kfused
-    from fastclip.kernels import persistent as kpersistent
-    from fastclip.kernels import persistent_siglip as kpsiglip
     from fastclip.kernels import projection as kproj
     from fastclip.kernels import projection_backward as kprojb
     from fastclip.kernels import siglip as ks
     from fastclip.kernels import similarity as ksim
     from fastclip.kernels.launch import TileConfig, interpreting
 except ImportError:  # no Triton on this platform: the PyTorch path serves everything
-    kc = kfused = kpersistent = kpsiglip = kproj = kprojb = ks = ksim = None
-    interpreting = TileConfig = None
+    kc = kfused = kproj = kprojb = ks = ksim = interpreting = TileConfig = None
 
 TUNING = Path(__file__).with_name("tuning.json")
 # Designs no GPU has measured yet: "auto" takes them only where tuning.json says they won.
@@ -312,9 +308,8 @@ def _contrastive_forward(
             x, y, scale, offset, both_directions, block_bytes=block_bytes
         )
     else:
-        module = kpersistent if method == "persistent" else kc
-        stats = module.contrastive_forward(
-            x, y, scale, offset, both_directions, config=_config(tiles)
+        stats = kc.contrastive_forward(
+            x, y, scale, offset, both_directions, method=method, config=_config(tiles)
         )
     return _returned(x, *stats)
 
@@ -347,9 +342,8 @@ def _contrastive_backward(
     args = (x, y, scale, (pdot, row, col), w_x, w_y, weight, offset, need_dx, need_dy)
     if method == "torch":
         grads = chunked.contrastive_backward(*args, block_bytes=block_bytes)
-    elif method in ("fused", "persistent"):
-        module = kfused if method == "fused" else kpersistent
-        grads = module.contrastive_backward(*args, block_bytes=block_bytes, config=_config(tiles))
+    elif method == "fused":
+        grads = kfused.contrastive_backward(*args, block_bytes=block_bytes, config=_config(tiles))
     else:
         grads = kc.contrastive_backward(
             *args, method=method, block_bytes=block_bytes, config=_config(tiles)
@@ -382,9 +376,8 @@ def _siglip_forward(
     args = (x, y, scale, bias, offset, need_dx, need_dy, need_dparams)
     if method == "torch":
         results = chunked.siglip_forward(*args, block_bytes=block_bytes)
-    elif method in ("fused", "persistent"):
-        module = kfused if method == "fused" else kpsiglip
-        results = module.siglip_forward(*args, block_bytes=block_bytes, config=_config(tiles))
+    elif method == "fused":
+        results = kfused.siglip_forward(*args, block_bytes=block_bytes, config=_config(tiles))
     else:
         results = ks.siglip_forward(
             *args, method=method, block_bytes=block_bytes, config=_config(tiles)

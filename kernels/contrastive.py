@@ -63,6 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import persistent
 from .jit import (
     LOG2E,
     NEG,
@@ -86,9 +87,11 @@ from .launch import (
     dot_precision,
     g_storage_scale,
     launch,
+    persistent_programs,
     prune_configs,
     target_programs,
     tma,
+    tma_usable,
 )
 from .sweeps import (
     combine,
@@ -97,9 +100,10 @@ from .sweeps import (
     sweep_blocks,
 )
 
-# The bounded-block backward's two forms, as ``contrastive_backward``'s ``method`` takes them (the
-# fused backward is ``fused.contrastive_backward``).
-METHODS = ("blocks", "blocks-mm")
+# The bounded-block designs, as ``contrastive_forward``'s and ``contrastive_backward``'s
+# ``method`` takes them: "persistent" runs the sweeps of ``persistent.py`` where TMA can read the
+# features (the fused backward is ``fused.contrastive_backward``).
+METHODS = ("blocks", "blocks-mm", "persistent")
 # Forward programs along rows; each owns a partial column log-sum-exp of length n_y.
 MAX_ROW_SPLIT = 16
 
@@ -346,6 +350,7 @@ def contrastive_forward(
     offset: int,
     both_directions: bool,
     *,
+    method: str = "blocks",
     config: TileConfig | None = None,
 ) -> Stats:
     """Statistics of S = scale * x @ y.T, computed without materializing S.
@@ -355,6 +360,9 @@ def contrastive_forward(
         scale: a one-element tensor on the same device.
         offset: row i's positive is column i + offset; needs n_x + offset <= n_y.
         both_directions: also compute the column statistics.
+        method: "persistent" (where ``launch.tma_usable``): ``persistent._forward_kernel``, one
+            wave of ``launch.persistent_programs``, row_split of them along the rows and the rest
+            along the columns; otherwise ``_forward_kernel``.
         config: fixed tiles and splits; None autotunes (fixed small tiles under the interpreter).
 
     Returns:
@@ -364,10 +372,15 @@ def contrastive_forward(
     n_x, D = x.shape
     n_y = y.shape[0]
     pdot = positive_dots(x, y, offset)
-    target = target_programs(x.device)
-    row_blocks, col_blocks = triton.cdiv(n_x, MIN_BLOCK), triton.cdiv(n_y, MIN_BLOCK)
-    row_split = min(row_blocks, MAX_ROW_SPLIT) if both_directions else row_blocks
-    col_split = min(col_blocks, max(1, triton.cdiv(target, row_split)))
+    one_wave = method == "persistent" and tma_usable(x, y)
+    if one_wave:
+        programs = persistent_programs(x.device, config)
+        row_split = min(programs, MAX_ROW_SPLIT) if both_directions else programs
+        col_split = max(1, programs // row_split)
+    else:
+        row_blocks, col_blocks = triton.cdiv(n_x, MIN_BLOCK), triton.cdiv(n_y, MIN_BLOCK)
+        row_split = min(row_blocks, MAX_ROW_SPLIT) if both_directions else row_blocks
+        col_split = min(col_blocks, max(1, triton.cdiv(target_programs(x.device), row_split)))
     if config is not None:
         row_split = config.row_split or row_split
         col_split = config.col_split or col_split
@@ -394,10 +407,12 @@ def contrastive_forward(
         COL_STATS=both_directions,
         ONE_EXP=both_directions and x.dtype != torch.float32,
         DOT_PRECISION=dot_precision(x.dtype),
-        TMA=tma(x, y),
     )
     grid = lambda meta: (row_split, col_split)  # noqa: E731
-    launch(_forward_kernel, _forward_tuned, grid, config, args)
+    if one_wave:  # its operands always through TMA
+        launch(persistent._forward_kernel, persistent._forward_tuned, grid, config, args)
+    else:
+        launch(_forward_kernel, _forward_tuned, grid, config, {**args, "TMA": tma(x, y)})
     return pdot, combine(row_part), None if col_part is None else combine(col_part)
 
 
@@ -439,8 +454,9 @@ def contrastive_backward(
             its entries are O(1) whatever dL_out is (in fp16, times ``FP16_G_SCALE``, so that a
             confident row's stay normal numbers), and the products are scaled by weight.
         need_dx, need_dy: which feature gradients to produce. dL/ds comes with either.
-        method: "blocks" (G from ``_gradient_block_kernel``, the products from cuBLAS) or
-            "blocks-mm" (the same, the dots from cuBLAS too).
+        method: "blocks" (G from ``_gradient_block_kernel``, the products from cuBLAS),
+            "blocks-mm" (the same, the dots from cuBLAS too) or "persistent" (G from
+            ``persistent._gradient_kernel`` where ``launch.tma_usable``, else as "blocks").
         block_bytes: bound of the G buffer in bytes (``blocks.default_block_bytes`` when None).
         config: fixed tiles and splits; None autotunes (fixed small tiles under the interpreter).
 
@@ -461,9 +477,13 @@ def contrastive_backward(
             B_TERM=y_side is not None,
         )
 
+    one_wave = method == "persistent" and tma_usable(x, y)
+    kernel, tuned = (_gradient_block_kernel, _block_tuned)
+    if one_wave:
+        kernel, tuned = (persistent._gradient_kernel, persistent._gradient_tuned)
     dx, dy, sums = sweep_blocks(
-        _gradient_block_kernel,
-        _block_tuned,
+        kernel,
+        tuned,
         x,
         y,
         scale,
@@ -475,5 +495,6 @@ def contrastive_backward(
         need_dy=need_dy,
         dots_by_gemm=method == "blocks-mm",
         block_bytes=block_bytes,
+        persistent=one_wave,
     )
     return dx, dy, sums[0] * weight

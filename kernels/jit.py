@@ -397,3 +397,33 @@ def store_g(g_ptr, g, row0, col0, n_a, n_b, stride_g, BM: tl.constexpr, BN: tl.c
     desc = tl.make_tensor_descriptor(g_ptr, shape=[n_a, n_b], strides=[stride_g, 1],
                                      block_shape=[BM, BN])  # fmt: skip
     desc.store([row0, col0], g.to(g_ptr.dtype.element_ty))
+
+
+@triton.jit
+def persistent_tile(a, b, t, tiles_n, n_a, n_b, D, stride_a, stride_ad, stride_b, stride_bd,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """Tile t of a persistent G kernel's row-major schedule (tiles_n column tiles a row panel),
+    its operands through TMA descriptors: (row0, col0, rows, row_ok) and its dots' two
+    column halves (``halves``), for an epilogue run half by half."""
+    rb = t // tiles_n
+    row0 = rb * BM
+    col0 = (t - rb * tiles_n) * BN
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < n_a
+    col_ok = col0 + tl.arange(0, BN) < n_b
+    dots = tile_dots(a, b, row0, col0, D, stride_a=stride_a, stride_ad=stride_ad,
+                     stride_b=stride_b, stride_bd=stride_bd, row_ok=row_ok, col_ok=col_ok, BK=BK,
+                     DOT_PRECISION=DOT_PRECISION, TMA=True)  # fmt: skip
+    d0, d1 = halves(dots, BM, BN)
+    return row0, col0, rows, row_ok, d0, d1
+
+
+@triton.jit
+def base2_affine(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """(s, b) times log2(e): the base-2 logits are <a_i, b_j> * scale2 + bias2."""
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    bias2 = 0.0
+    if HAS_BIAS:
+        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
+    return scale2, bias2

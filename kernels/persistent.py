@@ -37,12 +37,9 @@ could. The schedule walks the panels in order, so each is read from HBM once.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from . import contrastive
-from .contrastive import MAX_ROW_SPLIT, Stats, softmax_sides
 from .jit import (
     LOG2E,
     NEG,
@@ -55,22 +52,12 @@ from .jit import (
     one_exp_statistics,
     operand,
     pairs_of,
+    persistent_tile,
     store_g,
     tile_dots,
     two_exp_statistics,
 )
-from .launch import (
-    TileConfig,
-    bucket,
-    configs,
-    dot_precision,
-    g_storage_scale,
-    launch,
-    persistent_programs,
-    prune_configs,
-    tma_usable,
-)
-from .sweeps import combine, positive_dots, sweep_blocks
+from .launch import configs, prune_configs
 
 # ----------------------------------------------------------------------------------------------
 # InfoNCE: the forward's statistics
@@ -313,20 +300,13 @@ def _gradient_kernel(
     b = operand(b_ptr, n_b, D, stride_b, BN, BK, TMA=True)
     g_dots = tl.zeros((BM,), tl.float32)
     for t in tl.range(pid, tl.cdiv(n_a, BM) * tiles_n, tl.num_programs(0), flatten=True):
-        rb = t // tiles_n
-        cb = t - rb * tiles_n
-        rows = rb * BM + tl.arange(0, BM)
-        row_ok = rows < n_a
-        col_ok = cb * BN + tl.arange(0, BN) < n_b
-        dots = tile_dots(a, b, rb * BM, cb * BN, D, stride_a=stride_a, stride_ad=stride_ad,
-                         stride_b=stride_b, stride_bd=stride_bd, row_ok=row_ok, col_ok=col_ok,
-                         BK=BK, DOT_PRECISION=DOT_PRECISION, TMA=True)  # fmt: skip
-        # The epilogue in two column halves: half the registers live at once.
-        d0, d1 = halves(dots, BM, BN)
-        g_dots = _g_half(d0, rows, cb * BN, row_ok, rb * BM, scale2, a_stats_ptr, b_stats_ptr,
-                         g_ptr, n_a, n_b, offset, stride_g, g_dots, B_TERM, BM,
-                         BN // 2)  # fmt: skip
-        g_dots = _g_half(d1, rows, cb * BN + BN // 2, row_ok, rb * BM, scale2, a_stats_ptr,
+        row0, col0, rows, row_ok, d0, d1 = persistent_tile(
+            a, b, t, tiles_n, n_a, n_b, D, stride_a, stride_ad, stride_b, stride_bd, BM, BN, BK,
+            DOT_PRECISION,
+        )  # fmt: skip
+        g_dots = _g_half(d0, rows, col0, row_ok, row0, scale2, a_stats_ptr, b_stats_ptr, g_ptr,
+                         n_a, n_b, offset, stride_g, g_dots, B_TERM, BM, BN // 2)  # fmt: skip
+        g_dots = _g_half(d1, rows, col0 + BN // 2, row_ok, row0, scale2, a_stats_ptr,
                          b_stats_ptr, g_ptr, n_a, n_b, offset, stride_g, g_dots, B_TERM, BM,
                          BN // 2)  # fmt: skip
     tl.store(sums_ptr + pid, tl.sum(g_dots))
@@ -367,99 +347,3 @@ _gradient_tuned = triton.autotune(
     key=_KEY + ["B_TERM"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_gradient_kernel)
-# ----------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------
-
-
-def contrastive_forward(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    offset: int,
-    both_directions: bool,
-    *,
-    config: TileConfig | None = None,
-) -> Stats:
-    """``contrastive.contrastive_forward``'s statistics (same arguments and returns) from the
-    one-wave forward (``contrastive``'s where TMA cannot read the features): programs =
-    ``launch.persistent_programs``, row_split of them along the rows (at most MAX_ROW_SPLIT
-    where the columns' partials are kept) and the rest along the columns."""
-    if not tma_usable(x, y):
-        return contrastive.contrastive_forward(x, y, scale, offset, both_directions, config=config)
-    n_x, D = x.shape
-    n_y = y.shape[0]
-    pdot = positive_dots(x, y, offset)
-    programs = persistent_programs(x.device, config)
-    row_split = min(programs, MAX_ROW_SPLIT if both_directions else programs)
-    if config is not None and config.row_split:
-        row_split = config.row_split
-    col_split = max(1, programs // row_split)
-    if config is not None and config.col_split:
-        col_split = config.col_split
-    kw = {"device": x.device, "dtype": torch.float32}
-    row_part = torch.empty((col_split, n_x), **kw)  # the kernel writes every partial
-    col_part = torch.empty((row_split, n_y), **kw) if both_directions else None
-    args = dict(
-        x_ptr=x,
-        y_ptr=y,
-        scale_ptr=scale,
-        x_ref_ptr=pdot,
-        row_part_ptr=row_part,
-        col_part_ptr=col_part,
-        n_x=n_x,
-        n_y=n_y,
-        D=D,
-        offset=offset,
-        n_bucket=bucket(max(n_x, n_y)),
-        stride_x=x.stride(0),
-        stride_xd=x.stride(1),
-        stride_y=y.stride(0),
-        stride_yd=y.stride(1),
-        COL_STATS=both_directions,
-        ONE_EXP=both_directions and x.dtype != torch.float32,
-        DOT_PRECISION=dot_precision(x.dtype),
-    )
-    launch(_forward_kernel, _forward_tuned, lambda meta: (row_split, col_split), config, args)
-    return pdot, combine(row_part), None if col_part is None else combine(col_part)
-
-
-def contrastive_backward(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    stats: Stats,
-    w_x: torch.Tensor,
-    w_y: torch.Tensor | None,
-    weight: torch.Tensor,
-    offset: int,
-    need_dx: bool,
-    need_dy: bool,
-    *,
-    block_bytes: int | None = None,
-    config: TileConfig | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """``contrastive.contrastive_backward`` (same arguments and returns) with G from
-    ``_gradient_kernel``, the products from cuBLAS (the bounded blocks' kernel where TMA cannot
-    read the features)."""
-    if not tma_usable(x, y):
-        return contrastive.contrastive_backward(
-            x, y, scale, stats, w_x, w_y, weight, offset, need_dx, need_dy,
-            block_bytes=block_bytes, config=config,
-        )  # fmt: skip
-    g_scale = g_storage_scale(x.dtype)
-    x_side, y_side = softmax_sides(stats, w_x, w_y, y.shape[0], offset, g_scale)
-    weight = weight / g_scale
-
-    def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
-        return dict(
-            a_stats_ptr=x_side[:, r0:r1].contiguous(),
-            b_stats_ptr=None if y_side is None else y_side[:, c0:c1].contiguous(),
-            offset=offset + r0 - c0,
-            B_TERM=y_side is not None,
-        )
-
-    dx, dy, sums = sweep_blocks(_gradient_kernel, _gradient_tuned, x, y, scale, scale * weight,
-                                config, args_of, n_sums=1, need_dx=need_dx, need_dy=need_dy,
-                                block_bytes=block_bytes, persistent=True)  # fmt: skip
-    return dx, dy, sums[0] * weight

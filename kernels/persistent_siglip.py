@@ -7,25 +7,21 @@ bounded blocks': S (here), G y and G^T x (cuBLAS).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from .jit import (
     LN2_C,
-    LOG2E,
     atanh_series,
-    halves,
+    base2_affine,
     holds_pairs,
     operand,
     pairs_of,
+    persistent_tile,
     reciprocal_unit,
     store_g,
-    tile_dots,
 )
-from .launch import TileConfig, configs, g_storage_scale, prune_configs, tma_usable
-from .siglip import siglip_forward as blocks_siglip_forward
-from .sweeps import sweep_blocks
+from .launch import configs, prune_configs
 
 
 @triton.jit
@@ -97,10 +93,7 @@ def _gradient_kernel(
     elements of G written.
     """
     pid = tl.program_id(0)
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    bias2 = 0.0
-    if HAS_BIAS:
-        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
+    scale2, bias2 = base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
     tiles_n = tl.cdiv(n_b, BN)
     a = operand(a_ptr, n_a, D, stride_a, BM, BK, TMA=True)
     b = operand(b_ptr, n_b, D, stride_b, BN, BK, TMA=True)
@@ -108,20 +101,14 @@ def _gradient_kernel(
     losses = tl.zeros((BM,), tl.float32)
     g_sum = tl.zeros((BM,), tl.float32)
     for t in tl.range(pid, tl.cdiv(n_a, BM) * tiles_n, tl.num_programs(0), flatten=True):
-        rb = t // tiles_n
-        cb = t - rb * tiles_n
-        rows = rb * BM + tl.arange(0, BM)
-        row_ok = rows < n_a
-        col_ok = cb * BN + tl.arange(0, BN) < n_b
-        dots = tile_dots(a, b, rb * BM, cb * BN, D, stride_a=stride_a, stride_ad=stride_ad,
-                         stride_b=stride_b, stride_bd=stride_bd, row_ok=row_ok, col_ok=col_ok,
-                         BK=BK, DOT_PRECISION=DOT_PRECISION, TMA=True)  # fmt: skip
-        # The epilogue in two column halves: half the registers live at once.
-        d0, d1 = halves(dots, BM, BN)
-        g_dots, losses, g_sum = _half(d0, rows, cb * BN, row_ok, rb * BM, scale2, bias2, g_ptr,
-                                      n_a, n_b, offset, stride_g, g_dots, losses, g_sum,
-                                      HAS_PAIRS, G_SCALE, BM, BN // 2)  # fmt: skip
-        g_dots, losses, g_sum = _half(d1, rows, cb * BN + BN // 2, row_ok, rb * BM, scale2,
+        row0, col0, rows, row_ok, d0, d1 = persistent_tile(
+            a, b, t, tiles_n, n_a, n_b, D, stride_a, stride_ad, stride_b, stride_bd, BM, BN, BK,
+            DOT_PRECISION,
+        )  # fmt: skip
+        g_dots, losses, g_sum = _half(d0, rows, col0, row_ok, row0, scale2, bias2, g_ptr, n_a,
+                                      n_b, offset, stride_g, g_dots, losses, g_sum, HAS_PAIRS,
+                                      G_SCALE, BM, BN // 2)  # fmt: skip
+        g_dots, losses, g_sum = _half(d1, rows, col0 + BN // 2, row_ok, row0, scale2,
                                       bias2, g_ptr, n_a, n_b, offset, stride_g, g_dots, losses,
                                       g_sum, HAS_PAIRS, G_SCALE, BM, BN // 2)  # fmt: skip
     tl.store(sums_ptr + pid, tl.sum(g_dots))
@@ -143,44 +130,3 @@ _tuned = triton.autotune(
     key=["D", "n_bucket", "DOT_PRECISION", "HAS_BIAS", "HAS_PAIRS"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_gradient_kernel)
-
-
-def siglip_forward(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    offset: int | None,
-    need_dx: bool,
-    need_dy: bool,
-    need_dparams: bool,
-    *,
-    block_bytes: int | None = None,
-    config: TileConfig | None = None,
-):
-    """``siglip.siglip_forward`` (same arguments and returns) with G from
-    ``_gradient_kernel``; the loss alone is ``siglip``'s 1-pass sweep, and features
-    that TMA cannot read take the bounded blocks."""
-    n_x = x.shape[0]
-    if not (need_dx or need_dy or need_dparams) or not tma_usable(x, y):
-        return blocks_siglip_forward(x, y, scale, bias, offset, need_dx, need_dy, need_dparams,
-                                     block_bytes=block_bytes, config=config)  # fmt: skip
-
-    def args_of(r0: int, r1: int, c0: int, c1: int) -> dict:
-        return dict(
-            bias_ptr=bias,
-            offset=0 if offset is None else offset + r0 - c0,
-            HAS_BIAS=bias is not None,
-            HAS_PAIRS=offset is not None,
-            G_SCALE=g_scale,
-        )
-
-    g_scale = g_storage_scale(x.dtype)
-    dx, dy, sums = sweep_blocks(_gradient_kernel, _tuned, x, y, scale,
-                                scale / (n_x * g_scale), config, args_of, n_sums=3,
-                                need_dx=need_dx, need_dy=need_dy, block_bytes=block_bytes,
-                                persistent=True)  # fmt: skip
-    dscale, loss, dbias = (sums / n_x).unbind()
-    if not need_dparams:
-        dscale = dbias = None
-    return loss, dx, dy, dscale, dbias

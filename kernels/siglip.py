@@ -43,10 +43,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import persistent_siglip
 from .jit import (
     LN2_C,
-    LOG2E,
     accumulate_tile,
+    base2_affine,
     block_tile,
     clear_rows,
     column_chunk,
@@ -61,15 +62,17 @@ from .launch import (
     configs,
     g_storage_scale,
     prune_configs,
+    tma_usable,
 )
 from .sweeps import (
     sweep_blocks,
     sweep_rows,
 )
 
-# The bounded blocks' two forms, as ``siglip_forward``'s ``method`` takes them (the fused sweeps
-# are ``fused.siglip_forward``).
-METHODS = ("blocks", "blocks-mm")
+# The bounded-block designs, as ``siglip_forward``'s ``method`` takes them: "persistent" forms G
+# by ``persistent_siglip.py`` where TMA can read the features (the fused sweeps are
+# ``fused.siglip_forward``).
+METHODS = ("blocks", "blocks-mm", "persistent")
 
 
 @triton.jit
@@ -106,16 +109,6 @@ def _siglip_gradient(t, e, pairs, tile_ok, HAS_PAIRS: tl.constexpr):
     if HAS_PAIRS:
         g = tl.where(pairs, -g, g)
     return tl.where(tile_ok, g, 0.0)
-
-
-@triton.jit
-def _base2_affine(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
-    """(s, b) times log2(e): the base-2 logits are <a_i, b_j> * scale2 + bias2."""
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    bias2 = 0.0
-    if HAS_BIAS:
-        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
-    return scale2, bias2
 
 
 @triton.jit
@@ -161,7 +154,7 @@ def _sweep_kernel(
     """
     rb = tl.program_id(0)
     pid_c = tl.program_id(1)
-    scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
+    scale2, bias2 = base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
     rows = rb * BM + tl.arange(0, BM)
     row_ok = rows < n_a
     a_rows = a_ptr + rows.to(tl.int64) * stride_a
@@ -241,7 +234,7 @@ def _gradient_block_kernel(
         stride_dots=stride_dots, DOTS_GIVEN=DOTS_GIVEN, DOT_PRECISION=DOT_PRECISION,
         BM=BM, BN=BN, BK=BK, TMA=TMA,
     )  # fmt: skip
-    scale2, bias2 = _base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
+    scale2, bias2 = base2_affine(scale_ptr, bias_ptr, HAS_BIAS)
     pairs = pairs_of(rows, cols, offset)
     t, e = _siglip_logits(dots, pairs, scale2, bias2, HAS_PAIRS)
     program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
@@ -340,8 +333,9 @@ def siglip_forward(
         scale, bias: one-element tensors on that device (bias may be None).
         offset: x_i's positive is y_{i + offset} (n_x + offset <= n_y); None: negatives only.
         need_dx, need_dy: produce dL/dx, dL/dy. need_dparams: dL/dscale and dL/dbias.
-        method: "blocks" or "blocks-mm" (module docstring); the loss alone is always the 1-pass
-            sweep.
+        method: "blocks", "blocks-mm" (module docstring) or "persistent" (G from
+            ``persistent_siglip._gradient_kernel`` where ``launch.tma_usable``, else as
+            "blocks"); the loss alone is always the 1-pass sweep.
         block_bytes: bound of the G buffer in bytes (``blocks.default_block_bytes`` when None).
         config: fixed tiles and splits; None autotunes (fixed small tiles under the interpreter).
 
@@ -366,9 +360,13 @@ def siglip_forward(
         )
 
     g_scale = g_storage_scale(x.dtype)
+    one_wave = method == "persistent" and tma_usable(x, y)
+    kernel, tuned = (_gradient_block_kernel, _block_tuned)
+    if one_wave:
+        kernel, tuned = (persistent_siglip._gradient_kernel, persistent_siglip._tuned)
     dx, dy, sums = sweep_blocks(
-        _gradient_block_kernel,
-        _block_tuned,
+        kernel,
+        tuned,
         x,
         y,
         scale,
@@ -380,6 +378,7 @@ def siglip_forward(
         need_dy=need_dy,
         dots_by_gemm=method == "blocks-mm",
         block_bytes=block_bytes,
+        persistent=one_wave,
     )
     dscale, loss, dbias = (sums / n_x).unbind()
     if not need_dparams:

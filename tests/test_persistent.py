@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import check, check_siglip, make_inputs, needs_cuda
 
-from fastclip.kernels import persistent, persistent_siglip, sweeps
+from fastclip.kernels import contrastive, persistent, persistent_siglip, sweeps
 from fastclip.kernels.launch import TileConfig, persistent_programs
 
 FP16 = torch.float16
@@ -25,9 +25,9 @@ def tiles(programs: int) -> TileConfig:
 
 @pytest.fixture
 def launched(monkeypatch):
-    """(kernel, grid) of every launch through the persistent module and the block sweeps."""
+    """(kernel, grid) of every launch of the forwards and the block sweeps."""
     seen = []
-    for module in (persistent, sweeps):  # SigLIP's G launches through sweeps
+    for module in (contrastive, sweeps):
         original = module.launch
 
         def record(kernel, tuned, grid, config, args, *rest, original=original):

@@ -105,11 +105,10 @@ def test_without_config_the_defaults_launch(no_default_tiles, op):
 
 def test_one_spelling_of_the_implementations():
     """backend=, the registry, the cost model and both loss kernels' ``method`` name the same
-    designs (the fused and persistent ones have modules of their own)."""
+    designs."""
     for op in registry.LOSSES:
-        own = {"fused", "persistent"}
-        assert set(backends.implementations(op, triton=True)) == {*kc.METHODS, *own}
-        assert set(backends.implementations(op, triton=True)) == {*ks.METHODS, *own}
+        assert set(backends.implementations(op, triton=True)) == {*kc.METHODS, "fused"}
+        assert set(backends.implementations(op, triton=True)) == {*ks.METHODS, "fused"}
         assert set(backends.backends(op)) == {"auto", "triton", *registry.names(op)}
     for op in ("similarity", "projection"):
         assert backends.implementations(op) == ("triton", "torch")
